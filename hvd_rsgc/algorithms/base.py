@@ -1,0 +1,146 @@
+"""Shared pieces of every method: per-tensor state, the sparse wire format, and the two
+method shapes (sparse-allgather and values-allreduce). Pure tensor code, no Horovod.
+
+A *method* turns one gradient into one message tensor (``encode``) and the messages of all
+ranks back into one dense *sum* (``decode``); the Horovod adapter only moves messages.
+
+Sparse wire format: one 2-D tensor per compressed tensor per rank, ``(k, S + c)`` of the value
+dtype: the k selected units' S values, followed by the unit index (int32 or int64) stored
+bit-for-bit in ``c`` value-sized columns. One allgather per tensor instead of two; the bytes
+are exactly ``k*(S*bv + bi)``. Collectives copy bits, so the reinterpreted indices survive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import Layout
+
+
+@dataclass
+class LayerState:
+    """Everything a method keeps about one tensor on one rank."""
+
+    name: str
+    index: int
+    shape: torch.Size
+    dtype: torch.dtype
+    layout: Layout
+    density: float = 1.0          # density in use for the current step
+    k: int = 0                    # units sent per step (fixed between density updates)
+    step: int = 0                 # how many times this tensor has been compressed
+    memory: dict = field(default_factory=dict)
+    plan: object = None           # method-specific cached plan (DGC SamplePlan)
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+
+def index_columns(value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
+    vb = torch.empty((), dtype=value_dtype).element_size()
+    ib = torch.empty((), dtype=index_dtype).element_size()
+    if ib % vb:
+        raise ValueError(f"index dtype {index_dtype} does not pack into {value_dtype} columns")
+    return ib // vb
+
+
+def pack_sparse(values: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dtype) -> torch.Tensor:
+    """values (k, S) of the wire dtype, rows (k,) -> message (k, S + c)."""
+    c = index_columns(values.dtype, index_dtype)
+    idx = rows.to(index_dtype).contiguous().view(values.dtype).view(-1, c)
+    return torch.cat([values, idx], dim=1)
+
+
+def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, num_units: int):
+    """message (K, S + c) -> (values (K, S), rows int64 (K,)); rejects malformed messages."""
+    c = index_columns(msg.dtype, index_dtype)
+    if msg.dim() != 2 or msg.shape[1] != unit_size + c:
+        raise ValueError(f"sparse message has shape {tuple(msg.shape)}, expected (K, {unit_size + c})")
+    values = msg[:, :unit_size]
+    rows = msg[:, unit_size:].contiguous().view(index_dtype).view(-1).long()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_units):
+        raise ValueError(f"sparse message index out of range [0, {num_units})")
+    return values, rows
+
+
+def scatter_sum(layout: Layout, values: torch.Tensor, rows: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum rows into a zero (U, S) matrix and map back to the tensor's shape. Duplicate rows
+    (different ranks picking the same unit) add. ``index_put_(accumulate=True)`` is
+    deterministic on CPU and CUDA, so every rank computes bit-identical sums."""
+    acc = torch.zeros(layout.num_units, layout.unit_size, dtype=torch.float32, device=values.device)
+    if rows.numel():
+        acc.index_put_((rows,), values.float(), accumulate=True)
+    return layout.from_units(acc).to(out_dtype)
+
+
+class Method:
+    """Base: subclasses set ``communicator`` and implement ``encode``/``decode``."""
+
+    name = "method"
+    communicator = "allgather"          # "allgather" (per-rank messages) or "allreduce"
+    momentum_correction = False         # puts momentum into what it sends (DGC family)
+    wants_neighbourhood = False
+
+    def __init__(self, memory, value_dtype=torch.float32, index_dtype=torch.int32):
+        if index_dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+        if value_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"value_dtype must be torch.float32 or torch.float16, got {value_dtype}")
+        self.memory = memory
+        self.value_dtype = value_dtype
+        self.index_dtype = index_dtype
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def make_layout(self, shape) -> Layout:
+        return Layout(shape)
+
+    def units_for(self, layer: LayerState, density: float) -> int:
+        from .nsi import ceil_count
+        return max(1, min(layer.layout.num_units, ceil_count(density, layer.numel)))
+
+    def on_density(self, layer: LayerState) -> None:
+        """Called when ``layer.density`` changed (recompute cached plans)."""
+
+    def init_memory(self, layer: LayerState, device) -> None:
+        layer.memory = self.memory.init((layer.layout.num_units, layer.layout.unit_size),
+                                        device, torch.float32)
+
+    def empty_message(self, layer: LayerState, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, layer: LayerState, g: torch.Tensor, ctx: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, layer: LayerState, gathered: torch.Tensor, nranks: int, ctx: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SparseMethod(Method):
+    """Select units of the accumulated gradient, send (values, unit index) by allgather."""
+
+    def select(self, layer: LayerState, acc: torch.Tensor) -> torch.Tensor:
+        """acc (U, S) -> selected unit rows, int64 ascending."""
+        raise NotImplementedError
+
+    def empty_message(self, layer, device):
+        c = index_columns(self.value_dtype, self.index_dtype)
+        return torch.zeros(0, layer.layout.unit_size + c, dtype=self.value_dtype, device=device)
+
+    def encode(self, layer, g, ctx):
+        gu = layer.layout.to_units(g.float() if g.dtype != torch.float32 else g)
+        acc = self.memory.accumulate(layer.memory, gu)
+        rows = self.select(layer, acc)
+        values = acc.index_select(0, rows)
+        wire = values.to(self.value_dtype) if self.value_dtype != values.dtype else values
+        lossy = wire.dtype != torch.float32
+        self.memory.mark_sent(layer.memory, rows, wire.float() if lossy else None)
+        ctx["sent_units"] = int(rows.numel())
+        return pack_sparse(wire, rows, self.index_dtype)
+
+    def decode(self, layer, gathered, nranks, ctx):
+        values, rows = unpack_sparse(gathered, layer.layout.unit_size, self.index_dtype,
+                                     layer.layout.num_units)
+        return scatter_sum(layer.layout, values, rows, torch.float32)

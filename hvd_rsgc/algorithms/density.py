@@ -1,0 +1,46 @@
+"""Per-layer density: DGC's warm-up schedule and RS-DGC's layer-wise dynamic ratio (eq. 3-5).
+
+Dynamic ratio (RS-DGC III-B): rank every weight of the compressed tensors together by |w|;
+``tau`` is the ceil(rho*M)-th largest; layer l's density is the fraction of its weights with
+``|w| >= tau``:  rho_l = (1/N_l) * sum_j 1(|w_j^l| >= tau).  So sum_l rho_l*N_l ~= rho*M.
+Guard rail (our choice, documented): a layer entirely below tau would never communicate, so
+``rho_l = min(1, max(rho_l, floor * rho))`` (the caller still keeps at least one unit).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+# DGC paper: sparsity 75%, 93.75%, 98.4375%, 99.6% over the first four epochs, then the target.
+DGC_WARMUP = (0.25, 0.0625, 0.015625, 0.004)
+
+
+def warmup_density(epoch: int, target: float, schedule: Sequence[float]) -> float:
+    """Density in ``epoch`` (0-based): ``schedule[epoch]`` while it lasts, never below target."""
+    if epoch < len(schedule):
+        return max(float(schedule[epoch]), target)
+    return target
+
+
+def dynamic_densities(weights: Sequence[torch.Tensor], density: float,
+                      floor: float = 0.1) -> list[float]:
+    """Eq. 4-5 with the starvation floor. ``weights``: the compressed tensors' weights."""
+    if not weights:
+        return []
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    flat = torch.cat([w.detach().reshape(-1).abs().float() for w in weights])
+    M = flat.numel()
+    K = max(1, int(math.ceil(round(density * M, 9))))
+    if K >= M:
+        tau = flat.min()
+    else:
+        tau = torch.topk(flat, K, sorted=False).values.min()
+    out = []
+    for w in weights:
+        n = w.numel()
+        kept = int((w.detach().abs().float() >= tau).sum().item())
+        out.append(min(1.0, max(kept / n, floor * density)))
+    return out

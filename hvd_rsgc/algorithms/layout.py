@@ -1,0 +1,117 @@
+"""Unit layouts: how a gradient tensor is cut into the units that are scored and sent.
+
+A *unit* is the smallest thing a sparsifier selects. Element-wise methods (Top-k, DGC,
+Random-k) use one element per unit. RS-DGC uses Chebyshev neighbourhoods (see ``nsi.py``):
+
+* a k x k convolution kernel (k > 1) is one unit of k*k values: on the 2-D plane
+  ``(C_out*kh, C_in*kw)`` the neighbourhoods of radius r=(k-1)/2 centred on the kernel
+  centres are exactly the kernels, so units never overlap;
+* linear layers, 1x1 convolutions and other >=2-D tensors are reshaped to ``(shape[0], -1)``
+  and tiled into non-overlapping ``(2r+1) x (2r+1)`` patches; edges are zero-padded, padded
+  cells are excluded from the statistics and never written back.
+
+Every layout maps a tensor to a 2-D ``(U, S)`` "unit matrix" and back. Residual buffers are
+kept in unit layout so selecting, sending and zeroing a unit is plain row indexing.
+All functions are pure tensor code (no Horovod).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Layout:
+    """Base class. ``num_units`` x ``unit_size`` unit matrix for a tensor of ``shape``."""
+
+    kind = "element"
+
+    def __init__(self, shape: torch.Size):
+        self.shape = torch.Size(shape)
+        self.numel = int(self.shape.numel())
+        self.num_units = self.numel
+        self.unit_size = 1
+
+    def to_units(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor of ``shape`` -> ``(U, S)``; a view where the layout allows it."""
+        return x.reshape(self.num_units, self.unit_size)
+
+    def from_units(self, u: torch.Tensor) -> torch.Tensor:
+        """``(U, S)`` -> tensor of ``shape`` (padded cells dropped)."""
+        return u.reshape(self.shape)
+
+    def valid_counts(self, device=None, dtype=torch.float32) -> torch.Tensor | None:
+        """Number of real (non-padded) cells per unit, or None when every unit is full."""
+        return None
+
+    def describe(self) -> str:
+        return f"{self.kind}[{self.num_units}x{self.unit_size}]"
+
+
+ElementLayout = Layout
+
+
+class KernelLayout(Layout):
+    """A (C_out, C_in, kh, kw) convolution weight with kh*kw > 1: one kernel = one unit."""
+
+    kind = "kernel"
+
+    def __init__(self, shape: torch.Size):
+        super().__init__(shape)
+        co, ci, kh, kw = self.shape
+        self.num_units = co * ci
+        self.unit_size = kh * kw
+
+
+class TileLayout(Layout):
+    """``(shape[0], -1)`` matrix tiled into non-overlapping s x s patches, s = 2r+1."""
+
+    kind = "tile"
+
+    def __init__(self, shape: torch.Size, radius: int):
+        super().__init__(shape)
+        s = 2 * radius + 1
+        self.s = s
+        self.H = int(self.shape[0])
+        self.W = self.numel // self.H
+        self.Hp = -(-self.H // s) * s
+        self.Wp = -(-self.W // s) * s
+        self.num_units = (self.Hp // s) * (self.Wp // s)
+        self.unit_size = s * s
+        self.padded = (self.Hp, self.Wp) != (self.H, self.W)
+        self._counts = None
+
+    def to_units(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.reshape(self.H, self.W)
+        if self.padded:
+            m = F.pad(m, (0, self.Wp - self.W, 0, self.Hp - self.H))
+        s = self.s
+        return (m.reshape(self.Hp // s, s, self.Wp // s, s)
+                .permute(0, 2, 1, 3).reshape(self.num_units, self.unit_size))
+
+    def from_units(self, u: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        m = u.reshape(self.Hp // s, self.Wp // s, s, s).permute(0, 2, 1, 3).reshape(self.Hp, self.Wp)
+        if self.padded:
+            m = m[: self.H, : self.W]
+        return m.reshape(self.shape)
+
+    def valid_counts(self, device=None, dtype=torch.float32):
+        if not self.padded:
+            return None
+        if self._counts is None or self._counts.device != torch.device(device or "cpu") \
+                or self._counts.dtype != dtype:
+            ones = torch.ones(self.shape, device=device, dtype=dtype)
+            self._counts = self.to_units(ones).sum(1)
+        return self._counts
+
+
+def make_layout(shape, neighbourhood: bool, radius: int = 1) -> Layout:
+    """Layout for one tensor. ``neighbourhood=False`` gives element units (plain top-k)."""
+    shape = torch.Size(shape)
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    if not neighbourhood or len(shape) < 2 or radius == 0:
+        return ElementLayout(shape)
+    if len(shape) == 4 and shape[2] * shape[3] > 1:
+        return KernelLayout(shape)
+    return TileLayout(shape, radius)

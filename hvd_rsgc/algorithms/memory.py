@@ -1,0 +1,118 @@
+"""Residual memories (GRACE's "memory" role), pure tensor code.
+
+* :class:`MomentumCorrection` — DGC / RS-DGC eq. 12: ``u = m*u + g; v = v + u``, send rows of v,
+  zero the sent rows of v (residual) and, with momentum factor masking, of u.
+  Nesterov form: ``u = m*(u + g); v = v + u + g``.
+* :class:`ErrorFeedback` — ``c = e + g``; after sending, ``e = c - sent`` (rows sent exactly are
+  zeroed; lossy codecs hand back what was sent).
+* :class:`NoMemory` — nothing kept (plain compression, or error feedback switched off).
+
+Buffers live in the layer's unit layout ``(U, S)`` so that "what was sent" is a set of rows.
+Conservation (tested): after ``accumulate`` + ``mark_sent``, ``sent + residual`` equals the
+accumulated input exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def clip_local(g: torch.Tensor, clip_norm: float | None, world_size: int) -> torch.Tensor:
+    """DGC local gradient clipping: per tensor, threshold ``clip_norm / sqrt(P)``."""
+    if clip_norm is None:
+        return g
+    thr = clip_norm / math.sqrt(world_size)
+    norm = torch.linalg.vector_norm(g)
+    scale = torch.clamp(thr / (norm + 1e-6), max=1.0)
+    return g * scale
+
+
+class NoMemory:
+    error_feedback = False
+
+    def init(self, shape, device, dtype) -> dict:
+        return {}
+
+    def accumulate(self, st: dict, g_units: torch.Tensor) -> torch.Tensor:
+        return g_units
+
+    def mark_sent(self, st: dict, rows: torch.Tensor, sent: torch.Tensor | None = None) -> None:
+        pass
+
+
+class ErrorFeedback(NoMemory):
+    error_feedback = True
+
+    def init(self, shape, device, dtype) -> dict:
+        return {"e": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def accumulate(self, st, g_units):
+        e = st["e"]
+        e.add_(g_units)
+        return e
+
+    def mark_sent(self, st, rows, sent=None):
+        """``rows``: unit indices that were sent (None: the whole tensor was sent through a
+        lossy codec). ``sent``: the decoded values actually sent for those rows (None: exact)."""
+        e = st["e"]
+        if rows is None:
+            if sent is None:
+                e.zero_()
+            else:
+                e.sub_(sent.reshape(e.shape))
+        elif sent is None:
+            e.index_fill_(0, rows, 0.0)
+        else:
+            e.index_add_(0, rows, sent.reshape(-1, e.shape[1]), alpha=-1.0)
+
+
+class MomentumCorrection(NoMemory):
+    error_feedback = True
+
+    def __init__(self, momentum: float = 0.9, nesterov: bool = False, masking: bool = True):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.masking = masking
+
+    def init(self, shape, device, dtype):
+        return {"u": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def accumulate(self, st, g_units):
+        u, v = st["u"], st["v"]
+        m = self.momentum
+        if self.nesterov:
+            u.add_(g_units).mul_(m)
+            v.add_(u).add_(g_units)
+        else:
+            u.mul_(m).add_(g_units)
+            v.add_(u)
+        return v
+
+    def mark_sent(self, st, rows, sent=None):
+        st["v"].index_fill_(0, rows, 0.0)
+        if self.masking:
+            st["u"].index_fill_(0, rows, 0.0)
+
+
+class DenseMomentum:
+    """Local momentum for tensors that a momentum-correcting method sends dense (biases, BN):
+    DGC's ``compensate(accumulate=False)`` — applied after the allreduce, ``u = m*u + g_avg``
+    (Nesterov: ``u = m*(u + g_avg); out = u + g_avg``). Identical on all ranks."""
+
+    def __init__(self, momentum: float, nesterov: bool = False):
+        self.momentum = momentum
+        self.nesterov = nesterov
+
+    def apply(self, st: dict, g_avg: torch.Tensor) -> torch.Tensor:
+        u = st.get("u")
+        if u is None:
+            u = st["u"] = torch.zeros_like(g_avg)
+        if self.nesterov:
+            u.add_(g_avg).mul_(self.momentum)
+            return u + g_avg
+        u.mul_(self.momentum).add_(g_avg)
+        return u.clone()

@@ -1,0 +1,44 @@
+"""Random-k: k = ceil(rho*n) indices drawn without replacement from a generator seeded by
+(seed, step, tensor index), so every rank draws the same set: the k values are *allreduced*
+and no index travels. With error feedback the values are sent as they are; without it they
+are scaled by n/k (unbiased). The global torch RNG is never touched."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, scatter_sum
+from .select import random_indices, splitmix_seed
+
+
+class RandomK(Method):
+    name = "randomk"
+    communicator = "allreduce"
+
+    def __init__(self, memory, seed: int = 0, **kw):
+        super().__init__(memory, **kw)
+        self.seed = int(seed)
+
+    def rows_for(self, layer) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(splitmix_seed(self.seed, layer.index, layer.step))
+        return random_indices(layer.numel, layer.k, gen)
+
+    def empty_message(self, layer, device):
+        return torch.zeros(layer.k, dtype=self.value_dtype, device=device)
+
+    def encode(self, layer, g, ctx):
+        gu = layer.layout.to_units(g.float() if g.dtype != torch.float32 else g)
+        acc = self.memory.accumulate(layer.memory, gu)
+        rows = self.rows_for(layer).to(acc.device)
+        values = acc.index_select(0, rows).view(-1)
+        if not self.memory.error_feedback:
+            values = values * (layer.numel / layer.k)
+        wire = values.to(self.value_dtype)
+        self.memory.mark_sent(layer.memory, rows,
+                              wire.float() if wire.dtype != torch.float32 else None)
+        ctx["rows"] = rows
+        ctx["sent_units"] = int(rows.numel())
+        return wire
+
+    def decode(self, layer, reduced, nranks, ctx):
+        """``reduced``: the allreduced values (Horovod has already averaged/summed them)."""
+        return scatter_sum(layer.layout, reduced.view(-1, 1), ctx["rows"], torch.float32)

@@ -1,0 +1,61 @@
+"""RS-DGC (the main method): DGC's momentum-corrected residual (eq. 12) + NSI-scored
+Chebyshev-neighbourhood units (``nsi.py``) + layer-wise dynamic density (``density.py``).
+
+Each ingredient switches off for the paper's ablation (Table I):
+* ``neighbourhood=False`` -> units of one element (NSI of one value = |v|: plain top-k);
+* ``beta=1`` -> no statistic (mean |v| only);
+* dynamic density is the adapter's ``dynamic=`` switch.
+
+Selection is exact top-k over unit scores (``selection="topk"``), or DGC's sampled threshold
+over the scores (``selection="sampled"``) for very many units.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import SparseMethod
+from .layout import make_layout
+from .nsi import nsi_scores, units_for_density
+from .select import SamplePlan, sampled_threshold_indices, topk_indices
+
+
+class RSDGC(SparseMethod):
+    name = "rsdgc"
+    momentum_correction = True
+
+    def __init__(self, memory, beta: float = 0.5, radius: int = 1, neighbourhood: bool = True,
+                 selection: str = "topk", sample_ratio: float = 0.01, seed: int = 0, **kw):
+        super().__init__(memory, **kw)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if not isinstance(radius, int) or radius < 0:
+            raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
+        if selection not in ("topk", "sampled"):
+            raise ValueError(f"selection must be 'topk' or 'sampled', got {selection!r}")
+        self.beta = float(beta)
+        self.radius = radius
+        self.neighbourhood = neighbourhood
+        self.selection = selection
+        self.sample_ratio = sample_ratio
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def make_layout(self, shape):
+        return make_layout(shape, self.neighbourhood, self.radius)
+
+    def units_for(self, layer, density):
+        return units_for_density(layer.layout, density)
+
+    def on_density(self, layer):
+        if self.selection == "sampled":
+            dens_units = layer.k / layer.layout.num_units
+            layer.plan = SamplePlan.make(layer.layout.num_units, min(1.0, dens_units), self.sample_ratio)
+
+    def scores(self, layer, acc):
+        counts = layer.layout.valid_counts(acc.device, acc.dtype)
+        return nsi_scores(acc, self.beta, counts)
+
+    def select(self, layer, acc):
+        s = self.scores(layer, acc)
+        if self.selection == "sampled":
+            return sampled_threshold_indices(s, layer.plan, self.generator)
+        return topk_indices(s, layer.k)

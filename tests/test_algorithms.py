@@ -1,0 +1,299 @@
+"""Unit tests of the pure algorithm layer against straightforward reference computations."""
+import math
+
+import pytest
+import torch
+
+from hvd_rsgc.algorithms import qsgd
+from hvd_rsgc.algorithms.base import LayerState, pack_sparse, scatter_sum, unpack_sparse
+from hvd_rsgc.algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
+from hvd_rsgc.algorithms.dgc import DGC
+from hvd_rsgc.algorithms.layout import KernelLayout, TileLayout, make_layout
+from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
+from hvd_rsgc.algorithms.nsi import nsi_scores, units_for_density
+from hvd_rsgc.algorithms.randomk import RandomK
+from hvd_rsgc.algorithms.rsdgc import RSDGC
+from hvd_rsgc.algorithms.select import (SamplePlan, random_indices, sampled_threshold_indices,
+                                        topk_indices)
+from hvd_rsgc.algorithms.topk import TopK
+
+
+def ref_nsi(values, beta):
+    """Plain-Python NSI of one neighbourhood (list of floats)."""
+    n = len(values)
+    mu = sum(abs(v) for v in values) / n
+    mean = sum(values) / n
+    sigma = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return beta * mu + (1 - beta) * sigma
+
+
+def layer_for(method, shape, density):
+    layout = method.make_layout(torch.Size(shape))
+    st = LayerState(name="w", index=0, shape=torch.Size(shape), dtype=torch.float32, layout=layout)
+    st.density = density
+    st.k = method.units_for(st, density)
+    method.on_density(st)
+    method.init_memory(st, "cpu")
+    return st
+
+
+# ----------------------------------------------------------------------------- NSI
+def test_nsi_spread_beats_mean_when_beta_favours_statistic():
+    w = torch.zeros(1, 2, 3, 3)
+    w[0, 0] = 0.5                        # unit A: mean|v| 0.5, std 0
+    w[0, 1, 0, 0] = 3.0                  # unit B: mean|v| 1/3, std 0.943
+    units = KernelLayout(w.shape).to_units(w)
+    s_mu = nsi_scores(units, beta=1.0)
+    s_stat = nsi_scores(units, beta=0.25)
+    assert s_mu.argmax().item() == 0
+    assert s_stat.argmax().item() == 1
+    for beta, scores in ((1.0, s_mu), (0.25, s_stat)):
+        for u in range(2):
+            assert scores[u].item() == pytest.approx(ref_nsi(units[u].tolist(), beta), rel=1e-6)
+
+
+def test_nsi_kernel_units_match_reference_on_random_conv():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    layout = make_layout(w.shape, True, 1)
+    assert isinstance(layout, KernelLayout) and layout.num_units == 12 and layout.unit_size == 9
+    scores = nsi_scores(layout.to_units(w), 0.5)
+    for co in range(4):
+        for ci in range(3):
+            ref = ref_nsi(w[co, ci].reshape(-1).tolist(), 0.5)
+            assert scores[co * 3 + ci].item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_tile_layout_roundtrip_and_padded_statistics():
+    torch.manual_seed(1)
+    x = torch.randn(5, 7)                 # tiles of 3x3 -> 2 x 3 units, padded
+    layout = make_layout(x.shape, True, 1)
+    assert isinstance(layout, TileLayout) and layout.num_units == 6
+    u = layout.to_units(x)
+    assert torch.equal(layout.from_units(u), x)
+    counts = layout.valid_counts("cpu", torch.float32)
+    assert counts.sum().item() == 35
+    scores = nsi_scores(u, 0.3, counts)
+    for bi in range(2):
+        for bj in range(3):
+            cells = [x[i, j].item() for i in range(3 * bi, min(3 * bi + 3, 5))
+                     for j in range(3 * bj, min(3 * bj + 3, 7))]
+            assert scores[bi * 3 + bj].item() == pytest.approx(ref_nsi(cells, 0.3), rel=1e-5)
+
+
+def test_radius_two_tiles_and_ablation_element_units():
+    assert make_layout((10, 10), True, 2).unit_size == 25
+    assert make_layout((8, 4, 3, 3), False, 1).unit_size == 1       # neighbourhood off
+    assert make_layout((8, 4, 1, 1), True, 1).kind == "tile"          # 1x1 conv -> tiles
+    with pytest.raises(ValueError, match="radius"):
+        make_layout((4, 4), True, -1)
+
+
+def test_units_for_density_eq11():
+    lay = KernelLayout(torch.Size((64, 64, 3, 3)))
+    assert units_for_density(lay, 0.001) == 5            # K = 37 -> ceil(37/9)
+    assert units_for_density(lay, 1e-9) == 1             # at least one unit
+    assert units_for_density(lay, 1.0) == 64 * 64        # at most all units
+
+
+# ----------------------------------------------------------------------------- selection
+def test_topk_exact():
+    torch.manual_seed(2)
+    imp = torch.rand(1000)
+    idx = topk_indices(imp, 17)
+    ref = sorted(sorted(range(1000), key=lambda i: -imp[i].item())[:17])
+    assert idx.tolist() == ref
+
+
+def test_dgc_sample_plan_worked_example():
+    plan = SamplePlan.make(2_359_296, 0.001)
+    assert (plan.stride, plan.num_samples, plan.top_k_samples, plan.num_selects) == (97, 24_322, 25, 2_360)
+    small = SamplePlan.make(1000, 0.001)
+    assert small.stride == 1 and small.num_samples == 1000
+
+
+def test_sampled_threshold_selects_about_k_and_only_large_values():
+    torch.manual_seed(3)
+    imp = torch.randn(200_000).abs()
+    plan = SamplePlan.make(imp.numel(), 0.001)
+    idx = sampled_threshold_indices(imp, plan, torch.Generator().manual_seed(0))
+    assert 0.8 * plan.num_selects <= idx.numel() <= plan.num_selects
+    chosen = imp[idx]
+    # every selected value is above the (k*1.3)-th largest overall
+    assert chosen.min() >= torch.topk(imp, int(plan.num_selects * 2)).values.min()
+
+
+def test_random_indices_distinct_deterministic():
+    a = random_indices(10_000, 500, torch.Generator().manual_seed(5))
+    b = random_indices(10_000, 500, torch.Generator().manual_seed(5))
+    c = random_indices(10_000, 500, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.numel() == 500 and a.unique().numel() == 500 and a.max() < 10_000
+    assert random_indices(10, 20, torch.Generator()).tolist() == list(range(10))
+
+
+# ----------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_correction_conservation_and_reference(nesterov):
+    torch.manual_seed(4)
+    mem = MomentumCorrection(0.9, nesterov=nesterov, masking=True)
+    method = TopK(mem)
+    st = layer_for(method, (6, 4), 0.25)
+    u_ref = torch.zeros(24, 1)
+    v_ref = torch.zeros(24, 1)
+    for _ in range(5):
+        g = torch.randn(6, 4)
+        gu = g.reshape(24, 1)
+        if nesterov:
+            u_ref = 0.9 * (u_ref + gu)
+            v_ref = v_ref + u_ref + gu
+        else:
+            u_ref = 0.9 * u_ref + gu
+            v_ref = v_ref + u_ref
+        accumulated = v_ref.clone()
+        msg = method.encode(st, g, {})
+        vals, rows = unpack_sparse(msg, 1, torch.int32, 24)
+        # exact top-k of the reference accumulation
+        assert rows.tolist() == sorted(torch.topk(accumulated.view(-1).abs(), st.k).indices.tolist())
+        sent = torch.zeros(24, 1)
+        sent[rows] = vals
+        # conservation: sent + residual == accumulated input
+        assert torch.allclose(sent + st.memory["v"], accumulated, atol=1e-6)
+        v_ref = accumulated.clone(); v_ref[rows] = 0
+        u_ref[rows] = 0
+        assert torch.allclose(st.memory["u"], u_ref, atol=1e-6)
+
+
+def test_error_feedback_conservation_with_fp16_values():
+    torch.manual_seed(5)
+    method = TopK(ErrorFeedback(), value_dtype=torch.float16)
+    st = layer_for(method, (50, 20), 0.05)
+    total_in, total_sent = torch.zeros(1000), torch.zeros(1000)
+    for _ in range(4):
+        g = torch.randn(50, 20)
+        total_in += g.view(-1)
+        msg = method.encode(st, g, {})
+        assert msg.dtype == torch.float16
+        total_sent += scatter_sum(st.layout, *unpack_sparse(msg, 1, torch.int32, 1000), torch.float32).view(-1)
+    # nothing lost: what was sent + what remains == everything that came in (fp16 rounding kept)
+    assert torch.allclose(total_sent + st.memory["e"].view(-1), total_in, atol=1e-5)
+
+
+def test_rsdgc_conv_sends_whole_kernels_and_zeroes_them():
+    torch.manual_seed(6)
+    method = RSDGC(MomentumCorrection(0.9), beta=0.5)
+    st = layer_for(method, (64, 64, 3, 3), 0.001)
+    assert st.k == 5
+    g = torch.randn(64, 64, 3, 3)
+    msg = method.encode(st, g, {})
+    assert tuple(msg.shape) == (5, 10)          # 9 values + int32 index in one fp32 column
+    assert msg.numel() * msg.element_size() == 200
+    vals, rows = unpack_sparse(msg, 9, torch.int32, 64 * 64)
+    units = g.reshape(4096, 9)
+    scores = torch.tensor([ref_nsi(units[i].tolist(), 0.5) for i in range(4096)])
+    assert rows.tolist() == sorted(torch.topk(scores, 5).indices.tolist())
+    assert torch.equal(vals, units[rows])
+    assert st.memory["v"][rows].abs().sum() == 0 and st.memory["u"][rows].abs().sum() == 0
+
+
+def test_worked_example_bytes():
+    shape = (64, 64, 3, 3)
+    g = torch.randn(shape)
+    cases = [(TopK(NoMemory()), 296), (TopK(NoMemory(), index_dtype=torch.int64), 444),
+             (RSDGC(NoMemory()), 200), (RSDGC(NoMemory(), value_dtype=torch.float16), 110)]
+    for method, want in cases:
+        st = layer_for(method, shape, 0.001)
+        msg = method.encode(st, g, {})
+        assert msg.numel() * msg.element_size() == want, method
+    rk = RandomK(NoMemory())
+    st = layer_for(rk, shape, 0.001)
+    msg = rk.encode(st, g, {})
+    assert msg.numel() * msg.element_size() == 148
+    assert qsgd.message_bytes(36_864, 1, 36_864) == 9_220
+
+
+def test_malformed_sparse_messages_rejected():
+    msg = pack_sparse(torch.ones(3, 1), torch.tensor([0, 5, 99]), torch.int32)
+    with pytest.raises(ValueError, match="out of range"):
+        unpack_sparse(msg, 1, torch.int32, 50)
+    with pytest.raises(ValueError, match="shape"):
+        unpack_sparse(msg, 2, torch.int32, 200)
+
+
+def test_randomk_unbiased_without_ef_and_same_indices_per_seed():
+    method = RandomK(NoMemory(), seed=3)
+    st = layer_for(method, (100, 10), 0.1)
+    g = torch.randn(100, 10)
+    ctx = {}
+    vals = method.encode(st, g, ctx)
+    assert torch.allclose(vals, g.view(-1)[ctx["rows"]] * 10)
+    ctx2 = {}
+    method2 = RandomK(NoMemory(), seed=3)
+    method2.encode(layer_for(method2, (100, 10), 0.1), g, ctx2)
+    assert torch.equal(ctx["rows"], ctx2["rows"])
+
+
+# ----------------------------------------------------------------------------- QSGD
+def test_qsgd_pack_roundtrip_and_unbiased():
+    torch.manual_seed(7)
+    codes = torch.randint(0, 4, (1001,))
+    assert torch.equal(qsgd.unpack_bits(qsgd.pack_bits(codes, 2), 2, 1001), codes.int())
+    codes3 = torch.randint(0, 8, (77,))
+    assert torch.equal(qsgd.unpack_bits(qsgd.pack_bits(codes3, 3), 3, 77), codes3.int())
+    x = torch.randn(300)
+    gen = torch.Generator().manual_seed(0)
+    draws = 4000
+    acc = torch.zeros(300)
+    for _ in range(draws):
+        msg, sent = qsgd.encode_message(x, 1, 128, gen)
+        acc += sent
+        assert msg.numel() == qsgd.message_bytes(300, 1, 128)
+    mean = acc / draws
+    # Var(Q(x_j)) <= ||bucket|| * |x_j| for s = 1; 5 sigma bound on the mean of `draws` draws
+    norms = torch.repeat_interleave(torch.linalg.vector_norm(
+        torch.nn.functional.pad(x, (0, 84)).view(3, 128), dim=1), 128)[:300]
+    bound = 5 * torch.sqrt(norms * x.abs() / draws) + 1e-6
+    assert ((mean - x).abs() <= bound).all()
+    # decode_sum of two identical messages == 2x dequantised
+    msg, sent = qsgd.encode_message(x, 3, 128, gen)
+    two = qsgd.decode_sum(torch.cat([msg, msg]), 2, 3, 128, 300)
+    assert torch.allclose(two, 2 * sent)
+    with pytest.raises(ValueError):
+        qsgd.decode_sum(msg[:-1], 1, 3, 128, 300)
+
+
+# ----------------------------------------------------------------------------- densities
+def test_warmup_schedule_values():
+    assert [warmup_density(e, 0.001, DGC_WARMUP) for e in range(6)] == \
+        [0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]
+    assert warmup_density(0, 0.5, DGC_WARMUP) == 0.5        # never below the target
+
+
+def test_dynamic_densities_hand_built():
+    big = torch.tensor([[5.0, 4.0], [3.0, 0.1]])          # 4 weights
+    small = torch.full((4, 4), 0.01)                        # 16 tiny weights
+    small[0, 0] = 3.5
+    # M = 20, density 0.2 -> K = 4 -> the 4 largest |w| are 5, 4, 3.5, 3.0 -> tau = 3.0:
+    # big keeps 5, 4, 3 -> 3/4; small keeps 3.5 -> 1/16
+    d = dynamic_densities([big, small], 0.2, floor=0.0)
+    assert d == [0.75, 1 / 16]
+    # starvation floor: a layer entirely below tau gets floor*density
+    d2 = dynamic_densities([big, torch.full((4, 4), 0.01)], 0.2, floor=0.1)
+    assert d2[1] == pytest.approx(0.02)
+    # realised kept count == density * M
+    assert d[0] * 4 + d[1] * 16 == 4
+
+
+def test_bad_input_names_parameter():
+    with pytest.raises(ValueError, match="beta"):
+        RSDGC(NoMemory(), beta=1.5)
+    with pytest.raises(ValueError, match="radius"):
+        RSDGC(NoMemory(), radius=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        MomentumCorrection(1.0)
+    with pytest.raises(ValueError, match="levels"):
+        qsgd.QSGD(NoMemory(), levels=0)
+    with pytest.raises(ValueError, match="sample_ratio"):
+        DGC(NoMemory(), sample_ratio=0)
+    with pytest.raises(ValueError, match="index_dtype"):
+        TopK(NoMemory(), index_dtype=torch.int16)
