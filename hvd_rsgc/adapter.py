@@ -39,6 +39,7 @@ import weakref
 from typing import Iterable
 
 import torch
+import torch.optim.optimizer as _optim_module
 
 from .algorithms.base import LayerState
 from .algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
@@ -81,6 +82,26 @@ def _check_density(name, value, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
             or not (0.0 <= value <= 1.0 if allow_zero else 0.0 < value <= 1.0):
         raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+
+
+# One global torch.optim step pre-hook for all compressors, registered once. Compressors are
+# held weakly; a compressor collected by the GC simply drops out of the set (removing a hook
+# from inside torch's hook iteration would mutate the dict it is iterating).
+_LIVE: "weakref.WeakSet[HorovodCompression]" = weakref.WeakSet()
+_HOOK = None
+
+
+def _register(comp):
+    global _HOOK
+    _LIVE.add(comp)
+    if _HOOK is None:
+        _HOOK = _optim_module.register_optimizer_step_pre_hook(_pre_step_all)
+
+
+def _pre_step_all(opt, args, kwargs):
+    for comp in list(_LIVE):
+        comp._pre_step(opt)
+    return None
 
 
 class _Ctx(dict):
@@ -159,14 +180,7 @@ class HorovodCompression:
         self._cur_step = 0
         self._checked_optimizers = weakref.WeakSet()
         self._local_mode = False
-        ref = weakref.ref(self)
-        self._hook_handle = torch.optim.optimizer.register_optimizer_step_pre_hook(
-            lambda opt, args, kwargs: HorovodCompression._pre_step_hook(ref, opt))
-
-    def __del__(self):
-        h = getattr(self, "_hook_handle", None)
-        if h is not None:
-            h.remove()
+        _register(self)
 
     # ------------------------------------------------------------------ public API
     def set_epoch(self, epoch: int) -> None:
@@ -406,11 +420,7 @@ class HorovodCompression:
                 self.method.on_density(s)
 
     # ------------------------------------------------------------------ optimizer checks
-    @staticmethod
-    def _pre_step_hook(ref, opt):
-        self = ref()
-        if self is None:
-            return
+    def _pre_step(self, opt):
         mine = [p for g in opt.param_groups for p in g["params"] if id(p) in self._param_of]
         if not mine:
             return

@@ -5,7 +5,8 @@ the optimizer must not apply momentum to it again (deep-gradient-compression opt
 
     d = wd * w;  buf = m*buf + d;  (nesterov: d = d + m*buf, else d = buf);  w -= lr * (d + G)
 
-With ``momentum=0`` or ``weight_decay=0`` it is plain SGD on G. The compressors' optimizer check
+``lr`` has a default only because Horovod re-creates the optimizer from its param groups
+(each group carries its own lr). With ``momentum=0`` or ``weight_decay=0`` it is plain SGD on G. The compressors' optimizer check
 refuses ``torch.optim.SGD(momentum>0)`` next to a momentum-correcting compressor, and refuses
 this optimizer next to a compressor that does no momentum correction.
 """
@@ -15,7 +16,7 @@ import torch
 
 
 class DGCSGD(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")

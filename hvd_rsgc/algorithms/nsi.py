@@ -49,9 +49,10 @@ def nsi_scores(units: torch.Tensor, beta: float, counts: torch.Tensor | None = N
 
 def units_for_density(layout: Layout, density: float) -> int:
     """Eq. 11: K = ceil(rho_l * N_l) gradients to keep, sent as k = ceil(K / |B|) whole units,
-    at least one and at most all units."""
+    at least one and at most all units. |B| is the mean number of *real* cells per unit
+    (N_l / U), so that zero-padded edge tiles still give k = U at density 1."""
     K = ceil_count(density, layout.numel)
-    k = -(-K // layout.unit_size)
+    k = -(-K * layout.num_units // layout.numel)
     return max(1, min(layout.num_units, k))
 
 

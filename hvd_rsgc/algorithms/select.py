@@ -55,6 +55,8 @@ def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
     too many (> 1.3x) -> exact top-k among the selected; too few (< 0.8x) -> threshold *= 0.8.
     Returns at most ``plan.num_selects`` indices (ascending)."""
     n = plan.n
+    if plan.num_selects >= n:
+        return torch.arange(n, device=importance.device)
     if plan.stride == 1:
         samples = importance
     else:

@@ -1,0 +1,280 @@
+"""Multi-process scenarios, launched for real by tests/test_horovod.py with ``horovodrun``.
+
+Every rank writes ``<out>/rank<r>.json``; the pytest side makes the assertions. Scenarios:
+``train``   every compressor through the stock ``hvd.DistributedOptimizer``: N steps on a
+            learnable synthetic task, ``zero_grad(set_to_none=True)``; per step the bytes this
+            rank submitted to Horovod (intercepted), the library's own count, the model's
+            parameters gathered from all ranks (bit-identity), eval loss before/after.
+``equiv``   density=1, no momentum correction / error feedback vs ``hvd.Compression.none``.
+``bpps``    backward_passes_per_step=2.
+``nonfinite`` a NaN gradient on one rank: every rank must raise FloatingPointError, residual clean.
+``momentum``  SGD(momentum) next to a momentum-correcting compressor: error on every rank.
+``die``     rank 1 exits in the middle of training (the launcher must end the job).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import horovod.torch as hvd  # noqa: E402
+
+import hvd_rsgc  # noqa: E402
+from wirecount import WireCounter  # noqa: E402
+
+DENSITY = 0.02
+MIN_NUMEL = 100
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)      # 432 weights
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)     # 4608 weights
+        self.proj = nn.Conv2d(32, 32, 1)                 # 1x1 conv: tiled units
+        self.fc = nn.Linear(32 * 4 * 4, 10)              # 5120 weights: tiled units
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.proj(x))
+        return self.fc(x.flatten(1))
+
+
+def make_data(seed, n):
+    """Learnable synthetic task: 10 class prototypes (same on every rank) + noise."""
+    protos = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = protos[y] + 1.5 * torch.randn(n, 3, 8, 8, generator=g)
+    return x, y
+
+
+def compressor(kind, model, density=DENSITY, **kw):
+    common = dict(min_numel=MIN_NUMEL)
+    if kind == "none":
+        return hvd_rsgc.NoneCompression(model)
+    if kind == "fp16":
+        return hvd_rsgc.FP16Compression(model)
+    if kind == "topk":
+        return hvd_rsgc.TopKCompression(model, density=density, **common, **kw)
+    if kind == "randomk":
+        return hvd_rsgc.RandomKCompression(model, density=density, **common, **kw)
+    if kind == "dgc":
+        return hvd_rsgc.DGCCompression(model, density=density, **common, **kw)
+    if kind == "qsgd":
+        return hvd_rsgc.QSGDCompression(model, **common, **kw)
+    if kind == "rsdgc":
+        return hvd_rsgc.RSDGCCompression(model, density=density, update_every=5, **common, **kw)
+    if kind == "rsdgc_fp16":
+        return hvd_rsgc.RSDGCCompression(model, density=DENSITY, fp16_values=True, **common, **kw)
+    raise ValueError(kind)
+
+
+def optimizer_for(kind, model, comp, lr=0.05, **kw):
+    if isinstance(comp, (hvd_rsgc.DGCCompression, hvd_rsgc.RSDGCCompression)) and comp.momentum > 0:
+        base = hvd_rsgc.DGCSGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                    compression=comp, **kw)
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def identical_across_ranks(model):
+    flat = flat_params(model)
+    allp = hvd.allgather(flat.unsqueeze(0), name="test.params")
+    return bool(all(torch.equal(allp[0], allp[i]) for i in range(allp.shape[0])))
+
+
+def eval_loss(model, x, y):
+    model.eval()
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x), y).item()
+    model.train()
+    return loss
+
+
+def train(kind, steps, counter, batch=32):
+    torch.manual_seed(0)                                # same init on every rank
+    model = Net()
+    comp = compressor(kind, model)
+    # 1-bit QSGD (s=1, bucket 512) has variance up to sqrt(512)x the gradient's: smaller lr
+    opt = optimizer_for(kind, model, comp, lr=0.01 if kind == "qsgd" else 0.05)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    x, y = make_data(100 + hvd.rank(), steps * batch)
+    ex, ey = make_data(999, 512)
+    loss0 = eval_loss(model, ex, ey)
+    counter.take()
+    per_step = []
+    for s in range(steps):
+        xb, yb = x[s * batch:(s + 1) * batch], y[s * batch:(s + 1) * batch]
+        opt.zero_grad()                       # torch default: set_to_none=True
+        grads_none = all(p.grad is None for p in model.parameters())
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        wire = counter.take()
+        st = comp.stats()
+        per_step.append({"wire": {n: b for n, (k, b) in wire.items()},
+                         "kinds": {n: k for n, (k, b) in wire.items()},
+                         "lib_step_bytes": st["step_bytes"], "grads_none": grads_none})
+    same = identical_across_ranks(model)
+    counter.take()
+    st = comp.stats()
+    return {
+        "identical": same, "loss0": loss0, "loss1": eval_loss(model, ex, ey),
+        "steps": per_step,
+        "shapes": {n: list(p.shape) for n, p in model.named_parameters()},
+        "compressed": comp.compressed_names,
+        "layers": {n: {"density": r["density"], "units": r["units"], "unit_size": r["unit_size"]}
+                   for n, r in st["layers"].items()},
+        "ratio": st["compression_ratio"],
+        "memory_finite": all(torch.isfinite(v).all().item()
+                             for lay in comp.state_dict()["layers"].values()
+                             for v in lay["memory"].values()),
+    }
+
+
+def equivalence(steps=8):
+    """density=1, momentum 0, no error feedback: every sparsifier must reproduce plain dense."""
+    out = {}
+    ref = None
+    kinds = ["none", "topk", "randomk", "dgc", "rsdgc"]
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = Net()
+        extra = {"error_feedback": False}
+        if kind in ("dgc", "rsdgc"):
+            extra["momentum"] = 0.0
+        if kind == "none":
+            comp = hvd.Compression.none
+        else:
+            comp = compressor(kind, model, density=1.0, **extra)
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                       compression=comp)
+        x, y = make_data(200 + hvd.rank(), steps * 16)
+        for s in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+            opt.step()
+        flat = flat_params(model)
+        if ref is None:
+            ref = flat
+        out[kind] = {"max_abs_diff": (flat - ref).abs().max().item(),
+                     "ref_scale": ref.abs().max().item(),
+                     "identical": identical_across_ranks(model)}
+    return out
+
+
+def bpps():
+    torch.manual_seed(0)
+    model = Net()
+    comp = compressor("rsdgc", model)
+    base = hvd_rsgc.DGCSGD(model.parameters(), lr=0.05)
+    opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                   compression=comp, backward_passes_per_step=2)
+    x, y = make_data(300 + hvd.rank(), 8 * 16)
+    for s in range(4):
+        opt.zero_grad()
+        for h in range(2):
+            i = (2 * s + h) * 16
+            F.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+        opt.step()
+    steps = {st.name: st.step for st in comp._layers}
+    return {"identical": identical_across_ranks(model), "compress_calls": steps}
+
+
+def nonfinite():
+    torch.manual_seed(0)
+    model = Net()
+    comp = compressor("rsdgc", model)
+    opt = optimizer_for("rsdgc", model, comp)
+    x, y = make_data(400 + hvd.rank(), 3 * 16)
+    raised = []
+    for s in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
+        if s == 2 and hvd.rank() == 1:
+            loss = loss * float("nan")          # NaN gradients on rank 1 only, during backward
+        loss.backward()
+        try:
+            opt.step()
+        except FloatingPointError as e:
+            raised.append(str(e))
+    finite = all(torch.isfinite(v).all().item() for lay in comp.state_dict()["layers"].values()
+                 for v in lay["memory"].values())
+    return {"raised": raised, "memory_finite": finite,
+            "params_finite": bool(torch.isfinite(flat_params(model)).all())}
+
+
+def momentum_error():
+    torch.manual_seed(0)
+    model = Net()
+    comp = compressor("dgc", model)
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                   compression=comp)
+    x, y = make_data(1, 16)
+    F.cross_entropy(model(x), y).backward()
+    try:
+        opt.step()
+        return {"error": None}
+    except ValueError as e:
+        opt.synchronize()                 # drain this step's collectives before moving on
+        return {"error": str(e)}
+
+
+def die():
+    torch.manual_seed(0)
+    model = Net()
+    comp = compressor("rsdgc", model)
+    opt = optimizer_for("rsdgc", model, comp)
+    x, y = make_data(1, 16)
+    for s in range(1000):
+        if s == 3 and hvd.rank() == 1:
+            os._exit(3)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", default="train,equiv,bpps,nonfinite,momentum")
+    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    hvd.init()
+    torch.set_num_threads(1)
+    counter = WireCounter().install()
+    res = {"size": hvd.size(), "rank": hvd.rank()}
+    scen = args.scenarios.split(",")
+    if "die" in scen:
+        die()
+    if "train" in scen:
+        res["train"] = {k: train(k, args.steps, counter) for k in args.kinds.split(",")}
+    if "equiv" in scen:
+        res["equiv"] = equivalence()
+    if "bpps" in scen:
+        res["bpps"] = bpps()
+    if "momentum" in scen:
+        res["momentum"] = momentum_error()
+    if "nonfinite" in scen:           # last: leaves the optimizer mid-step
+        res["nonfinite"] = nonfinite()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()
