@@ -180,6 +180,7 @@ class HorovodCompression:
         self._cur_step = 0
         self._checked_optimizers = weakref.WeakSet()
         self._local_mode = False
+        self._local_done: dict[int, tuple[int, int]] = {}
         _register(self)
 
     # ------------------------------------------------------------------ public API
@@ -205,7 +206,7 @@ class HorovodCompression:
                 "density": st.density if self._sparse[id(p)] else 1.0,
                 "units": st.k if self._sparse[id(p)] else None,
                 "unit_size": st.layout.unit_size if self._sparse[id(p)] else None,
-                "sent_fraction": (rec["sent_units"] * st.layout.unit_size / st.numel
+                "sent_fraction": (rec["sent_units"] / st.layout.num_units
                                   if rec and rec.get("sent_units") is not None and self._sparse[id(p)]
                                   else (1.0 if rec else None)),
                 "bytes": rec["bytes"] if rec else 0,
@@ -236,7 +237,8 @@ class HorovodCompression:
             }
         return {"format": STATE_FORMAT, "method": type(self).__name__, "epoch": self._epoch,
                 "density_key": list(self._density_key) if self._density_key else None,
-                "totals": dict(self._totals), "layers": layers}
+                "totals": dict(self._totals), "layers": layers,
+                "rng": self.method.rng_state() if self.method is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -260,6 +262,8 @@ class HorovodCompression:
             st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])
             if st.layout is not None and st.k:
                 self.method.on_density(st)
+        if self.method is not None and state.get("rng"):
+            self.method.load_rng_state(state["rng"])
         self._epoch = state.get("epoch")
         dk = state.get("density_key")
         self._density_key = tuple(dk) if dk else None
@@ -421,14 +425,22 @@ class HorovodCompression:
 
     # ------------------------------------------------------------------ optimizer checks
     def _pre_step(self, opt):
-        mine = [p for g in opt.param_groups for p in g["params"] if id(p) in self._param_of]
-        if not mine:
+        owned = getattr(opt, "_compression", None) is self
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not owned and not any(id(p) in self._param_of for p in params):
             return
         if opt not in self._checked_optimizers:
+            if owned:
+                foreign = [tuple(p.shape) for p in params
+                           if p.requires_grad and id(p) not in self._param_of]
+                if foreign:
+                    raise ValueError(
+                        f"the optimizer holds {len(foreign)} parameter(s) (shapes {foreign[:4]}) "
+                        f"that the model passed to {type(self).__name__}(model, ...) does not own: "
+                        "pass the same model / named_parameters to both")
             self.check_optimizer(opt)
             self._checked_optimizers.add(opt)
-        if getattr(opt, "_compression", None) is self and not getattr(opt, "_requires_update", None) \
-                and self._hooks_absent(opt):
+        if owned and not getattr(opt, "_requires_update", None) and self._hooks_absent(opt):
             self._run_local(opt)
 
     def _hooks_absent(self, opt) -> bool:
@@ -458,7 +470,7 @@ class HorovodCompression:
                 raise ValueError("optimizer and compressor use different process_set")
         mc = self.method is not None and self.method.momentum_correction and self.momentum > 0
         for group in opt.param_groups:
-            if not any(id(p) in self._param_of and self._sparse[id(p)] for p in group["params"]):
+            if not any(id(p) in self._param_of for p in group["params"]):
                 continue
             m = group.get("momentum", 0.0) or 0.0
             if mc and not isinstance(opt, DGCSGD) and m > 0:
@@ -478,11 +490,17 @@ class HorovodCompression:
 
     def _run_local(self, opt):
         """-np 1: run each gradient through compress/decompress with no collective."""
+        # Horovod's step() calls the base class's step(), which fires the pre-hook again: a
+        # gradient already processed (same tensor, same version) is not processed twice.
         self._local_mode = True
         try:
             for p in self._order:
-                if id(p) in self._param_of and p.grad is not None and p.requires_grad:
-                    out, ctx = self.compress(p.grad)
-                    p.grad.set_(self.decompress(out, ctx))
+                if id(p) not in self._param_of or p.grad is None or not p.requires_grad:
+                    continue
+                if self._local_done.get(id(p)) == (id(p.grad), p.grad._version):
+                    continue
+                out, ctx = self.compress(p.grad)
+                p.grad.set_(self.decompress(out, ctx))
+                self._local_done[id(p)] = (id(p.grad), p.grad._version)
         finally:
             self._local_mode = False

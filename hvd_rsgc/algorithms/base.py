@@ -93,6 +93,15 @@ class Method:
         self.value_dtype = value_dtype
         self.index_dtype = index_dtype
 
+    # -- random state (part of the compressor's state_dict, so resume is exact) -----------
+    def rng_state(self) -> dict:
+        gen = getattr(self, "generator", None)
+        return {"generator": gen.get_state()} if gen is not None else {}
+
+    def load_rng_state(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     # -- hooks for subclasses -------------------------------------------------------------
     def make_layout(self, shape) -> Layout:
         return Layout(shape)

@@ -102,7 +102,7 @@ def decode_sum(gathered: torch.Tensor, nranks: int, levels: int, bucket_size: in
         raise ValueError(f"QSGD gathered {gathered.numel()} bytes, expected {nranks} x {per}")
     nb = math.ceil(n / bucket_size)
     msgs = gathered.view(nranks, per)
-    norms = msgs[:, : 4 * nb].contiguous().view(torch.float32)          # (P, nb)
+    norms = msgs[:, : 4 * nb].reshape(-1).view(torch.float32).view(nranks, nb)
     codes = unpack_bits(msgs[:, 4 * nb:].contiguous(), code_bits(levels), n)  # (P, n)
     xi = (codes >> 1).float()
     sign = 1.0 - 2.0 * (codes & 1).float()
@@ -148,6 +148,13 @@ class QSGD:
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
+
+    def rng_state(self):
+        return {dev: g.get_state() for dev, g in self._generators.items()}
+
+    def load_rng_state(self, state):
+        for dev, st in state.items():
+            self._generator(dev).set_state(st)
 
     def empty_message(self, layer, device):
         return torch.zeros(message_bytes(layer.numel, self.levels, self.bucket_size),

@@ -1,0 +1,206 @@
+"""Single-process tests of the Horovod adapter (hvd.init() at size 1, no launcher)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+hvd = pytest.importorskip("horovod.torch")
+
+import hvd_rsgc  # noqa: E402
+from hvd_rsgc import (DGCCompression, DGCSGD, QSGDCompression, RandomKCompression,  # noqa: E402
+                      RSDGCCompression, TopKCompression)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    hvd.init()
+    assert hvd.size() == 1
+    yield
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g))
+            for _ in range(n)]
+
+
+def run(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_np1_runs_the_compressor_locally_momentum_correction_equals_sgd_momentum():
+    """At size 1 Horovod registers no hooks; without the local run DGCSGD would train with
+    no momentum at all. Density 1 + no masking: DGC momentum correction == SGD momentum."""
+    torch.manual_seed(0)
+    a = Net()
+    b = copy.deepcopy(a)
+    comp = RSDGCCompression(a, density=1.0, momentum_masking=False, min_numel=0)
+    opt_a = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
+                                     named_parameters=a.named_parameters(), compression=comp)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    data = batches(5)
+    run(a, opt_a, data)
+    run(b, opt_b, data)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    assert comp.stats()["steps"] == 5
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: RSDGCCompression(m, density=0.05, min_numel=0, update_every=2),
+    lambda m: DGCCompression(m, density=0.05, min_numel=0, warmup_epochs=2, steps_per_epoch=2),
+    lambda m: TopKCompression(m, density=0.05, min_numel=0),
+    lambda m: RandomKCompression(m, density=0.05, min_numel=0),
+    lambda m: QSGDCompression(m, min_numel=0, error_feedback=True),
+])
+def test_state_dict_roundtrip_resumes_bit_exactly(make):
+    torch.manual_seed(0)
+    model = Net()
+    comp = make(model)
+    momentum_free = isinstance(comp, (RSDGCCompression, DGCCompression))
+    base = DGCSGD if momentum_free else torch.optim.SGD
+    opt = hvd.DistributedOptimizer(base(model.parameters(), lr=0.05, momentum=0.9),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    data = batches(6)
+    run(model, opt, data[:3])
+    state = copy.deepcopy(comp.state_dict())
+    assert any(v.abs().sum() > 0 for lay in state["layers"].values() for v in lay["memory"].values()), \
+        "no residual was kept"
+    ckpt = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    run(model, opt, data[3:])
+    want = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model2 = Net()
+    model2.load_state_dict(ckpt[0])
+    comp2 = make(model2)
+    comp2.load_state_dict(state)
+    opt2 = hvd.DistributedOptimizer(base(model2.parameters(), lr=0.05, momentum=0.9),
+                                    named_parameters=model2.named_parameters(), compression=comp2)
+    opt2.load_state_dict(ckpt[1])
+    run(model2, opt2, data[3:])
+    for a, b in zip(want, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_rejects_foreign_and_mismatched_state():
+    comp = RSDGCCompression(Net(), density=0.01)
+    with pytest.raises(ValueError, match="not a hvd_rsgc compression state"):
+        comp.load_state_dict({"weights": 1})
+    other = RSDGCCompression(nn.Sequential(nn.Linear(4, 4)), density=0.01)
+    with pytest.raises(ValueError, match="does not match the model"):
+        comp.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="TopKCompression"):
+        comp.load_state_dict(TopKCompression(Net(), density=0.01).state_dict())
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"),
+    (dict(density=float("nan")), "density"), (dict(beta=1.2), "beta"),
+    (dict(beta=-0.1), "beta"), (dict(radius=-1), "radius"), (dict(update_every=0), "update_every"),
+    (dict(warmup_epochs=2), "steps_per_epoch"), (dict(min_numel=-1), "min_numel"),
+    (dict(momentum=1.0), "momentum"), (dict(selection="fast"), "selection"),
+    (dict(density_floor=2.0), "density_floor"), (dict(clip_norm=0.0), "clip_norm"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        RSDGCCompression(Net(), **kwargs)
+
+
+def test_bad_model_argument():
+    with pytest.raises(TypeError, match="model"):
+        RSDGCCompression(42)
+    with pytest.raises(ValueError, match="no parameters"):
+        RSDGCCompression(nn.ReLU())
+
+
+def test_gradient_of_unknown_parameter_and_adasum_style_call():
+    model = Net()
+    comp = RSDGCCompression(model, density=0.01, min_numel=0)
+    with pytest.raises(ValueError, match="belongs to no parameter"):
+        comp.compress(torch.zeros(8, 3, 3, 3))
+    with pytest.raises(ValueError, match="Adasum"):
+        comp.compress(model.conv.weight)
+
+
+def test_optimizer_with_parameters_the_model_does_not_own():
+    a, b = Net(), Net()
+    comp = TopKCompression(a, density=0.1)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(b.parameters(), lr=0.1),
+                                   named_parameters=b.named_parameters(), compression=comp)
+    F.cross_entropy(b(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    with pytest.raises(ValueError, match="does not own"):
+        opt.step()
+
+
+def test_empty_gradient_named():
+    model = nn.Module()
+    model.w = nn.Parameter(torch.empty(0, 4))
+    model.v = nn.Parameter(torch.ones(3, 4))
+    comp = TopKCompression(model, density=0.5, min_numel=0)
+    model.w.grad = torch.empty(0, 4)
+    with pytest.raises(ValueError, match="'w'"):
+        comp.compress(model.w.grad)
+
+
+def test_double_momentum_and_dgcsgd_without_momentum_correction():
+    model = Net()
+    comp = DGCCompression(model, density=0.1)     # nothing sparse (min_numel): dense momentum
+    with pytest.raises(ValueError, match="double momentum"):
+        comp.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    comp = DGCCompression(model, density=0.1, min_numel=0)
+    with pytest.raises(ValueError, match="double momentum"):
+        comp.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    comp.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))     # momentum 0: fine
+    topk = TopKCompression(model, density=0.1)
+    with pytest.raises(ValueError, match="DGCSGD"):
+        topk.check_optimizer(DGCSGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_dgcsgd_matches_reference_formula():
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(5))
+    opt = DGCSGD([w], lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref_w, buf = w.detach().clone(), None
+    for _ in range(4):
+        g = torch.randn(5)
+        w.grad = g.clone()
+        opt.step()
+        d = 0.01 * ref_w
+        buf = d.clone() if buf is None else 0.9 * buf + d
+        ref_w = ref_w - 0.1 * (buf + g)
+        assert torch.allclose(w.detach(), ref_w, atol=1e-6)
+
+
+def test_stats_and_warmup_schedule():
+    model = Net()
+    comp = DGCCompression(model, density=0.001, min_numel=0, warmup_epochs=4, steps_per_epoch=2)
+    opt = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    seen = []
+    for x, y in batches(10):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen.append(comp.stats()["layers"]["conv.weight"]["density"])
+    assert seen == [0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.004, 0.004, 0.001, 0.001]
+    st = comp.stats()
+    assert st["steps"] == 10 and st["total_bytes"] > 0 and st["compression_ratio"] > 1
+    comp.set_epoch(0)
+    with pytest.raises(ValueError, match="epoch"):
+        comp.set_epoch(-1)
