@@ -212,6 +212,17 @@ def test_worked_example_bytes():
     assert qsgd.message_bytes(36_864, 1, 36_864) == 9_220
 
 
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("k", [1, 3])
+def test_sparse_message_roundtrip(value_dtype, index_dtype, k):
+    vals = torch.randn(k, 9).to(value_dtype)
+    rows = torch.tensor([7, 2, 40000][:k])
+    msg = pack_sparse(vals, rows, index_dtype)
+    v2, r2 = unpack_sparse(msg, 9, index_dtype, 50000)
+    assert torch.equal(v2, vals) and r2.tolist() == rows.tolist()
+
+
 def test_malformed_sparse_messages_rejected():
     msg = pack_sparse(torch.ones(3, 1), torch.tensor([0, 5, 99]), torch.int32)
     with pytest.raises(ValueError, match="out of range"):

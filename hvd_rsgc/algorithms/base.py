@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import Layout
+from .layout import Layout, Workspace
 
 
 @dataclass
@@ -59,7 +59,9 @@ def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, n
     if msg.dim() != 2 or msg.shape[1] != unit_size + c:
         raise ValueError(f"sparse message has shape {tuple(msg.shape)}, expected (K, {unit_size + c})")
     values = msg[:, :unit_size]
-    rows = msg[:, unit_size:].contiguous().view(index_dtype).view(-1).long()
+    # copy into fresh storage: a 1-row slice counts as "contiguous" but sits at an odd offset
+    idx = torch.empty((msg.shape[0], c), dtype=msg.dtype, device=msg.device).copy_(msg[:, unit_size:])
+    rows = idx.view(index_dtype).view(-1).long()
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_units):
         raise ValueError(f"sparse message index out of range [0, {num_units})")
     return values, rows
@@ -92,6 +94,7 @@ class Method:
         self.memory = memory
         self.value_dtype = value_dtype
         self.index_dtype = index_dtype
+        self.workspace = Workspace()
 
     # -- random state (part of the compressor's state_dict, so resume is exact) -----------
     def rng_state(self) -> dict:
@@ -139,8 +142,8 @@ class SparseMethod(Method):
         return torch.zeros(0, layer.layout.unit_size + c, dtype=self.value_dtype, device=device)
 
     def encode(self, layer, g, ctx):
-        gu = layer.layout.to_units(g.float() if g.dtype != torch.float32 else g)
-        acc = self.memory.accumulate(layer.memory, gu)
+        g = g.float() if g.dtype != torch.float32 else g
+        acc = self.memory.accumulate(layer.memory, layer.layout.source_view(g, self.workspace))
         rows = self.select(layer, acc)
         values = acc.index_select(0, rows)
         wire = values.to(self.value_dtype) if self.value_dtype != values.dtype else values

@@ -39,6 +39,11 @@ class Layout:
         """``(U, S)`` -> tensor of ``shape`` (padded cells dropped)."""
         return u.reshape(self.shape)
 
+    def source_view(self, x: torch.Tensor, workspace: "Workspace") -> torch.Tensor:
+        """A view of ``x`` in unit order that can be added into a contiguous ``(U, S)`` buffer
+        reshaped to the same shape (no allocation on the hot path)."""
+        return x.reshape(self.num_units, self.unit_size)
+
     def valid_counts(self, device=None, dtype=torch.float32) -> torch.Tensor | None:
         """Number of real (non-padded) cells per unit, or None when every unit is full."""
         return None
@@ -95,6 +100,18 @@ class TileLayout(Layout):
             m = m[: self.H, : self.W]
         return m.reshape(self.shape)
 
+    def source_view(self, x, workspace):
+        """(Hp/s, Wp/s, s, s) strided view of x staged in a zero-padded (Hp, Wp) workspace."""
+        s = self.s
+        m = x.reshape(self.H, self.W)
+        if self.padded:
+            P = workspace.get("tile", self.Hp * self.Wp, x.device, x.dtype).view(self.Hp, self.Wp)
+            P[: self.H, : self.W].copy_(m)
+            P[self.H:, :].zero_()
+            P[: self.H, self.W:].zero_()
+            m = P
+        return m.view(self.Hp // s, s, self.Wp // s, s).permute(0, 2, 1, 3)
+
     def valid_counts(self, device=None, dtype=torch.float32):
         if not self.padded:
             return None
@@ -103,6 +120,21 @@ class TileLayout(Layout):
             ones = torch.ones(self.shape, device=device, dtype=dtype)
             self._counts = self.to_units(ones).sum(1)
         return self._counts
+
+
+class Workspace:
+    """Scratch buffers shared by all tensors of one method (hooks run one at a time), grown on
+    demand: temporaries on the hot path reuse memory instead of page-faulting fresh pages."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, key, numel, device, dtype=torch.float32) -> torch.Tensor:
+        k = (key, str(device), dtype)
+        buf = self._bufs.get(k)
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[k] = torch.empty(numel, device=device, dtype=dtype)
+        return buf[:numel]
 
 
 def make_layout(shape, neighbourhood: bool, radius: int = 1) -> Layout:

@@ -28,6 +28,10 @@ def clip_local(g: torch.Tensor, clip_norm: float | None, world_size: int) -> tor
     return g * scale
 
 
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(x.shape[0] * x.shape[1], -1)
+
+
 class NoMemory:
     error_feedback = False
 
@@ -35,7 +39,8 @@ class NoMemory:
         return {}
 
     def accumulate(self, st: dict, g_units: torch.Tensor) -> torch.Tensor:
-        return g_units
+        """``g_units``: (U, S) or a (a, b, s, s) strided view in unit order -> (U, S) buffer."""
+        return _as_2d(g_units)
 
     def mark_sent(self, st: dict, rows: torch.Tensor, sent: torch.Tensor | None = None) -> None:
         pass
@@ -49,7 +54,7 @@ class ErrorFeedback(NoMemory):
 
     def accumulate(self, st, g_units):
         e = st["e"]
-        e.add_(g_units)
+        e.view(g_units.shape).add_(g_units)
         return e
 
     def mark_sent(self, st, rows, sent=None):
@@ -82,7 +87,7 @@ class MomentumCorrection(NoMemory):
                 "v": torch.zeros(shape, device=device, dtype=dtype)}
 
     def accumulate(self, st, g_units):
-        u, v = st["u"], st["v"]
+        u, v = st["u"].view(g_units.shape), st["v"].view(g_units.shape)
         m = self.momentum
         if self.nesterov:
             u.add_(g_units).mul_(m)
@@ -90,7 +95,7 @@ class MomentumCorrection(NoMemory):
         else:
             u.mul_(m).add_(g_units)
             v.add_(u)
-        return v
+        return st["v"]
 
     def mark_sent(self, st, rows, sent=None):
         st["v"].index_fill_(0, rows, 0.0)

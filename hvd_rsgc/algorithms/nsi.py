@@ -21,15 +21,20 @@ import torch
 from .layout import Layout
 
 
-def nsi_scores(units: torch.Tensor, beta: float, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """NSI score per row of ``units`` (U, S). ``counts``: real cells per row (None = S)."""
+def nsi_scores(units: torch.Tensor, beta: float, counts: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """NSI score per row of ``units`` (U, S). ``counts``: real cells per row (None = S).
+    ``scratch``: optional buffer of ``units.numel()`` elements for the |v| and v^2 temporaries
+    (row sums of a materialised temporary are ~10x faster on CPU than ``vector_norm(dim=1)``
+    over 9-element rows; reusing the buffer avoids page-faulting fresh memory every step)."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     S = units.shape[1]
-    abs_sum = torch.linalg.vector_norm(units, ord=1, dim=1)
+    tmp = scratch.view(units.shape) if scratch is not None else torch.empty_like(units)
+    abs_sum = torch.abs(units, out=tmp).sum(1)
     if beta == 1.0:
         return abs_sum / (counts if counts is not None else S)
-    sq_sum = torch.linalg.vector_norm(units, ord=2, dim=1).square_()
+    sq_sum = torch.mul(units, units, out=tmp).sum(1)
     total = units.sum(1)
     if counts is None:
         inv = 1.0 / S

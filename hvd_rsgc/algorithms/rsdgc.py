@@ -52,7 +52,8 @@ class RSDGC(SparseMethod):
 
     def scores(self, layer, acc):
         counts = layer.layout.valid_counts(acc.device, acc.dtype)
-        return nsi_scores(acc, self.beta, counts)
+        scratch = self.workspace.get("nsi", acc.numel(), acc.device, acc.dtype)
+        return nsi_scores(acc, self.beta, counts, scratch)
 
     def select(self, layer, acc):
         s = self.scores(layer, acc)
