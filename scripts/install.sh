@@ -59,7 +59,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     log "installing ${torch_args[*]}"
     "${PIP[@]}" install "${torch_args[@]}"
 fi
-"${PIP[@]}" install "numpy" "mpi4py>=3.1" "pytest>=7" "pyyaml" "tqdm" "Pillow" cloudpickle psutil packaging
+"${PIP[@]}" install "numpy" "mpi4py>=3.1" "pytest>=7" "pyyaml" "tqdm" "Pillow" "matplotlib" cloudpickle psutil packaging
 
 TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"

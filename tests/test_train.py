@@ -1,0 +1,245 @@
+"""Training application: end-to-end under horovodrun, resume exactness, metrics, data errors,
+checkpoint safety, the demo-set builder on the real tiles, models."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from hvd_rsgc.metrics import confusion_matrix, summarize
+from hvd_rsgc.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
+
+
+def horovodrun(np_, args, tmp, timeout=600):
+    from test_horovod import horovodrun as exe
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [exe(), "-np", str(np_), "--gloo", sys.executable, "-m", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p.stdout
+
+
+@pytest.mark.multiproc
+def test_compare_every_compressor_end_to_end_np2(tmp_path):
+    out = horovodrun(2, ["hvd_rsgc.compare", "--config", SYNTH, "--out_dir", str(tmp_path),
+                         "--methods", "none,fp16,topk,randomk,dgc,qsgd,rsdgc", "--epochs", "1",
+                         "--max_steps_per_epoch", "4"], tmp_path)
+    res = json.load(open(tmp_path / "compare" / "compare.json"))
+    assert [r["compression"] for r in res] == ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc"]
+    by = {r["compression"]: r for r in res}
+    assert by["none"]["compression_ratio"] == pytest.approx(1.0)
+    assert by["fp16"]["compression_ratio"] == pytest.approx(2.0)
+    for m in ("topk", "randomk", "dgc", "rsdgc"):
+        assert by[m]["compression_ratio"] > 10, m
+    assert "| rsdgc |" in out
+    run = tmp_path / "compare" / "rsdgc"
+    for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
+              "accuracy_vs_bytes.png", "checkpoints/epoch0000.pt", "checkpoints/epoch0000.rank001.pt"):
+        assert (run / f).exists(), f
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    cm = torch.tensor(rec["confusion"])
+    assert int(cm.sum()) == 256                       # every val image counted once, both ranks
+    assert rec["bytes_per_worker"] > 0 and rec["dense_bytes_per_worker"] > rec["bytes_per_worker"]
+
+
+@pytest.mark.multiproc
+def test_resume_is_bit_exact(tmp_path):
+    common = ["hvd_rsgc.train", "--config", SYNTH, "--out_dir", str(tmp_path), "--epochs", "4",
+              "--max_steps_per_epoch", "3", "--progress", "false", "--compression", "dgc",
+              "--compression_warmup_epochs", "2"]
+    horovodrun(2, common + ["--run_name", "full"], tmp_path)
+    horovodrun(2, common + ["--run_name", "split", "--stop_after", "2"], tmp_path)
+    assert not (tmp_path / "split" / "checkpoints" / "epoch0003.pt").exists()
+    horovodrun(2, ["hvd_rsgc.train", "--resume", str(tmp_path / "split")], tmp_path)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch0003.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoints" / "epoch0003.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for r in range(2):
+        sa = torch.load(tmp_path / "full" / "checkpoints" / f"epoch0003.rank{r:03d}.pt", weights_only=True)
+        sb = torch.load(tmp_path / "split" / "checkpoints" / f"epoch0003.rank{r:03d}.pt", weights_only=True)
+        for name, lay in sa["compression"]["layers"].items():
+            for key, t in lay["memory"].items():
+                assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
+    assert [h["top1"] for h in a["history"]] == [h["top1"] for h in b["history"]]
+    # keep_checkpoints=2: older epochs (main + shards) pruned
+    names = sorted(os.listdir(tmp_path / "full" / "checkpoints"))
+    assert names == ["epoch0002.pt", "epoch0002.rank000.pt", "epoch0002.rank001.pt",
+                     "epoch0003.pt", "epoch0003.rank000.pt", "epoch0003.rank001.pt"]
+
+
+def test_metrics_against_hand_computation():
+    # true \\ pred   0  1  2
+    cm = torch.tensor([[5, 1, 0],
+                       [2, 6, 2],
+                       [0, 0, 4]])
+    m = summarize(cm)
+    n = 20
+    assert m["oa"] == pytest.approx(15 / n)
+    assert m["per_class"] == pytest.approx([5 / 6, 6 / 10, 4 / 4])
+    assert m["aa"] == pytest.approx((5 / 6 + 0.6 + 1.0) / 3)
+    pe = (6 * 7 + 10 * 7 + 4 * 6) / n ** 2
+    assert m["kappa"] == pytest.approx((15 / n - pe) / (1 - pe))
+    pred = torch.tensor([0, 1, 1, 2])
+    true = torch.tensor([0, 1, 2, 2])
+    assert confusion_matrix(pred, true, 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+# ----------------------------------------------------------------------------- data errors
+def _img(path, color=(10, 200, 30), size=(20, 20)):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _cfg(**kw):
+    from hvd_rsgc.train import DEFAULTS
+    c = dict(DEFAULTS, dataset="folder", image_size=16)
+    c.update(kw)
+    return c
+
+
+def test_data_reader_errors(tmp_path):
+    from hvd_rsgc.data import build_datasets
+    with pytest.raises(FileNotFoundError, match="data root"):
+        build_datasets(_cfg(data_root=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        build_datasets(_cfg(data_root=str(tmp_path / "empty")))
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(5):
+            _img(str(root / c / f"{c}{i}.png"), size=(20 + i, 17))
+    (root / "c").mkdir()
+    with pytest.raises(ValueError, match="has no images"):
+        build_datasets(_cfg(data_root=str(root)))
+    (root / "c" / "broken.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="no readable images|has no images"):
+        from hvd_rsgc.data import scan_folder
+        only_bad = tmp_path / "bad"
+        (only_bad / "x").mkdir(parents=True)
+        (only_bad / "x" / "y.png").write_bytes(b"\x89PNG broken")
+        scan_folder(str(only_bad))
+    _img(str(root / "c" / "ok.png"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tr, va, classes = build_datasets(_cfg(data_root=str(root), train_ratio=0.6))
+    assert any("skipped 1 unreadable" in str(x.message) for x in w)
+    assert classes == ["a", "b", "c"]
+    assert len(tr) + len(va) == 11
+    x, y = tr[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8     # resized
+    # split files
+    (tmp_path / "train.txt").write_text("a0.png\nb0.png\n")
+    (tmp_path / "val.txt").write_text("a1.png\nmissing.png\n")
+    with pytest.raises(ValueError, match="val split file lists 1 image"):
+        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
+                            val_split=str(tmp_path / "val.txt")))
+    (tmp_path / "val.txt").write_text("a0.png\n")
+    with pytest.raises(ValueError, match="share"):
+        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
+                            val_split=str(tmp_path / "val.txt")))
+    with pytest.raises(ValueError, match="both"):
+        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt")))
+
+
+def test_checkpoint_safety(tmp_path):
+    from hvd_rsgc.train import CKPT_FORMAT, atomic_save, load_checkpoint
+    good = atomic_save({"format": CKPT_FORMAT, "x": torch.ones(3)}, str(tmp_path / "c" / "good.pt"))
+    assert load_checkpoint(good)["x"].sum() == 3
+    data = open(good, "rb").read()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="trunc.pt"):
+        load_checkpoint(str(tmp_path / "trunc.pt"))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt.*not a hvd_rsgc checkpoint"):
+        load_checkpoint(str(tmp_path / "foreign.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"format": CKPT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(str(tmp_path / "evil.pt"))
+
+
+def test_config_errors(tmp_path):
+    from hvd_rsgc.train import load_config
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, ["--densty", "0.1"])
+    with pytest.raises(ValueError, match="compression must be"):
+        load_config(None, ["--compression", "zip"])
+    with pytest.raises(FileNotFoundError, match="config file"):
+        load_config(str(tmp_path / "x.yaml"), [])
+    cfg = load_config(SYNTH, ["--density", "0.05", "--milestones", "[0.3,0.6]"])
+    assert cfg["density"] == 0.05 and cfg["milestones"] == [0.3, 0.6]
+    for name in ("demo", "ucm_vgg19_rsdgc", "ucm_resnet56_rsdgc", "nwpu_resnet110_rsdgc"):
+        load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
+
+
+def test_demo_builder_on_real_tiles(tmp_path):
+    from PIL import Image
+
+    from hvd_rsgc.data import build_datasets
+    from hvd_rsgc.data.demo import SOURCES, build
+    root = build(str(tmp_path / "demo"), train_per_class=6, val_per_class=3, quiet=True)
+    classes = sorted(os.listdir(root))
+    assert classes == sorted(SOURCES)
+    train = (tmp_path / "demo" / "train.txt").read_text().split()
+    val = (tmp_path / "demo" / "val.txt").read_text().split()
+    assert len(train) == 6 * 5 and len(val) == 3 * 5 and not set(train) & set(val)
+    im = Image.open(os.path.join(root, classes[0], train[0] if train[0].startswith(classes[0]) else
+                                 [t for t in train if t.startswith(classes[0])][0]))
+    assert im.size == (64, 64)
+    arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).float()
+    assert arr.std() > 5                        # real imagery, not a flat fill
+    lic = (tmp_path / "demo" / "LICENSES.txt").read_text()
+    assert "BSD 3-Clause" in lic and "MIT License" in lic
+    tr, va, cls = build_datasets(_cfg(dataset="demo", data_root=root,
+                                      train_split=str(tmp_path / "demo" / "train.txt"),
+                                      val_split=str(tmp_path / "demo" / "val.txt"), image_size=32))
+    assert len(tr) == 30 and len(va) == 15 and cls == classes
+    assert build(str(tmp_path / "demo"), quiet=True) == root          # cached: idempotent
+
+
+def resnet_cifar_params(n, classes=10):
+    """Parameter count from the architecture: 3x3 stem (16) + BN, three stages of n basic blocks
+    (two 3x3 convs + two BNs each; option-A shortcuts have no parameters), linear head."""
+    conv = lambda cin, cout: cin * cout * 9          # noqa: E731 - bias-free 3x3 conv
+    bn = lambda c: 2 * c                             # noqa: E731
+    total = conv(3, 16) + bn(16)
+    cin = 16
+    for cout in (16, 32, 64):
+        for _ in range(n):
+            total += conv(cin, cout) + conv(cout, cout) + 2 * bn(cout)
+            cin = cout
+    return total + 64 * classes + classes
+
+
+@pytest.mark.parametrize("name,n", [("resnet20", 3), ("resnet56", 9), ("resnet110", 18)])
+def test_cifar_resnets_match_he_et_al(name, n):
+    size = 32
+    m = build_model(name, 10, size)
+    params = resnet_cifar_params(n)
+    assert round(params / 1e6, 2) == {3: 0.27, 9: 0.85, 18: 1.73}[n]    # He et al.: 0.27M/0.85M/1.7M
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 6 * n + 1
+    assert m(torch.randn(2, 3, size, size)).shape == (2, 10)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_vgg19_adapts_to_input_size():
+    for size in (32, 64):
+        m = build_model("vgg19", 21, size)
+        assert m(torch.randn(2, 3, size, size)).shape == (2, 21)
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in build_model("vgg19", 21, 32).modules()) == 16
+    with pytest.raises(ValueError, match="image_size"):
+        build_model("vgg19", 21, 40)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet7", 10)
