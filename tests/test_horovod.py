@@ -191,6 +191,18 @@ def test_rank_failure_ends_job_within_timeout(tmp_path):
     assert elapsed < 120
 
 
+def test_mpi_controller(tmp_path):
+    """The same equivalence scenario under Horovod's MPI controller (mpirun underneath)."""
+    cmd = [horovodrun(), "-np", "2", "--mpi", sys.executable, WORKER, "--out", str(tmp_path),
+           "--scenarios", "equiv"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in range(2):
+        eq = json.load(open(tmp_path / f"rank{r}.json"))["equiv"]
+        assert all(v["identical"] and v["max_abs_diff"] <= 1e-6 for v in eq.values()), eq
+
+
 def test_check_build_lists_pytorch_gloo_mpi():
     out = subprocess.run([horovodrun(), "--check-build"], capture_output=True, text=True, timeout=60).stdout
     for line in ("[X] PyTorch", "[X] MPI", "[X] Gloo"):
