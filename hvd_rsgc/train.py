@@ -40,7 +40,8 @@ DEFAULTS = {
     "exclude": [], "error_feedback": True, "qsgd_levels": 1, "qsgd_bucket": 512, "clip_norm": None,
     # run
     "seed": 0, "out_dir": "runs", "run_name": None, "keep_checkpoints": 2, "progress": True,
-    "stop_after": None,       # stop after this many epochs in this invocation (preemption, tests)
+    "stop_after": None,
+    "device": "auto",         # auto: cuda:<local rank> when CUDA is available, else cpu       # stop after this many epochs in this invocation (preemption, tests)
 }
 COMPRESSIONS = ("none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc")
 CKPT_FORMAT = "hvd_rsgc.checkpoint/1"
@@ -231,11 +232,12 @@ def evaluate(model, dataset, cfg, hvd, num_classes):
     with torch.no_grad():
         for s in range(0, len(idx), bs):
             items = [dataset[i] for i in idx[s:s + bs]]
-            x = normalize(torch.stack([t[0] for t in items]), cfg["mean"], cfg["std"])
-            y = torch.tensor([t[1] for t in items])
+            dev = next(model.parameters()).device
+            x = normalize(torch.stack([t[0] for t in items]).to(dev), cfg["mean"], cfg["std"])
+            y = torch.tensor([t[1] for t in items], device=dev)
             out = model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-            cm += confusion_matrix(out.argmax(1), y, num_classes)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double().cpu()
+            cm += confusion_matrix(out.argmax(1), y, num_classes).cpu()
     cm = hvd.allreduce(cm, op=hvd.Sum, name="hvd_rsgc.eval.cm")
     loss_sum = hvd.allreduce(loss_sum, op=hvd.Sum, name="hvd_rsgc.eval.loss")
     model.train()
@@ -254,6 +256,14 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
 
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
+    dev_cfg = cfg.get("device", "auto")
+    if dev_cfg == "auto":
+        dev_cfg = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev_cfg == "cuda":
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device(dev_cfg)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
     ck = shard = None
     if resume:
@@ -272,7 +282,7 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
     train_ds, val_ds, classes = build_datasets(cfg)
     nc = len(classes)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], nc, cfg["image_size"])
+    model = build_model(cfg["model"], nc, cfg["image_size"]).to(device)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
     loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler,
@@ -293,6 +303,8 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         opt.load_state_dict(ck["optimizer"])
         comp.load_state_dict(shard["compression"])
         torch.set_rng_state(shard["torch_rng"])
+        if device.type == "cuda" and shard.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(shard["cuda_rng"])
         start_epoch, history = ck["epoch"] + 1, ck["history"]
         cum_bytes = history[-1]["cum_bytes_per_worker"] if history else 0
     else:
@@ -329,6 +341,7 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
             lr = lr_at(cfg, epoch + step / steps_per_epoch, world)
             for g in opt.param_groups:
                 g["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             xf = x.float()
             if cfg["augment"]:
                 xf = augment(xf, gen)
@@ -369,7 +382,8 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         history.append(rec)
         main_path = os.path.join(run_dir, "checkpoints", f"epoch{epoch:04d}.pt")
         atomic_save({"format": SHARD_FORMAT, "rank": rank, "epoch": epoch,
-                     "compression": comp.state_dict(), "torch_rng": torch.get_rng_state()},
+                     "compression": comp.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                     shard_path(main_path, rank))
         hvd.barrier()
         if rank == 0:

@@ -9,7 +9,8 @@
 #   VENV=.venv                 where the virtualenv lives
 #   PYTHON=python3.11          interpreter used to create it (falls back to python3)
 #   TORCH_SPEC=torch==2.13.0   the torch requirement to install
-#   TORCH_INDEX_URL=...        extra index for torch (e.g. PyTorch's CPU or CUDA wheel index)
+#   TORCH_INDEX_URL=...        index for torch (e.g. PyTorch's CPU or CUDA wheel index)
+#   HVD_RSGC_MPI=1|0           build Horovod's MPI controller (0: Gloo only, no Open MPI needed)
 #   HVD_RSGC_GPU=auto|0|1      build Horovod with HOROVOD_GPU_OPERATIONS=NCCL (auto: nvcc found)
 #   HVD_RSGC_CACHE=~/.cache/hvd_rsgc   where the built Horovod wheel is cached
 #   HVD_RSGC_SKIP_APT=1        never call apt-get (you provide MPI yourself)
@@ -25,7 +26,9 @@ log() { printf '[install] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- 1. Open MPI (system)
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1; then
+if [ "${HVD_RSGC_MPI:-1}" = 0 ]; then
+    log "HVD_RSGC_MPI=0: Gloo-only Horovod, no MPI"
+elif command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1; then
     log "MPI found: $(command -v mpicc) (skipping apt; e.g. 'module load openmpi' on clusters)"
 elif [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ]; then
     log "ERROR: no mpicc/mpirun on PATH and HVD_RSGC_SKIP_APT=1"; exit 1
@@ -54,12 +57,12 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade "pip>=23" setuptools wheel
 
 torch_args=("$TORCH_SPEC")
-[ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--extra-index-url "$TORCH_INDEX_URL")
+[ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
 if ! "$PY" -c "import torch" 2>/dev/null; then
     log "installing ${torch_args[*]}"
     "${PIP[@]}" install "${torch_args[@]}"
 fi
-"${PIP[@]}" install "numpy" "mpi4py>=3.1" "pytest>=7" "pyyaml" "tqdm" "Pillow" "matplotlib" cloudpickle psutil packaging
+"${PIP[@]}" install "numpy" "mpi4py>=3.1" "pytest>=7" "pyyaml" "tqdm" "Pillow" "matplotlib" cloudpickle psutil packaging "cffi>=1.4"
 
 TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
@@ -69,21 +72,26 @@ if [ "$GPU" = auto ]; then
     if [ -n "$TORCH_CUDA" ] && command -v nvcc >/dev/null 2>&1; then GPU=1; else GPU=0; fi
 fi
 if [ "$GPU" = 0 ] && [ -n "$TORCH_CUDA" ]; then
-    log "WARNING: torch is a CUDA build ($TORCH_CUDA) but HVD_RSGC_GPU=0: Horovod's CMake will want a CUDA toolkit."
+    log "WARNING: torch is a CUDA build ($TORCH_CUDA) but no GPU build was chosen: Horovod's CMake may want a CUDA toolkit."
     log "         On CPU machines install the CPU build (TORCH_SPEC=torch==2.13.0, or PyTorch's CPU index)."
 fi
+MPI="${HVD_RSGC_MPI:-1}"
 PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 VARIANT=cpu; [ "$GPU" = 1 ] && VARIANT="cuda${TORCH_CUDA:-unknown}"
+[ "$MPI" = 1 ] || VARIANT="$VARIANT-nompi"
 
 # ---------------------------------------------------------------- 3. Horovod, patched sdist build
 # Horovod 0.28.1 asks CMake for C++14; PyTorch >= 2.1 headers need C++17 (fixed upstream after
-# the release). We patch exactly the two `set(CMAKE_CXX_STANDARD 14)` lines, nothing else.
+# the release). scripts/build_horovod.sh patches exactly the two `set(CMAKE_CXX_STANDARD 14)`
+# lines and builds the wheel; it is cached, keyed by Horovod, torch, Python and variant.
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VER-$PYTAG-$VARIANT"
 have_horovod() {
-    "$PY" - <<'PYEOF' 2>/dev/null
-import horovod, horovod.torch as hvd
+    HVD_RSGC_MPI="$MPI" HVD_RSGC_GPU="$GPU" "$PY" - <<'PYEOF' 2>/dev/null
+import os, horovod, horovod.torch as hvd
 assert horovod.__version__ == "0.28.1"
-assert hvd.gloo_built() and hvd.mpi_built()
+assert hvd.gloo_built()
+assert hvd.mpi_built() == (os.environ["HVD_RSGC_MPI"] == "1")
+assert hvd.nccl_built() == (os.environ["HVD_RSGC_GPU"] == "1")
 PYEOF
 }
 if have_horovod; then
@@ -91,36 +99,8 @@ if have_horovod; then
 else
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
         log "building Horovod $HOROVOD_VERSION from sdist (variant $VARIANT; ~3 min on 2 cores)"
-        BUILD="$(mktemp -d)"
-        trap 'rm -rf "$BUILD"' EXIT
-        "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
-        tar -xzf "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" -C "$BUILD"
-        SRC="$BUILD/horovod-$HOROVOD_VERSION"
-        for f in CMakeLists.txt horovod/torch/CMakeLists.txt; do
-            grep -q 'set(CMAKE_CXX_STANDARD 14)' "$SRC/$f" || { log "ERROR: patch target missing in $f"; exit 1; }
-            sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)  # hvd_rsgc: PyTorch>=2.1 needs C++17/' "$SRC/$f"
-        done
-        export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-               HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE="$CMAKE_BIN" \
-               MAKEFLAGS="-j$(nproc)"
-        if [ "$GPU" = 1 ]; then
-            export HOROVOD_GPU_OPERATIONS=NCCL
-            log "GPU build: HOROVOD_GPU_OPERATIONS=NCCL (needs nvcc + NCCL; set HOROVOD_NCCL_HOME if not in /usr)"
-        else
-            unset HOROVOD_GPU_OPERATIONS HOROVOD_GPU_ALLREDUCE || true
-            # Horovod's CMake probes for a CUDA compiler whenever nvcc is on PATH and then
-            # demands a full toolkit. For a CPU build, switch the probe off via a cmake wrapper.
-            cat >"$BUILD/cmake-cpu" <<WRAP
-#!/bin/sh
-case "\$1" in --build|--version|-E|-P) exec "$CMAKE_BIN" "\$@";; esac
-exec "$CMAKE_BIN" -DCMAKE_CUDA_COMPILER= -DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=TRUE "\$@"
-WRAP
-            chmod +x "$BUILD/cmake-cpu"
-            export HOROVOD_CMAKE="$BUILD/cmake-cpu"
-        fi
-        mkdir -p "$WHEEL_DIR"
-        "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$BUILD/dist" "$SRC"
-        mv "$BUILD"/dist/horovod-*.whl "$WHEEL_DIR/"
+        HVD_RSGC_GPU="$GPU" HVD_RSGC_MPI="$MPI" HOROVOD_CMAKE="$CMAKE_BIN" \
+            bash "$HERE/scripts/build_horovod.sh" "$PY" "$WHEEL_DIR"
     else
         log "using cached wheel in $WHEEL_DIR"
     fi

@@ -62,7 +62,7 @@ def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, n
     # copy into fresh storage: a 1-row slice counts as "contiguous" but sits at an odd offset
     idx = torch.empty((msg.shape[0], c), dtype=msg.dtype, device=msg.device).copy_(msg[:, unit_size:])
     rows = idx.view(index_dtype).view(-1).long()
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_units):
+    if rows.numel() and bool(((rows < 0) | (rows >= num_units)).any()):     # one host sync
         raise ValueError(f"sparse message index out of range [0, {num_units})")
     return values, rows
 

@@ -23,12 +23,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop: bool = True, flips: boo
         ox = torch.randint(0, 2 * p + 1, (B,), generator=gen).tolist()
         x = torch.stack([padded[i, :, oy[i]:oy[i] + H, ox[i]:ox[i] + W] for i in range(B)])
     if flips:
-        m = (torch.rand(B, generator=gen) < 0.5).view(B, 1, 1, 1)
+        m = (torch.rand(B, generator=gen) < 0.5).view(B, 1, 1, 1).to(x.device)
         x = torch.where(m, x.flip(-1), x)
-        m = (torch.rand(B, generator=gen) < 0.5).view(B, 1, 1, 1)
+        m = (torch.rand(B, generator=gen) < 0.5).view(B, 1, 1, 1).to(x.device)
         x = torch.where(m, x.flip(-2), x)
     if rot90 and H == W:
-        k = torch.randint(0, 4, (B,), generator=gen).view(B, 1, 1, 1)
+        k = torch.randint(0, 4, (B,), generator=gen).view(B, 1, 1, 1).to(x.device)
         out = x
         for r in (1, 2, 3):
             out = torch.where(k == r, torch.rot90(x, r, dims=(-2, -1)), out)
@@ -37,6 +37,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop: bool = True, flips: boo
 
 
 def normalize(x_uint8: torch.Tensor, mean=RESISC45_MEAN, std=RESISC45_STD) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
     return (x_uint8.float() - m) / s
