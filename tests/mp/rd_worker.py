@@ -1,0 +1,124 @@
+"""RD-PSGD scenarios under a real MPI launch (mpirun -np 4); each rank writes rank<r>.json."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from hvd_rsgc.rdpsgd import RDPSGD
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def net():
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def data(seed, n=256):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(4, 20, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 4, (n,), generator=g)
+    return protos[y] + 0.8 * torch.randn(n, 20, generator=g), y
+
+
+def flat(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def train(p, steps=40, lr=0.1, seed_init=0, send_indices=False, sync_every=1):
+    torch.manual_seed(seed_init)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if lr > 0 else None
+    rd = RDPSGD(model, sparsity_ratio=p, send_indices=send_indices, sync_every=sync_every, seed=3,
+                timeout=20)
+    x, y = data(100 + rank)
+    ex, ey = data(999, 512)
+    loss0 = F.cross_entropy(model(ex), ey).item()
+    cons, bytes_per_round, masks_ok, counts = [], [], True, []
+    for s in range(steps):
+        xb, yb = x[(s * 16) % 256:(s * 16) % 256 + 16], y[(s * 16) % 256:(s * 16) % 256 + 16]
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        if rd.mix():
+            bytes_per_round.append(rd.last_round_bytes)
+            counts.append(int(rd.last_indices.numel()))
+            if send_indices:
+                masks_ok &= all(torch.equal(v, rd.last_indices) for v in rd.received_indices.values())
+        if opt:
+            opt.step()
+        cons.append(rd.consensus_distance())
+    avg = rd.average_parameters()
+    m2 = net()
+    with torch.no_grad():
+        for q, a in zip(m2.parameters(), avg):
+            q.copy_(a)
+    # masks identical on both ends: every rank reports a hash of each round's mask
+    return {"loss0": loss0, "loss_avg_model": F.cross_entropy(m2(ex), ey).item(),
+            "consensus": cons, "bytes": bytes_per_round, "counts": counts, "masks_ok": masks_ok,
+            "neighbours": rd.neighbours, "numel": rd.numel, "flat": flat(model).tolist(),
+            "mask_hashes": [int(rd.round_indices(r).sum()) for r in range(3)]}
+
+
+def dense_dpsgd(steps=15, lr=0.1):
+    """Reference D-PSGD (Lian et al.): allgather every node's full vector, x <- sum_j W_ij x_j
+    (self weight first, then neighbours in increasing rank: the same summation order)."""
+    from hvd_rsgc.algorithms.rdpsgd import ring
+    W = ring(size)[rank]
+    torch.manual_seed(0)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x, y = data(100 + rank)
+    for s in range(steps):
+        xb, yb = x[(s * 16) % 256:(s * 16) % 256 + 16], y[(s * 16) % 256:(s * 16) % 256 + 16]
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        v = flat(model)
+        allv = comm.allgather(v.numpy().copy())
+        new = v * W[rank]
+        for j in sorted(k for k in W if k != rank):
+            new = new + torch.from_numpy(allv[j]) * W[j]
+        off = 0
+        with torch.no_grad():
+            for q in model.parameters():
+                q.copy_(new[off:off + q.numel()].view_as(q))
+                off += q.numel()
+        opt.step()
+    return {"flat": flat(model).tolist()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenario", default="all")
+    a = ap.parse_args()
+    res = {"size": size, "rank": rank}
+    if a.scenario == "die":
+        torch.manual_seed(0)
+        model = net()
+        rd = RDPSGD(model, sparsity_ratio=0.5, timeout=8)
+        for s in range(100):
+            if s == 2 and rank == 1:
+                import time
+                time.sleep(600)          # alive but silent: its neighbours must not hang
+            rd.mix()
+        return
+    if a.scenario == "all":
+        res["dpsgd"] = dense_dpsgd(steps=15)
+        res["rd_p1"] = train(1.0, steps=15)
+        res["rd"] = train(0.3, steps=60)
+        res["paper"] = train(0.3, steps=5, send_indices=True)
+        # lr = 0: only mixing; different random init per rank -> consensus must shrink
+        res["mix_only"] = train(0.5, steps=30, lr=0.0, seed_init=rank)
+        res["sync4"] = train(0.5, steps=8, sync_every=4)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""RD-PSGD: unit tests of the pure parts and multi-process tests under a real mpirun -np 4."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hvd_rsgc.algorithms.rdpsgd import (bernoulli_indices, decode_gaps, encode_gaps,
+                                        geometric_indices, message_bytes, mixing_matrix, ring,
+                                        sparse_mix, spectral_rho, validate_mixing)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "mp", "rd_worker.py")
+
+
+# ----------------------------------------------------------------------------- unit
+def test_ring_weights_and_spectral_constant():
+    W = mixing_matrix(ring(8), 8)
+    validate_mixing(ring(8), 8)
+    assert spectral_rho(W) == pytest.approx(0.8047 ** 2, abs=2e-4)       # 0.6476 (ALGORITHMS.md)
+    assert mixing_matrix(ring(2), 2).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
+@pytest.mark.parametrize("weights,msg", [
+    ({0: {0: 0.5, 1: 0.5}, 1: {1: 0.7, 0: 0.3}}, "not symmetric"),
+    ({0: {0: 0.6, 1: 0.2}, 1: {1: 0.6, 0: 0.2}}, "doubly stochastic"),
+    ({0: {0: 1.5, 1: -0.5}, 1: {1: 1.5, 0: -0.5}}, "negative"),
+    ({0: {0: 1.0}}, "at least 2"),
+])
+def test_bad_mixing_matrices(weights, msg):
+    with pytest.raises(ValueError, match=msg):
+        validate_mixing(weights, len(weights))
+
+
+@pytest.mark.parametrize("p", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_ratio(p):
+    with pytest.raises(ValueError, match="sparsity_ratio"):
+        geometric_indices(100, p, torch.Generator())
+
+
+def test_geometric_indices_distribution():
+    g = torch.Generator().manual_seed(0)
+    N, p = 200_000, 0.05
+    counts = [geometric_indices(N, p, g).numel() for _ in range(20)]
+    mean = sum(counts) / len(counts)
+    assert abs(mean - p * N) < 4 * math.sqrt(N * p * (1 - p) / len(counts))
+    idx = geometric_indices(N, p, g)
+    assert (torch.diff(idx) > 0).all() and idx[0] >= 0 and idx[-1] < N
+    # every position equally likely: first and second half get about the same share
+    halves = [(idx < N // 2).sum().item(), (idx >= N // 2).sum().item()]
+    assert abs(halves[0] - halves[1]) < 5 * math.sqrt(p * N)
+    b = bernoulli_indices(N, p, g)
+    assert abs(b.numel() - p * N) < 6 * math.sqrt(N * p)
+    assert torch.equal(geometric_indices(50, 1.0, g), torch.arange(50))
+
+
+def test_gap_encoding_roundtrip_escape_and_malformed():
+    idx = torch.tensor([0, 1, 255, 256, 1000, 70000, 70001])
+    enc = encode_gaps(idx)
+    # gaps 1,1,254,1,744,69000,1 -> two escapes of 5 bytes
+    assert enc.numel() == 5 + 2 * 5
+    assert torch.equal(decode_gaps(enc, 70002), idx)
+    with pytest.raises(ValueError, match="past the parameter count"):
+        decode_gaps(enc, 70001)
+    with pytest.raises(ValueError, match="truncated"):
+        decode_gaps(enc[:-3], 10 ** 6)
+    assert message_bytes(100, 2, True) == 400 + 100 + 8 + 4
+    assert message_bytes(100, 2, False) == 400
+
+
+def test_sparse_mix_reference():
+    x = torch.arange(10.0)
+    idx = torch.tensor([1, 4, 7])
+    a, b = torch.full((3,), 100.0), torch.full((3,), -50.0)
+    sparse_mix(x, idx, 1 / 3, [(1 / 3, a), (1 / 3, b)])
+    assert x[1] == pytest.approx((1 + 100 - 50) / 3) and x[4] == pytest.approx((4 + 50) / 3)
+    assert x[0] == 0 and x[9] == 9
+
+
+def test_fewer_than_two_processes_is_an_error():
+    pytest.importorskip("mpi4py")
+    from mpi4py import MPI
+
+    from hvd_rsgc.rdpsgd import RDPSGD
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        RDPSGD(torch.nn.Linear(2, 2), comm=MPI.COMM_SELF)
+
+
+# ----------------------------------------------------------------------------- mpirun -np 4
+def mpirun(np_, out, *args, timeout=300):
+    exe = shutil.which("mpirun")
+    if exe is None:
+        pytest.fail("mpirun not found: scripts/install.sh installs Open MPI")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [exe, "-np", str(np_), "--oversubscribe", sys.executable, WORKER, "--out", str(out), *args]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return p, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def np4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rd")
+    p, _ = mpirun(4, out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(4)]
+
+
+pytestmark_mp = pytest.mark.multiproc
+
+
+@pytestmark_mp
+def test_p1_equals_dpsgd_exactly(np4):
+    for r in np4:
+        assert r["rd_p1"]["flat"] == r["dpsgd"]["flat"]
+
+
+@pytestmark_mp
+def test_consensus_shrinks_with_zero_lr(np4):
+    for r in np4:
+        c = r["mix_only"]["consensus"]
+        assert c[0] > 0.1 and c[-1] < 1e-3 * c[0]
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(c, c[1:]))     # never grows
+
+
+@pytestmark_mp
+def test_loss_falls(np4):
+    for r in np4:
+        assert r["rd"]["loss_avg_model"] < 0.5 * r["rd"]["loss0"]
+
+
+@pytestmark_mp
+def test_masks_identical_on_both_ends(np4):
+    assert len({tuple(r["rd"]["mask_hashes"]) for r in np4}) == 1
+    assert all(r["paper"]["masks_ok"] for r in np4)
+    assert [r["rd"]["neighbours"] for r in np4] == [[1, 3], [0, 2], [1, 3], [0, 2]]
+
+
+@pytestmark_mp
+def test_byte_counts(np4):
+    for r in np4:
+        rd = r["rd"]
+        N, p = rd["numel"], 0.3
+        for m, b in zip(rd["counts"], rd["bytes"]):
+            assert b == 2 * 4 * m                       # two neighbours, fp32 values, no indices
+        assert abs(sum(rd["counts"]) / len(rd["counts"]) - p * N) < 4 * math.sqrt(N * p)
+        # paper mode: + 8-bit gaps (escapes) + 4-byte count, per neighbour
+        gen = torch.Generator()
+        from hvd_rsgc.algorithms.select import splitmix_seed
+        for rnd, (m, b) in enumerate(zip(r["paper"]["counts"], r["paper"]["bytes"])):
+            idx = geometric_indices(N, p, gen.manual_seed(splitmix_seed(3, rnd)))
+            assert idx.numel() == m
+            assert b == 2 * (4 * m + encode_gaps(idx).numel() + 4)
+        assert len(r["sync4"]["bytes"]) == 2            # 8 steps, sync every 4
+
+
+@pytestmark_mp
+def test_dead_neighbour_ends_job_within_timeout(tmp_path):
+    p, elapsed = mpirun(4, tmp_path, "--scenario", "die", timeout=120)
+    assert p.returncode != 0
+    assert elapsed < 90
+    assert "no answer from" in p.stdout + p.stderr
