@@ -130,6 +130,60 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
     return rows
 
 
+def bench_rdpsgd(numel=25_557_032, ratios=(0.5, 0.1, 0.01), repeats=5, loop_sample=20_000):
+    """RD-PSGD's programming optimisations, side by side (paper Table 2): index generation by
+    geometric gaps vs N Bernoulli draws; extraction + expansion with index_select/index_copy_ vs
+    a boolean mask (masked_select/masked_scatter_) vs the Python for-loop the paper started from
+    (timed on ``loop_sample`` entries and scaled, stated as such); bytes per exchange vs dense."""
+    from .algorithms.rdpsgd import bernoulli_indices, encode_gaps, geometric_indices
+    dev = torch.device("cpu")
+    x = torch.randn(numel)
+    recv = torch.randn(numel)
+    print(f"RD-PSGD, {numel:,} parameters (ResNet-50), median of {repeats}; per neighbour per round")
+    print(f"{'p':>6s} {'gen geom ms':>11s} {'gen bern ms':>11s} {'speed-up':>8s} "
+          f"{'extr+exp ms':>11s} {'mask ms':>8s} {'loop ms*':>9s} {'vs loop':>8s} "
+          f"{'bytes shared-seed':>17s} {'bytes +8bit idx':>15s} {'dense':>11s}")
+    for p in ratios:
+        g = torch.Generator().manual_seed(0)
+        t_geo = _time(lambda: geometric_indices(numel, p, g), dev, repeats)
+        t_ber = _time(lambda: bernoulli_indices(numel, p, g), dev, repeats)
+        idx = geometric_indices(numel, p, g)
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[idx] = True
+        vals = recv.index_select(0, idx)
+
+        def vec():
+            send = x.index_select(0, idx)
+            y = x.clone()
+            y.index_copy_(0, idx, vals)
+            return send, y
+
+        def masked():
+            send = x.masked_select(mask)
+            y = x.clone()
+            y.masked_scatter_(mask, vals)
+            return send, y
+
+        sub = idx[idx < loop_sample].tolist()
+
+        def loop():
+            send = [float(x[i]) for i in sub]
+            y = x[:loop_sample].clone()
+            for k, i in enumerate(sub):
+                y[i] = send[k]
+            return y
+        t_vec = _time(vec, dev, repeats)
+        t_mask = _time(masked, dev, repeats)
+        t_loop = _time(loop, dev, 1) * numel / loop_sample
+        m = idx.numel()
+        gap = encode_gaps(idx).numel()
+        print(f"{p:6.2f} {t_geo * 1e3:11.1f} {t_ber * 1e3:11.1f} {t_ber / t_geo:8.1f} "
+              f"{t_vec * 1e3:11.1f} {t_mask * 1e3:8.1f} {t_loop * 1e3:9.0f} {t_loop / t_vec:8.0f} "
+              f"{4 * m:17,d} {4 * m + gap + 4:15,d} {4 * numel:11,d}")
+    print("* the Python loop is timed on the first "
+          f"{loop_sample:,} entries and scaled to the whole vector")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvd_rsgc.bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -138,7 +192,11 @@ def main(argv=None):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     c.add_argument("--methods", default=None, help="comma-separated subset")
+    r = sub.add_parser("rdpsgd", help="RD-PSGD index generation / extraction / bytes")
+    r.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.cmd == "rdpsgd":
+        bench_rdpsgd(repeats=args.repeats)
     if args.cmd == "compress":
         bench_compress(args.density, args.repeats, args.device,
                        args.methods.split(",") if args.methods else None)

@@ -33,6 +33,10 @@ DEFAULTS = {
     "weight_decay": 1e-4, "nesterov": False, "lr_schedule": "cosine",
     "milestones": [0.5, 0.75], "gamma": 0.1, "lr_warmup_epochs": 0,
     "max_steps_per_epoch": None,
+    # algorithm: "horovod" (allreduce with a compressor) or decentralized "rdpsgd" / "dpsgd"
+    # (ring neighbour averaging over mpi4py; launch with mpirun or horovodrun --mpi)
+    "algorithm": "horovod", "sparsity_ratio": 0.1, "topology": "ring", "sync_every": 1,
+    "send_indices": False, "rd_timeout": 120,
     # compression
     "compression": "rsdgc", "density": 0.001, "beta": 0.5, "radius": 1, "neighbourhood": True,
     "dynamic": True, "update_every": 100, "density_floor": 0.1, "selection": "topk",
@@ -93,6 +97,11 @@ def _merge(cfg, data, where):
 
 
 def validate(cfg):
+    if cfg["algorithm"] not in ("horovod", "rdpsgd", "dpsgd"):
+        raise ValueError(f"algorithm must be horovod, rdpsgd or dpsgd, got {cfg['algorithm']!r}")
+    if cfg["algorithm"] != "horovod" and cfg["topology"] != "ring":
+        raise ValueError(f"topology: only 'ring' from the CLI (the RDPSGD class takes any "
+                         f"mixing matrix), got {cfg['topology']!r}")
     if cfg["compression"] not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {cfg['compression']!r}")
     for k in ("epochs", "batch_size", "image_size"):
@@ -293,15 +302,34 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training images are too few for batch_size "
                          f"{cfg['batch_size']} x {world} ranks")
-    comp = make_compression(cfg, model)
-    base_opt = make_optimizer(cfg, model, comp)
-    opt = hvd.DistributedOptimizer(base_opt, named_parameters=model.named_parameters(),
-                                   compression=comp)
+    decentral = cfg["algorithm"] in ("rdpsgd", "dpsgd")
+    rd = None
+    if decentral:
+        from mpi4py import MPI
+
+        from .rdpsgd import RDPSGD
+        if MPI.COMM_WORLD.Get_size() != world:
+            raise ValueError("algorithm rdpsgd/dpsgd exchanges parameters over MPI: launch with "
+                             "mpirun or horovodrun --mpi (this job's MPI world has "
+                             f"{MPI.COMM_WORLD.Get_size()} process(es), Horovod {world})")
+        comp = make_compression(dict(cfg, compression="none"), model)   # byte counter only
+        rd = RDPSGD(model, sparsity_ratio=1.0 if cfg["algorithm"] == "dpsgd" else cfg["sparsity_ratio"],
+                    sync_every=cfg["sync_every"], send_indices=cfg["send_indices"],
+                    seed=cfg["seed"], timeout=cfg["rd_timeout"])
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+    else:
+        comp = make_compression(cfg, model)
+        base_opt = make_optimizer(cfg, model, comp)
+        opt = hvd.DistributedOptimizer(base_opt, named_parameters=model.named_parameters(),
+                                       compression=comp)
     start_epoch, history, cum_bytes = 0, [], 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        model.load_state_dict(shard["model"] if decentral else ck["model"])
+        opt.load_state_dict(shard["optimizer"] if decentral else ck["optimizer"])
         comp.load_state_dict(shard["compression"])
+        if decentral:
+            rd.load_state_dict(shard["rdpsgd"])
         torch.set_rng_state(shard["torch_rng"])
         if device.type == "cuda" and shard.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(shard["cuda_rng"])
@@ -313,8 +341,9 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
     run_dir = hvd.broadcast_object(run_dir, root_rank=0, name="hvd_rsgc.run_dir")
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    if ck is None or not decentral:      # decentralized nodes keep their own models on resume
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
     if rank == 0:
         import yaml
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -331,8 +360,8 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         if hasattr(comp, "set_epoch"):
             comp.set_epoch(epoch)
         gen = _seed_gen(cfg["seed"], rank, epoch)
-        bytes0 = comp.stats()["total_bytes"]
-        dense0 = comp.stats()["total_dense_bytes"]
+        bytes0 = rd.bytes_sent if decentral else comp.stats()["total_bytes"]
+        dense0 = rd.rounds if decentral else comp.stats()["total_dense_bytes"]
         loss_sum, correct, seen = 0.0, 0, 0
         it = iter(loader)
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg['epochs']}") if show else None
@@ -350,6 +379,8 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
             out = model(xb)
             loss = F.cross_entropy(out, y)
             loss.backward()
+            if decentral:
+                rd.mix()          # x <- W x on a random subset; the gradient was taken before
             opt.step()
             loss_sum += loss.item() * y.numel()
             correct += int((out.argmax(1) == y).sum())
@@ -361,13 +392,28 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
             bar.close()
         del it
         average_buffers(model, hvd)
+        consensus = None
+        if decentral:
+            consensus = rd.consensus_distance()
+            local = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():                      # evaluate the average model
+                for p, a in zip(model.parameters(), rd.average_parameters()):
+                    p.copy_(a.to(p.device))
         tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64),
                            op=hvd.Sum, name="hvd_rsgc.train.stats")
         cm, val_loss = evaluate(model, val_ds, cfg, hvd, nc)
         m = summarize(cm)
-        st = comp.stats()
-        ep_bytes = st["total_bytes"] - bytes0
-        ep_dense = st["total_dense_bytes"] - dense0
+        if decentral:
+            with torch.no_grad():
+                for p, v in zip(model.parameters(), local):
+                    p.copy_(v)
+            ep_bytes = rd.bytes_sent - bytes0
+            # dense D-PSGD: every round sends the whole fp32 vector to each neighbour
+            ep_dense = (rd.rounds - dense0) * 4 * rd.numel * len(rd.neighbours)
+        else:
+            st = comp.stats()
+            ep_bytes = st["total_bytes"] - bytes0
+            ep_dense = st["total_dense_bytes"] - dense0
         all_bytes = hvd.allgather_object(ep_bytes, name="hvd_rsgc.bytes")
         cum_bytes += ep_bytes
         rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tr[0].item() / tr[2].item(),
@@ -378,11 +424,14 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
                "dense_bytes_per_worker": ep_dense,
                "compression_ratio": ep_dense / ep_bytes if ep_bytes else None,
                "cum_bytes_per_worker": cum_bytes, "seconds": time.time() - t0,
+               "consensus_distance": consensus,
                "confusion": cm.tolist()}
         history.append(rec)
         main_path = os.path.join(run_dir, "checkpoints", f"epoch{epoch:04d}.pt")
         atomic_save({"format": SHARD_FORMAT, "rank": rank, "epoch": epoch,
                      "compression": comp.state_dict(), "torch_rng": torch.get_rng_state(),
+                     **({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rdpsgd": rd.state_dict()} if decentral else {}),
                      "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                     shard_path(main_path, rank))
         hvd.barrier()
@@ -394,10 +443,11 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
             save_checkpoint(run_dir, epoch, payload, cfg["keep_checkpoints"])
             if not quiet:
                 ratio = f"{rec['compression_ratio']:.0f}x" if rec["compression_ratio"] else "-"
+                cons = f"  consensus {consensus:.3g}" if consensus is not None else ""
                 print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {rec['train_loss']:.4f}  "
                       f"train {rec['train_acc']:.3f}  OA {m['oa']:.4f}  AA {m['aa']:.4f}  "
                       f"kappa {m['kappa']:.4f}  sent {ep_bytes / 2**20:.2f} MiB/worker ({ratio})  "
-                      f"{rec['seconds']:.1f}s", flush=True)
+                      f"{rec['seconds']:.1f}s{cons}", flush=True)
         hvd.barrier()
     summary = _finish(run_dir, history, classes, cfg, rank, quiet)
     if tb:
@@ -443,7 +493,8 @@ def _log_epoch(run_dir, rec, tb):
 def _finish(run_dir, history, classes, cfg, rank, quiet):
     last = history[-1] if history else {}
     best = max(history, key=lambda r: r["top1"]) if history else {}
-    summary = {"run_dir": run_dir, "compression": cfg["compression"], "model": cfg["model"],
+    summary = {"run_dir": run_dir, "compression": cfg["compression"], "algorithm": cfg["algorithm"],
+               "model": cfg["model"],
                "dataset": cfg["dataset"], "epochs": len(history),
                "final_top1": last.get("top1"), "best_top1": best.get("top1"),
                "final_aa": last.get("aa"), "final_kappa": last.get("kappa"),
@@ -459,7 +510,9 @@ def _finish(run_dir, history, classes, cfg, rank, quiet):
         if not quiet:
             print("\n== summary ==")
             print(f"run dir            {run_dir}")
-            print(f"method / model     {cfg['compression']} / {cfg['model']} on {cfg['dataset']}")
+            method = cfg["compression"] if cfg["algorithm"] == "horovod" else \
+                f"{cfg['algorithm']} (p={cfg['sparsity_ratio'] if cfg['algorithm'] == 'rdpsgd' else 1.0}, {cfg['topology']})"
+            print(f"method / model     {method} / {cfg['model']} on {cfg['dataset']}")
             print(f"final top-1 (OA)   {summary['final_top1']:.4f}   best {summary['best_top1']:.4f}")
             print(f"AA / kappa         {summary['final_aa']:.4f} / {summary['final_kappa']:.4f}")
             print(f"per class          " + ", ".join(f"{c}: {a:.2f}" for c, a in zip(classes, last.get("per_class", []))))

@@ -166,3 +166,34 @@ def test_dead_neighbour_ends_job_within_timeout(tmp_path):
     assert p.returncode != 0
     assert elapsed < 90
     assert "no answer from" in p.stdout + p.stderr
+
+
+@pytestmark_mp
+def test_training_cli_rdpsgd_under_mpirun(tmp_path):
+    exe = shutil.which("mpirun")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [exe, "-np", "4", "--oversubscribe", sys.executable, "-m", "hvd_rsgc.train", "--config",
+           os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm", "rdpsgd",
+           "--sparsity_ratio", "0.2", "--out_dir", str(tmp_path), "--run_name", "rd", "--epochs", "1",
+           "--max_steps_per_epoch", "4", "--progress", "false"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec = json.loads((tmp_path / "rd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["consensus_distance"] is not None and rec["consensus_distance"] > 0
+    # p = 0.2 of the parameters to 2 neighbours per round: about 5x fewer bytes than dense
+    assert 3.5 < rec["compression_ratio"] < 7
+    for r in range(4):                                   # every rank's own model in its shard
+        sh = torch.load(tmp_path / "rd" / "checkpoints" / f"epoch0000.rank{r:03d}.pt", weights_only=True)
+        assert "model" in sh and sh["rdpsgd"]["rounds"] == 4
+
+
+@pytestmark_mp
+def test_rdpsgd_under_gloo_launch_is_refused(tmp_path):
+    from test_horovod import horovodrun
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [horovodrun(), "-np", "2", "--gloo", sys.executable, "-m", "hvd_rsgc.train", "--config",
+           os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm", "rdpsgd",
+           "--out_dir", str(tmp_path), "--epochs", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert p.returncode != 0 and "launch with mpirun or horovodrun --mpi" in p.stdout + p.stderr
