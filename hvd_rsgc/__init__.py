@@ -13,8 +13,9 @@ Layout: ``hvd_rsgc/algorithms/`` is pure tensor code (NSI lives in ``algorithms/
 """
 from .compression import (DGCCompression, FP16Compression, NoneCompression, QSGDCompression,
                           RandomKCompression, RSDGCCompression, TopKCompression)
+from .lgc import LGCCompression
 from .optim import DGCSGD
 
 __version__ = "0.1.0"
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
-           "QSGDCompression", "FP16Compression", "NoneCompression", "DGCSGD"]
+           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression", "DGCSGD"]

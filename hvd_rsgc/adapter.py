@@ -492,14 +492,17 @@ class HorovodCompression:
         """-np 1: run each gradient through compress/decompress with no collective."""
         # Horovod's step() calls the base class's step(), which fires the pre-hook again: a
         # gradient already processed (same tensor, same version) is not processed twice.
+        # Same order as Horovod's synchronize(): every compress() first, then every decompress().
         self._local_mode = True
         try:
+            pending = []
             for p in self._order:
                 if id(p) not in self._param_of or p.grad is None or not p.requires_grad:
                     continue
                 if self._local_done.get(id(p)) == (id(p.grad), p.grad._version):
                     continue
-                out, ctx = self.compress(p.grad)
+                pending.append((p, *self.compress(p.grad)))
+            for p, out, ctx in pending:
                 p.grad.set_(self.decompress(out, ctx))
                 self._local_done[id(p)] = (id(p.grad), p.grad._version)
         finally:

@@ -42,12 +42,13 @@ DEFAULTS = {
     "dynamic": True, "update_every": 100, "density_floor": 0.1, "selection": "topk",
     "compression_warmup_epochs": 0, "fp16_values": False, "min_numel": 1024,
     "exclude": [], "error_feedback": True, "qsgd_levels": 1, "qsgd_bucket": 512, "clip_norm": None,
+    "lgc_warmup_steps": 200, "lgc_ae_steps": 300, "lgc_innovation_density": None,
     # run
     "seed": 0, "out_dir": "runs", "run_name": None, "keep_checkpoints": 2, "progress": True,
     "stop_after": None,
     "device": "auto",         # auto: cuda:<local rank> when CUDA is available, else cpu       # stop after this many epochs in this invocation (preemption, tests)
 }
-COMPRESSIONS = ("none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc")
+COMPRESSIONS = ("none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar", "lgc-ps")
 CKPT_FORMAT = "hvd_rsgc.checkpoint/1"
 SHARD_FORMAT = "hvd_rsgc.checkpoint-shard/1"
 
@@ -133,6 +134,11 @@ def make_compression(cfg: dict, model, steps_per_epoch: int | None = None):
     if name == "qsgd":
         return H.QSGDCompression(model, levels=cfg["qsgd_levels"], bucket_size=cfg["qsgd_bucket"],
                                  error_feedback=False, seed=cfg["seed"], **common)
+    if name.startswith("lgc-"):
+        return H.LGCCompression(model, mode=name[4:], density=cfg["density"],
+                                warmup_steps=cfg["lgc_warmup_steps"], ae_steps=cfg["lgc_ae_steps"],
+                                innovation_density=cfg["lgc_innovation_density"], seed=cfg["seed"],
+                                **common)
     warm = dict(warmup_epochs=cfg["compression_warmup_epochs"],
                 steps_per_epoch=0 if cfg["compression_warmup_epochs"] else None)
     mom = dict(momentum=cfg["momentum"], nesterov=cfg["nesterov"], clip_norm=cfg["clip_norm"])

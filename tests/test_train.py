@@ -28,14 +28,16 @@ def horovodrun(np_, args, tmp, timeout=600):
 @pytest.mark.multiproc
 def test_compare_every_compressor_end_to_end_np2(tmp_path):
     out = horovodrun(2, ["hvd_rsgc.compare", "--config", SYNTH, "--out_dir", str(tmp_path),
-                         "--methods", "none,fp16,topk,randomk,dgc,qsgd,rsdgc", "--epochs", "1",
-                         "--max_steps_per_epoch", "4"], tmp_path)
+                         "--methods", "none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar,lgc-ps",
+                         "--epochs", "1", "--max_steps_per_epoch", "4", "--lgc_warmup_steps", "1",
+                         "--lgc_ae_steps", "1"], tmp_path)
     res = json.load(open(tmp_path / "compare" / "compare.json"))
-    assert [r["compression"] for r in res] == ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc"]
+    assert [r["compression"] for r in res] == ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc",
+                                               "lgc-rar", "lgc-ps"]
     by = {r["compression"]: r for r in res}
     assert by["none"]["compression_ratio"] == pytest.approx(1.0)
     assert by["fp16"]["compression_ratio"] == pytest.approx(2.0)
-    for m in ("topk", "randomk", "dgc", "rsdgc"):
+    for m in ("topk", "randomk", "dgc", "rsdgc", "lgc-rar", "lgc-ps"):
         assert by[m]["compression_ratio"] > 10, m
     assert "| rsdgc |" in out
     run = tmp_path / "compare" / "rsdgc"

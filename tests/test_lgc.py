@@ -1,0 +1,131 @@
+"""LGC: multi-process runs under horovodrun (both instances) and single-process checks."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_horovod import launch as _launch  # noqa: F401  (reuses the launcher helpers)
+from test_horovod import horovodrun
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "mp", "lgc_worker.py")
+WARM, AE, S3 = 5, 60, 40
+
+
+@pytest.fixture(scope="module")
+def np2(tmp_path_factory):
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("lgc")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([horovodrun(), "-np", "2", "--gloo", sys.executable, WORKER, "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("mode", ["rar", "ps"])
+def test_stages_identity_loss_and_learning(np2, mode):
+    for r in np2:
+        x = r[mode]
+        assert x["stages"] == [1] * WARM + [2] * AE + [3] * S3
+        assert x["identical"]
+        assert x["evals"]["end"] < x["evals"]["stage3_start"], x["evals"]       # loss falls in stage 3
+        a = [v for _, v in x["ae_loss"]]
+        assert len(a) == AE and sum(a[-5:]) / 5 < 0.8 * sum(a[:5]) / 5          # reconstruction error falls
+        rt = x["roundtrip"]                                                       # held-out vectors
+        assert rt["ae_mse"] < rt["zeros_mse"] and rt["ae_mse"] < rt["mean_mse"], rt
+        assert {"ae", "ae_opt", "step", "synced"} <= set(x["state_keys"])
+
+
+@pytest.mark.multiproc
+def test_codes_are_smaller_than_the_values_they_replace(np2):
+    for r in np2:
+        for mode in ("rar", "ps"):
+            x = r[mode]
+            K = x["K"]
+            stage1 = x["wire"][0]
+            stage3 = x["wire"][-1]
+            assert stage1["hvd_rsgc.lgc.values"] == 4 * K                # the top-k values (fp32)
+            assert x["code_size"] < K
+            if mode == "rar":
+                assert stage3["hvd_rsgc.lgc.code"] == 4 * x["code_size"] < stage1["hvd_rsgc.lgc.values"]
+                assert "hvd_rsgc.lgc.values" not in stage3
+            else:
+                code = stage3.get("hvd_rsgc.lgc.code", 0)              # broadcast: the leader only
+                assert code == (4 * x["code_size"] if r["rank"] == 0 else 0)
+                assert stage3["hvd_rsgc.lgc.side"] == 8 * x["k_inno"]
+                assert code + stage3["hvd_rsgc.lgc.side"] < 4 * K
+
+
+# ----------------------------------------------------------------------------- single process
+hvd = pytest.importorskip("horovod.torch")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+def test_bad_input():
+    from hvd_rsgc import LGCCompression
+    hvd.init()
+    with pytest.raises(ValueError, match="code"):
+        LGCCompression(Net(), density=0.001, min_numel=0)            # K too small for the code
+    with pytest.raises(ValueError, match="ae_steps"):
+        LGCCompression(Net(), density=0.2, ae_steps=0, min_numel=0)
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        LGCCompression(Net(), mode="ps", density=0.2, min_numel=0)    # this process: size 1
+    with pytest.raises(ValueError, match="mode"):
+        LGCCompression(Net(), mode="tree", density=0.2, min_numel=0)
+    with pytest.raises(ValueError, match="innovation_density"):
+        LGCCompression(Net(), density=0.2, innovation_density=0.3, min_numel=0)
+
+
+def test_resume_continues_in_the_right_stage():
+    from hvd_rsgc import LGCCompression
+    hvd.init()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 64, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(12)]
+
+    def make(model):
+        comp = LGCCompression(model, density=0.2, warmup_steps=3, ae_steps=4, min_numel=0)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                       named_parameters=model.named_parameters(), compression=comp)
+        return comp, opt
+
+    def run(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    m1 = Net()
+    c1, o1 = make(m1)
+    run(m1, o1, data[:5])
+    assert c1.stage() == 2
+    saved = (copy.deepcopy(c1.state_dict()), copy.deepcopy(m1.state_dict()), copy.deepcopy(o1.state_dict()))
+    run(m1, o1, data[5:])
+    assert c1.stage() == 3
+
+    m2 = Net()
+    m2.load_state_dict(saved[1])
+    c2, o2 = make(m2)
+    c2.load_state_dict(saved[0])
+    o2.load_state_dict(saved[2])
+    assert c2.stage() == 2
+    run(m2, o2, data[5:])
+    assert c2.stage() == 3
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
