@@ -252,13 +252,14 @@ class HorovodCompression:
             raise ValueError(f"compression state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for st in self._layers:
             rec = saved[st.name]
-            p = self._param_of[id(self._params[st.index][1])]
+            p = self._params[st.index][1]
             for key, val in rec["memory"].items():
                 want = st.memory.get(key)
                 if want is not None and want.shape != val.shape:
                     raise ValueError(f"compression state for parameter '{st.name}': buffer '{key}' "
                                      f"has shape {tuple(val.shape)}, expected {tuple(want.shape)}")
             st.memory = {k: v.to(p.device).clone() for k, v in rec["memory"].items()}
+            st.memory_ready = bool(st.memory) or st.memory_ready
             st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])
             if st.layout is not None and st.k:
                 self.method.on_density(st)
@@ -281,9 +282,9 @@ class HorovodCompression:
         if tensor.numel() == 0:
             raise ValueError(f"parameter '{st.name}': empty gradient")
         device = tensor.device
-        if not st.memory and not getattr(st, "_mem_init", False):
+        if not st.memory_ready:
             self.method.init_memory(st, device)
-            st._mem_init = True
+            st.memory_ready = True
         self._update_density(st)
         st.step += 1
         finite = bool(torch.isfinite(tensor.sum()))
@@ -295,14 +296,13 @@ class HorovodCompression:
             if self.method.communicator == "allreduce":
                 msg.fill_(float("nan"))       # poisons the allreduce on every rank -> all raise
             ctx["sent_units"] = 0
-        flag = torch.full((1,), _FLAG_OK if finite else _FLAG_NONFINITE, dtype=tensor.dtype, device=device)
-        ctx["bytes"] = msg.numel() * msg.element_size() + flag.numel() * flag.element_size()
-        if self.method.communicator == "allreduce":
-            ctx["kind"] = "reduce"
-            ctx["bytes"] -= flag.numel() * flag.element_size()
+        if self.method.communicator == "allreduce":      # values through the stock allreduce
+            ctx["kind"], ctx["bytes"] = "reduce", msg.numel() * msg.element_size()
             self._record(st, ctx, tensor)
             return msg, ctx
+        flag = torch.full((1,), _FLAG_OK if finite else _FLAG_NONFINITE, dtype=tensor.dtype, device=device)
         ctx["kind"] = "gather"
+        ctx["bytes"] = msg.numel() * msg.element_size() + flag.numel() * flag.element_size()
         if self._local_mode:
             ctx["gathered"] = msg
         else:

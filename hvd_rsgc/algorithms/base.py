@@ -31,6 +31,7 @@ class LayerState:
     k: int = 0                    # units sent per step (fixed between density updates)
     step: int = 0                 # how many times this tensor has been compressed
     memory: dict = field(default_factory=dict)
+    memory_ready: bool = False    # buffers allocated (on the gradient's device)
     plan: object = None           # method-specific cached plan (DGC SamplePlan)
 
     @property
