@@ -48,6 +48,20 @@ fi
 
 # ---------------------------------------------------------------- 2. virtualenv + Python deps
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+[ -n "$PYTHON" ] || { log "ERROR: no python3.11 / python3 on PATH"; exit 1; }
+# A distribution's Python often lacks venv/ensurepip and the headers Horovod's build needs
+# (Debian/Ubuntu: python3.X-venv, python3.X-dev); install them when missing.
+PYVER="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+    if [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "ERROR: $PYTHON lacks venv/ensurepip or its C headers (Python.h); install python$PYVER-venv and python$PYVER-dev"
+        exit 1
+    fi
+    log "installing python$PYVER-venv and python$PYVER-dev"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        "python$PYVER-venv" "python$PYVER-dev" >/dev/null
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV"
