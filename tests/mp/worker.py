@@ -144,23 +144,30 @@ def train(kind, steps, counter, batch=32):
 
 
 def equivalence(steps=8):
-    """density=1, momentum 0, no error feedback: every sparsifier must reproduce plain dense."""
+    """density=1, momentum 0, no error feedback: every sparsifier must reproduce plain dense.
+    Also through the stock optimizer's grouped path (groups=2) and with op=hvd.Sum."""
     out = {}
     ref = None
-    kinds = ["none", "topk", "randomk", "dgc", "rsdgc"]
-    for kind in kinds:
+    kinds = ["none", "topk", "randomk", "dgc", "rsdgc", "rsdgc@groups", "none@sum", "topk@sum"]
+    for variant in kinds:
+        kind, _, how = variant.partition("@")
         torch.manual_seed(0)
         model = Net()
         extra = {"error_feedback": False}
         if kind in ("dgc", "rsdgc"):
             extra["momentum"] = 0.0
+        if how == "sum":
+            extra["average"] = False
         if kind == "none":
             comp = hvd.Compression.none
         else:
             comp = compressor(kind, model, density=1.0, **extra)
-        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        # op=Sum doubles the step at 2 ranks: halve the lr so the reference stays the same
+        base = torch.optim.SGD(model.parameters(), lr=0.05 / (hvd.size() if how == "sum" else 1),
+                               momentum=0.9)
+        kw = {"groups": 2} if how == "groups" else {"op": hvd.Sum} if how == "sum" else {}
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                       compression=comp)
+                                       compression=comp, **kw)
         x, y = make_data(200 + hvd.rank(), steps * 16)
         for s in range(steps):
             opt.zero_grad()
@@ -169,7 +176,7 @@ def equivalence(steps=8):
         flat = flat_params(model)
         if ref is None:
             ref = flat
-        out[kind] = {"max_abs_diff": (flat - ref).abs().max().item(),
+        out[variant] = {"max_abs_diff": (flat - ref).abs().max().item(),
                      "ref_scale": ref.abs().max().item(),
                      "identical": identical_across_ranks(model)}
     return out
