@@ -160,6 +160,12 @@ def test_np2_backward_passes_per_step(np2):
         assert set(b["compress_calls"].values()) == {4}      # 4 steps x 2 passes -> 4 compressions
 
 
+def test_np2_parameter_without_gradient_on_some_steps(np2):
+    for rank_res in np2:
+        m = rank_res["missing"]
+        assert m["compressed"] and m["identical"] and m["steps"] == 6
+
+
 def test_np2_double_momentum_is_an_error_on_every_rank(np2):
     for rank_res in np2:
         assert "double momentum" in rank_res["momentum"]["error"]

@@ -200,6 +200,26 @@ def bpps():
     return {"identical": identical_across_ranks(model), "compress_calls": steps}
 
 
+def missing_grad():
+    """A branch used only on rank 0 and only on even steps: on the other steps/ranks its
+    parameters have no gradient (Horovod submits zeros for them in synchronize())."""
+    torch.manual_seed(0)
+    model = Net()
+    model.branch = torch.nn.Linear(10, 10)           # 110 params, compressed with min_numel=100
+    comp = compressor("rsdgc", model)
+    opt = optimizer_for("rsdgc", model, comp)
+    x, y = make_data(500 + hvd.rank(), 6 * 16)
+    for s in range(6):
+        opt.zero_grad()
+        out = model(x[s * 16:(s + 1) * 16])
+        if hvd.rank() == 0 and s % 2 == 0:
+            out = model.branch(out)
+        F.cross_entropy(out, y[s * 16:(s + 1) * 16]).backward()
+        opt.step()
+    return {"identical": identical_across_ranks(model), "steps": comp._layer_of[id(model.branch.weight)].step,
+            "compressed": "branch.weight" in comp.compressed_names}
+
+
 def nonfinite():
     torch.manual_seed(0)
     model = Net()
@@ -257,7 +277,7 @@ def die():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scenarios", default="train,equiv,bpps,nonfinite,momentum")
+    ap.add_argument("--scenarios", default="train,equiv,bpps,missing,nonfinite,momentum")
     ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16")
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
@@ -274,6 +294,8 @@ def main():
         res["equiv"] = equivalence()
     if "bpps" in scen:
         res["bpps"] = bpps()
+    if "missing" in scen:
+        res["missing"] = missing_grad()
     if "momentum" in scen:
         res["momentum"] = momentum_error()
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
