@@ -301,7 +301,8 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
     loader = DataLoader(train_ds, batch_size=cfg["batch_size"], sampler=sampler,
-                        num_workers=cfg["workers"], drop_last=True)
+                        num_workers=cfg["workers"], drop_last=True,
+                        persistent_workers=cfg["workers"] > 0)
     steps_per_epoch = len(loader)
     if cfg["max_steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])

@@ -42,7 +42,9 @@ def build_datasets(cfg: dict):
             raise ValueError(f"train and val split files share {len(overlap)} image(s), e.g. {sorted(overlap)[:2]}")
     else:
         train, val = ratio_split(scan.samples, cfg["train_ratio"], cfg["seed"])
-    cache = len(scan.samples) * size * size * 3 < 512 * 2**20
+    # decoded images are kept in memory for small sets read in the main process; with loader
+    # workers each worker would fill (and lose) its own copy
+    cache = len(scan.samples) * size * size * 3 < 512 * 2**20 and not cfg.get("workers")
     return (SceneFolder(train, scan.classes, size, cache), SceneFolder(val, scan.classes, size, cache),
             scan.classes)
 
