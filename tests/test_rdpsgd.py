@@ -197,3 +197,25 @@ def test_rdpsgd_under_gloo_launch_is_refused(tmp_path):
            "--out_dir", str(tmp_path), "--epochs", "1"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
     assert p.returncode != 0 and "launch with mpirun or horovodrun --mpi" in p.stdout + p.stderr
+
+
+@pytestmark_mp
+def test_rdpsgd_resume_is_bit_exact(tmp_path):
+    """1 + 1 epochs (stop, then --resume) equals 2 epochs: every rank's own model."""
+    exe = shutil.which("mpirun")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    base = [exe, "-np", "2", "--oversubscribe", sys.executable, "-m", "hvd_rsgc.train"]
+    common = ["--config", os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm",
+              "rdpsgd", "--sparsity_ratio", "0.3", "--out_dir", str(tmp_path), "--epochs", "2",
+              "--max_steps_per_epoch", "3", "--progress", "false"]
+    for args in (common + ["--run_name", "full"], common + ["--run_name", "split", "--stop_after", "1"],
+                 ["--resume", str(tmp_path / "split")]):
+        p = subprocess.run(base + args, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for r in range(2):
+        a = torch.load(tmp_path / "full" / "checkpoints" / f"epoch0001.rank{r:03d}.pt", weights_only=True)
+        b = torch.load(tmp_path / "split" / "checkpoints" / f"epoch0001.rank{r:03d}.pt", weights_only=True)
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (r, k)
+        assert a["rdpsgd"] == b["rdpsgd"]
