@@ -418,7 +418,7 @@ class HorovodCompression:
                 dens = dynamic_densities([p for p, _ in sparse], base, self.density_floor)
             else:
                 dens = [base] * len(sparse)
-            for (p, s), d in zip(sparse, dens):
+            for (_, s), d in zip(sparse, dens):
                 s.density = d
                 s.k = self.method.units_for(s, d)
                 self.method.on_density(s)

@@ -34,7 +34,7 @@ def main(argv=None):
     if hvd.rank() != 0:
         return
     dense = next((r for r in results if r["compression"] == "none"), None)
-    lines = [f"| method | top-1 | Δ vs SGD | compression ratio | MiB/worker |",
+    lines = ["| method | top-1 | Δ vs SGD | compression ratio | MiB/worker |",
              "|---|---|---|---|---|"]
     for r in results:
         delta = f"{100 * (r['final_top1'] - dense['final_top1']):+.2f}" if dense else "n/a"

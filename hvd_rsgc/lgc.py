@@ -38,7 +38,7 @@ import torch
 
 from .adapter import HorovodCompression, _Ctx, _FLAG_NONFINITE, _FLAG_OK, _hvd, _check_density
 from .algorithms.layout import Layout
-from .algorithms.lgc import LGCAutoencoder, check_signal, side_dense, side_signal, similarity  # noqa: F401
+from .algorithms.lgc import LGCAutoencoder, check_signal, side_dense, side_signal
 from .algorithms.select import splitmix_seed
 
 

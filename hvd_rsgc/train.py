@@ -522,7 +522,7 @@ def _finish(run_dir, history, classes, cfg, rank, quiet):
             print(f"method / model     {method} / {cfg['model']} on {cfg['dataset']}")
             print(f"final top-1 (OA)   {summary['final_top1']:.4f}   best {summary['best_top1']:.4f}")
             print(f"AA / kappa         {summary['final_aa']:.4f} / {summary['final_kappa']:.4f}")
-            print(f"per class          " + ", ".join(f"{c}: {a:.2f}" for c, a in zip(classes, last.get("per_class", []))))
+            print("per class          " + ", ".join(f"{c}: {a:.2f}" for c, a in zip(classes, last.get("per_class", []))))
             print(f"sent per worker    {b / 2**20:.2f} MiB (dense {summary['dense_bytes_per_worker'] / 2**20:.1f} MiB"
                   f", ratio {summary['compression_ratio'] or 0:.1f}x)")
             for p in summary["plots"]:

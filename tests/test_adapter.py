@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 hvd = pytest.importorskip("horovod.torch")
 
-import hvd_rsgc  # noqa: E402
 from hvd_rsgc import (DGCCompression, DGCSGD, QSGDCompression, RandomKCompression,  # noqa: E402
                       RSDGCCompression, TopKCompression)
 

@@ -46,7 +46,8 @@ def scan_folder(root: str, verify: bool = True) -> Scan:
                 continue
             samples.append((path, label))
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root!r}, e.g. {skipped[:3]}")
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root!r}, e.g. {skipped[:3]}",
+                      stacklevel=2)
     if not samples:
         raise ValueError(f"no readable images under {root!r} ({len(skipped)} unreadable)")
     return Scan(classes, samples, skipped)
