@@ -367,8 +367,9 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         if hasattr(comp, "set_epoch"):
             comp.set_epoch(epoch)
         gen = _seed_gen(cfg["seed"], rank, epoch)
-        bytes0 = rd.bytes_sent if decentral else comp.stats()["total_bytes"]
-        dense0 = rd.rounds if decentral else comp.stats()["total_dense_bytes"]
+        st0 = None if decentral else comp.stats()
+        bytes0 = rd.bytes_sent if decentral else st0["total_bytes"]
+        dense0 = rd.rounds if decentral else st0["total_dense_bytes"]
         loss_sum, correct, seen = 0.0, 0, 0
         it = iter(loader)
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg['epochs']}") if show else None
