@@ -163,9 +163,7 @@ class HorovodCompression:
         self._param_of: dict[int, torch.nn.Parameter] = {}
         self._sparse: dict[int, bool] = {}
         for i, (name, p) in enumerate(self._params):
-            sparse = (method is not None and p.requires_grad and p.is_floating_point()
-                      and (compress_all or (p.dim() > 1 and p.numel() >= min_numel))
-                      and not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude))
+            sparse = method is not None and self._eligible(name, p, compress_all)
             layout = method.make_layout(p.shape) if sparse else None
             st = LayerState(name=name, index=i, shape=p.shape, dtype=p.dtype, layout=layout)
             self._layers.append(st)
@@ -182,6 +180,13 @@ class HorovodCompression:
         self._local_mode = False
         self._local_done: dict[int, tuple[int, int]] = {}
         _register(self)
+
+    def _eligible(self, name: str, p: torch.Tensor, compress_all: bool = False) -> bool:
+        """Whether a parameter is compressed: trainable float, dim > 1 with at least
+        ``min_numel`` elements (or any size with ``compress_all``), not in ``exclude``."""
+        return (p.requires_grad and p.is_floating_point()
+                and (compress_all or (p.dim() > 1 and p.numel() >= self.min_numel))
+                and not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude))
 
     # ------------------------------------------------------------------ public API
     def set_epoch(self, epoch: int) -> None:

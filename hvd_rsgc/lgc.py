@@ -31,7 +31,6 @@ result.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
@@ -62,17 +61,12 @@ class LGCCompression(HorovodCompression):
                 raise ValueError("innovation_density must be smaller than density")
         super().__init__(model, method=None, density=density, min_numel=min_numel,
                          exclude=exclude, average=average, process_set=process_set)
-        if isinstance(exclude, str):
-            exclude = (exclude,)
         # which tensors go through LGC (the base class made everything dense: method=None)
         for name, p in self._params:
-            self._sparse[id(p)] = (p.requires_grad and p.is_floating_point() and p.dim() > 1
-                                   and p.numel() >= min_numel
-                                   and not any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
+            self._sparse[id(p)] = self._eligible(name, p)
         self.sparse_layers = [st for (n, p), st in zip(self._params, self._layers) if self._sparse[id(p)]]
         for st in self.sparse_layers:
             st.layout = Layout(st.shape)
-        self.compressed_names_lgc = [st.name for st in self.sparse_layers]
         if not self.sparse_layers:
             raise ValueError("LGC: no tensor is large enough to compress (lower min_numel)")
         if mode == "ps":
@@ -185,7 +179,7 @@ class LGCCompression(HorovodCompression):
     # ------------------------------------------------------------------ the step
     def _autoencoder(self, device):
         if self._ae is None:
-            P = 1 if self._local_mode else self._size()
+            P = self._size()
             if self.mode == "ps" and P < 2:
                 raise ValueError("LGC-PS needs at least 2 ranks (a leader and side-information nodes)")
             with torch.random.fork_rng(devices=[]):
@@ -197,6 +191,10 @@ class LGCCompression(HorovodCompression):
         return self._ae
 
     def _collect(self, kind, tensor, name, root=None):
+        """Run one blocking collective and count this rank's bytes; at -np 1 (local mode) the
+        tensor is its own result (for allgather it already carries the rank dimension)."""
+        if self._local_mode:
+            return tensor
         hvd = _hvd()
         ps = self._pset()
         if kind == "broadcast":
@@ -217,7 +215,7 @@ class LGCCompression(HorovodCompression):
         s = self._lgc_step
         stage = self.stage(s)
         local = self._local_mode
-        P = 1 if local else self._size()
+        P = self._size()
         rank = 0 if local else _hvd().rank()
         ae = self._autoencoder(device)
         leader = (s % P) if self.mode == "rar" else self.leader
@@ -229,8 +227,7 @@ class LGCCompression(HorovodCompression):
                              for st, k in zip(self.sparse_layers, self.ks)]).to(torch.int32)
         else:
             idx = torch.zeros(self.K, dtype=torch.int32, device=device)
-        if not local:
-            idx = self._collect("broadcast", idx, "hvd_rsgc.lgc.indices", root=leader)
+        idx = self._collect("broadcast", idx, "hvd_rsgc.lgc.indices", root=leader)
         parts = torch.split(idx.long(), self.ks)
         # 2. this node's values there; error feedback: zero them in the accumulator
         x = torch.cat([st.memory["v"][i] for st, i in zip(self.sparse_layers, parts)])
@@ -238,13 +235,13 @@ class LGCCompression(HorovodCompression):
             st.memory["v"][i] = 0.0
         # 3. a scale common to all nodes
         rms = (x.norm() / math.sqrt(self.K)).reshape(1)
-        scale = rms if local else self._collect("allreduce", rms, "hvd_rsgc.lgc.scale")
+        scale = self._collect("allreduce", rms, "hvd_rsgc.lgc.scale")
         scale = float(scale) if float(scale) > 0 else 1.0
         xn = x / scale
         if stage == 1:
-            agg = xn if local else self._collect("allreduce", xn, "hvd_rsgc.lgc.values")
+            agg = self._collect("allreduce", xn, "hvd_rsgc.lgc.values")
         elif stage == 2:
-            X = xn.unsqueeze(0) if local else self._collect("allgather", xn.unsqueeze(0), "hvd_rsgc.lgc.train")
+            X = self._collect("allgather", xn.unsqueeze(0), "hvd_rsgc.lgc.train")
             agg = X.mean(0)
             self._train_ae(ae, X, step)
         else:
@@ -256,21 +253,20 @@ class LGCCompression(HorovodCompression):
             with torch.no_grad():
                 if self.mode == "rar":
                     z = ae.encoder(xn.unsqueeze(0))
-                    zm = z if local else self._collect("allreduce", z, "hvd_rsgc.lgc.code")
+                    zm = self._collect("allreduce", z, "hvd_rsgc.lgc.code")
                     agg = ae.reconstruct_rar(zm, self.K)[0]
                 else:
                     z = ae.encoder(xn.unsqueeze(0)) if rank == leader else \
                         torch.zeros(1, self.code_channels, self.code_size // self.code_channels, device=device)
-                    if not local:
-                        z = self._collect("broadcast", z, "hvd_rsgc.lgc.code", root=leader)
+                    z = self._collect("broadcast", z, "hvd_rsgc.lgc.code", root=leader)
                     pos, vals = side_signal(xn, self.k_inno)
                     msg = torch.stack([vals, pos.view(torch.float32)], dim=1).unsqueeze(0)   # (1, k, 2)
-                    allm = msg if local else self._collect("allgather", msg, "hvd_rsgc.lgc.side")
+                    allm = self._collect("allgather", msg, "hvd_rsgc.lgc.side")
                     sides = torch.stack([side_dense(m[:, 1].contiguous().view(torch.int32), m[:, 0], self.K)
                                          for m in allm])
                     agg = ae.reconstruct_ps(z, sides).mean(0)
         agg = agg * scale
-        if not self.average and not local:
+        if not self.average:
             agg = agg * P
         # 4. back into each tensor's shape
         for st, i, a in zip(self.sparse_layers, parts, torch.split(agg, self.ks)):

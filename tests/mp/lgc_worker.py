@@ -44,7 +44,7 @@ def run(mode, counter, bs=32):
     model.zero_grad()
     hx, hy = make_data(5000 + hvd.rank(), 64)
     F.cross_entropy(model(hx), hy).backward()
-    grads = [p.grad.reshape(-1) for n, p in model.named_parameters() if n in comp.compressed_names_lgc]
+    grads = [p.grad.reshape(-1) for n, p in model.named_parameters() if n in comp.compressed_names]
     idx = torch.cat([torch.topk(g.abs(), k).indices for g, k in zip(grads, comp.ks)])
     idx = hvd.broadcast(idx, root_rank=0, name="test.idx")
     xs = torch.cat([g[i] for g, i in zip(grads, torch.split(idx, comp.ks))])
