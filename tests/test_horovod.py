@@ -27,16 +27,16 @@ def horovodrun():
     return exe
 
 
-def launch(np_, out, *args, timeout=600):
-    cmd = [horovodrun(), "-np", str(np_), "--gloo", sys.executable, WORKER, "--out", str(out), *args]
+def launch(np_, out, *args, timeout=600, worker=WORKER, controller="--gloo"):
+    cmd = [horovodrun(), "-np", str(np_), controller, sys.executable, worker, "--out", str(out), *args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     return proc, time.time() - t0
 
 
-def results(np_, out, *args):
-    proc, _ = launch(np_, out, *args)
+def results(np_, out, *args, **kw):
+    proc, _ = launch(np_, out, *args, **kw)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(np_)]
     assert [r["size"] for r in res] == [np_] * np_
@@ -199,13 +199,8 @@ def test_rank_failure_ends_job_within_timeout(tmp_path):
 
 def test_mpi_controller(tmp_path):
     """The same equivalence scenario under Horovod's MPI controller (mpirun underneath)."""
-    cmd = [horovodrun(), "-np", "2", "--mpi", sys.executable, WORKER, "--out", str(tmp_path),
-           "--scenarios", "equiv"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for r in range(2):
-        eq = json.load(open(tmp_path / f"rank{r}.json"))["equiv"]
+    for res in results(2, tmp_path, "--scenarios", "equiv", controller="--mpi", timeout=300):
+        eq = res["equiv"]
         assert all(v["identical"] and v["max_abs_diff"] <= 1e-6 for v in eq.values()), eq
 
 

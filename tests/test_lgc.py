@@ -1,6 +1,5 @@
 """LGC: multi-process runs under horovodrun (both instances) and single-process checks."""
 import copy
-import json
 import os
 
 import pytest
@@ -8,8 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_horovod import launch as _launch  # noqa: F401  (reuses the launcher helpers)
-from test_horovod import horovodrun
+from test_horovod import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp", "lgc_worker.py")
@@ -18,14 +16,7 @@ WARM, AE, S3 = 5, 60, 40
 
 @pytest.fixture(scope="module")
 def np2(tmp_path_factory):
-    import subprocess
-    import sys
-    out = tmp_path_factory.mktemp("lgc")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([horovodrun(), "-np", "2", "--gloo", sys.executable, WORKER, "--out", str(out)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+    return results(2, tmp_path_factory.mktemp("lgc"), worker=WORKER)
 
 
 @pytest.mark.multiproc
