@@ -92,16 +92,22 @@ def test_fewer_than_two_processes_is_an_error():
 
 
 # ----------------------------------------------------------------------------- mpirun -np 4
-def mpirun(np_, out, *args, timeout=300):
+def mpirun_python(np_, *py_args, timeout=300, cwd=None):
+    """``mpirun -np N --oversubscribe python <py_args>`` with the repository importable;
+    returns (CompletedProcess, seconds)."""
     exe = shutil.which("mpirun")
     if exe is None:
         pytest.fail("mpirun not found: scripts/install.sh installs Open MPI")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [exe, "-np", str(np_), "--oversubscribe", sys.executable, WORKER, "--out", str(out), *args]
+    cmd = [exe, "-np", str(np_), "--oversubscribe", sys.executable, *py_args]
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     return p, time.time() - t0
+
+
+def mpirun(np_, out, *args, timeout=300):
+    return mpirun_python(np_, WORKER, "--out", str(out), *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +176,11 @@ def test_dead_neighbour_ends_job_within_timeout(tmp_path):
 
 @pytestmark_mp
 def test_training_cli_rdpsgd_under_mpirun(tmp_path):
-    exe = shutil.which("mpirun")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [exe, "-np", "4", "--oversubscribe", sys.executable, "-m", "hvd_rsgc.train", "--config",
-           os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm", "rdpsgd",
-           "--sparsity_ratio", "0.2", "--out_dir", str(tmp_path), "--run_name", "rd", "--epochs", "1",
-           "--max_steps_per_epoch", "4", "--progress", "false"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    p, _ = mpirun_python(4, "-m", "hvd_rsgc.train", "--config",
+                         os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm",
+                         "rdpsgd", "--sparsity_ratio", "0.2", "--out_dir", str(tmp_path), "--run_name",
+                         "rd", "--epochs", "1", "--max_steps_per_epoch", "4", "--progress", "false",
+                         cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rec = json.loads((tmp_path / "rd" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["consensus_distance"] is not None and rec["consensus_distance"] > 0
@@ -202,16 +205,12 @@ def test_rdpsgd_under_gloo_launch_is_refused(tmp_path):
 @pytestmark_mp
 def test_rdpsgd_resume_is_bit_exact(tmp_path):
     """1 + 1 epochs (stop, then --resume) equals 2 epochs: every rank's own model."""
-    exe = shutil.which("mpirun")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    base = [exe, "-np", "2", "--oversubscribe", sys.executable, "-m", "hvd_rsgc.train"]
     common = ["--config", os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm",
               "rdpsgd", "--sparsity_ratio", "0.3", "--out_dir", str(tmp_path), "--epochs", "2",
               "--max_steps_per_epoch", "3", "--progress", "false"]
     for args in (common + ["--run_name", "full"], common + ["--run_name", "split", "--stop_after", "1"],
                  ["--resume", str(tmp_path / "split")]):
-        p = subprocess.run(base + args, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+        p, _ = mpirun_python(2, "-m", "hvd_rsgc.train", *args, cwd=str(tmp_path))
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for r in range(2):
         a = torch.load(tmp_path / "full" / "checkpoints" / f"epoch0001.rank{r:03d}.pt", weights_only=True)
