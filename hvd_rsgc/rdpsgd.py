@@ -101,10 +101,11 @@ class RDPSGD:
             off += p.numel()
         return res
 
-    def consensus_distance(self) -> float:
-        """(1/n) sum_i ||x_i - x_bar||^2 over nodes."""
+    def consensus_distance(self, average: list[torch.Tensor] | None = None) -> float:
+        """(1/n) sum_i ||x_i - x_bar||^2 over nodes; ``average``: the result of
+        :meth:`average_parameters` if the caller already has it (saves one allreduce)."""
         from mpi4py import MPI
-        avg = torch.cat([a.reshape(-1).double() for a in self.average_parameters()])
+        avg = torch.cat([a.reshape(-1).double() for a in (average or self.average_parameters())])
         flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
         d = float(((flat - avg) ** 2).sum())
         return self.comm.allreduce(d, op=MPI.SUM) / self.size

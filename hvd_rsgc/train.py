@@ -402,10 +402,11 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         average_buffers(model, hvd)
         consensus = None
         if decentral:
-            consensus = rd.consensus_distance()
+            avg = rd.average_parameters()
+            consensus = rd.consensus_distance(avg)
             local = [p.detach().clone() for p in model.parameters()]
             with torch.no_grad():                      # evaluate the average model
-                for p, a in zip(model.parameters(), rd.average_parameters()):
+                for p, a in zip(model.parameters(), avg):
                     p.copy_(a.to(p.device))
         tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64),
                            op=hvd.Sum, name="hvd_rsgc.train.stats")
