@@ -364,12 +364,13 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        if hasattr(comp, "set_epoch"):
-            comp.set_epoch(epoch)
+        comp.set_epoch(epoch)
         gen = _seed_gen(cfg["seed"], rank, epoch)
-        st0 = None if decentral else comp.stats()
-        bytes0 = rd.bytes_sent if decentral else st0["total_bytes"]
-        dense0 = rd.rounds if decentral else st0["total_dense_bytes"]
+        if decentral:
+            bytes0, rounds0 = rd.bytes_sent, rd.rounds
+        else:
+            st0 = comp.stats()
+            bytes0, dense0 = st0["total_bytes"], st0["total_dense_bytes"]
         loss_sum, correct, seen = 0.0, 0, 0
         it = iter(loader)
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg['epochs']}") if show else None
@@ -390,12 +391,13 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
             if decentral:
                 rd.mix()          # x <- W x on a random subset; the gradient was taken before
             opt.step()
-            loss_sum += loss.item() * y.numel()
+            lv = loss.item()
+            loss_sum += lv * y.numel()
             correct += int((out.argmax(1) == y).sum())
             seen += y.numel()
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+                bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.4f}")
         if bar:
             bar.close()
         del it
@@ -418,7 +420,7 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
                     p.copy_(v)
             ep_bytes = rd.bytes_sent - bytes0
             # dense D-PSGD: every round sends the whole fp32 vector to each neighbour
-            ep_dense = (rd.rounds - dense0) * 4 * rd.numel * len(rd.neighbours)
+            ep_dense = (rd.rounds - rounds0) * 4 * rd.numel * len(rd.neighbours)
         else:
             st = comp.stats()
             ep_bytes = st["total_bytes"] - bytes0
