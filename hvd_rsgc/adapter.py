@@ -445,10 +445,10 @@ class HorovodCompression:
                         "pass the same model / named_parameters to both")
             self.check_optimizer(opt)
             self._checked_optimizers.add(opt)
-        if owned and not getattr(opt, "_requires_update", None) and self._hooks_absent(opt):
+        if owned and not getattr(opt, "_requires_update", None) and self._hooks_absent():
             self._run_local(opt)
 
-    def _hooks_absent(self, opt) -> bool:
+    def _hooks_absent(self) -> bool:
         """Horovod registers no hooks at size 1 (non-elastic): the compressor never runs."""
         try:
             return _hvd().size() == 1

@@ -117,7 +117,7 @@ def validate(cfg):
 
 
 # ----------------------------------------------------------------------------- factories
-def make_compression(cfg: dict, model, steps_per_epoch: int | None = None):
+def make_compression(cfg: dict, model):
     import hvd_rsgc as H
     name = cfg["compression"]
     common = dict(min_numel=cfg["min_numel"], exclude=tuple(cfg["exclude"] or ()))
