@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .base import Method
+
 
 def code_bits(levels: int) -> int:
     return 1 + max(1, math.ceil(math.log2(levels + 1)))
@@ -110,7 +112,7 @@ def decode_sum(gathered: torch.Tensor, nranks: int, levels: int, bucket_size: in
     return (xi * sign * scale).sum(0)
 
 
-class QSGD:
+class QSGD(Method):
     """Method wrapper: allgather of one uint8 message per rank; decode sums the ranks'
     dequantised tensors. Error feedback off by default (QSGD is unbiased); with an
     ``ErrorFeedback`` memory it is the Karimireddy et al. variant."""
@@ -124,24 +126,14 @@ class QSGD:
             raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
         if not isinstance(bucket_size, int) or bucket_size < 1:
             raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size!r}")
-        self.memory = memory
+        super().__init__(memory)
         self.levels = levels
         self.bucket_size = bucket_size
         self.seed = seed
         self._generators = {}
 
-    def make_layout(self, shape):
-        from .layout import Layout
-        return Layout(shape)
-
     def units_for(self, layer, density):
         return layer.numel
-
-    def on_density(self, layer):
-        pass
-
-    def init_memory(self, layer, device):
-        layer.memory = self.memory.init((layer.numel, 1), device, torch.float32)
 
     def _generator(self, device):
         key = str(device)
