@@ -19,7 +19,7 @@ import torch
 from .algorithms.base import LayerState
 from .algorithms.dgc import DGC
 from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
-from .algorithms.nsi import ceil_count
+from .algorithms.select import ceil_count
 from .algorithms.qsgd import QSGD
 from .algorithms.randomk import RandomK
 from .algorithms.rsdgc import RSDGC

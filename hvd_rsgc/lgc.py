@@ -38,7 +38,7 @@ import torch
 from .adapter import HorovodCompression, _Ctx, _FLAG_NONFINITE, _FLAG_OK, _hvd, _check_density
 from .algorithms.layout import Layout
 from .algorithms.lgc import LGCAutoencoder, check_signal, side_dense, side_signal
-from .algorithms.select import splitmix_seed
+from .algorithms.select import ceil_count, splitmix_seed
 
 
 class LGCCompression(HorovodCompression):
@@ -79,7 +79,7 @@ class LGCCompression(HorovodCompression):
             if not 0 <= leader:
                 raise ValueError(f"leader must be a rank >= 0, got {leader}")
         self.mode = mode
-        self.ks = [max(1, math.ceil(round(density * st.numel, 9))) for st in self.sparse_layers]
+        self.ks = [max(1, ceil_count(density, st.numel)) for st in self.sparse_layers]
         self.K = sum(self.ks)
         self.code_size = check_signal(self.K) // 4 * code_channels
         self.k_inno = max(1, math.ceil(self.K * (innovation_density if innovation_density

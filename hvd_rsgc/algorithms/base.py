@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import Layout, Workspace
+from .select import ceil_count
 
 
 @dataclass
@@ -111,7 +112,6 @@ class Method:
         return Layout(shape)
 
     def units_for(self, layer: LayerState, density: float) -> int:
-        from .nsi import ceil_count
         return max(1, min(layer.layout.num_units, ceil_count(density, layer.numel)))
 
     def on_density(self, layer: LayerState) -> None:

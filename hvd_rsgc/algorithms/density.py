@@ -8,10 +8,11 @@ Guard rail (our choice, documented): a layer entirely below tau would never comm
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+
+from .select import ceil_count
 
 # DGC paper: sparsity 75%, 93.75%, 98.4375%, 99.6% over the first four epochs, then the target.
 DGC_WARMUP = (0.25, 0.0625, 0.015625, 0.004)
@@ -33,7 +34,7 @@ def dynamic_densities(weights: Sequence[torch.Tensor], density: float,
         raise ValueError(f"density must be in (0, 1], got {density}")
     flat = torch.cat([w.detach().reshape(-1).abs().float() for w in weights])
     M = flat.numel()
-    K = max(1, int(math.ceil(round(density * M, 9))))
+    K = max(1, ceil_count(density, M))
     if K >= M:
         tau = flat.min()
     else:

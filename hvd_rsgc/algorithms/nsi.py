@@ -14,11 +14,11 @@ Vectorised: three row reductions over the (U, S) unit matrix, no loop over units
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .layout import Layout
+from .select import ceil_count
 
 
 def nsi_scores(units: torch.Tensor, beta: float, counts: torch.Tensor | None = None,
@@ -60,7 +60,3 @@ def units_for_density(layout: Layout, density: float) -> int:
     k = -(-K * layout.num_units // layout.numel)
     return max(1, min(layout.num_units, k))
 
-
-def ceil_count(density: float, n: int) -> int:
-    """ceil(density * n), robust to float noise (0.1 * 30 must be 3, not 4)."""
-    return int(math.ceil(round(density * n, 9)))

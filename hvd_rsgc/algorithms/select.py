@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import torch
 
 
+def ceil_count(density: float, n: int) -> int:
+    """ceil(density * n), robust to float noise (0.1 * 30 must be 3, not 4)."""
+    return int(math.ceil(round(density * n, 9)))
+
+
 def topk_indices(importance: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries of a 1-D importance vector (exact), sorted ascending
     so that messages are deterministic and cache-friendly."""
