@@ -14,7 +14,7 @@
 #   HOROVOD_BUILD_CUDA_CC_LIST=80,90   GPU architectures to compile (default: all nvcc knows)
 set -euo pipefail
 PY="$1"; OUT="$2"
-VERSION=0.28.1
+VERSION="${HOROVOD_VERSION:-0.28.1}"   # the patch targets 0.28.1's sources
 log() { printf '[build_horovod] %s\n' "$*" >&2; }
 
 CMAKE_BIN="${HOROVOD_CMAKE:-$(PATH=/usr/bin:/usr/local/bin:$PATH command -v cmake || true)}"

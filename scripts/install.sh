@@ -11,7 +11,8 @@
 #   TORCH_SPEC=torch==2.13.0   the torch requirement to install
 #   TORCH_INDEX_URL=...        index for torch (e.g. PyTorch's CPU or CUDA wheel index)
 #   HVD_RSGC_MPI=1|0           build Horovod's MPI controller (0: Gloo only, no Open MPI needed)
-#   HVD_RSGC_GPU=auto|0|1      build Horovod with HOROVOD_GPU_OPERATIONS=NCCL (auto: nvcc found)
+#   HVD_RSGC_GPU=auto|0|1      build Horovod with HOROVOD_GPU_OPERATIONS=NCCL (auto: torch is a
+#                              CUDA build and nvcc is on PATH)
 #   HVD_RSGC_CACHE=~/.cache/hvd_rsgc   where the built Horovod wheel is cached
 #   HVD_RSGC_SKIP_APT=1        never call apt-get (you provide MPI yourself)
 set -euo pipefail
@@ -100,9 +101,9 @@ VARIANT=cpu; [ "$GPU" = 1 ] && VARIANT="cuda${TORCH_CUDA:-unknown}"
 # lines and builds the wheel; it is cached, keyed by Horovod, torch, Python and variant.
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VER-$PYTAG-$VARIANT"
 have_horovod() {
-    HVD_RSGC_MPI="$MPI" HVD_RSGC_GPU="$GPU" "$PY" - <<'PYEOF' 2>/dev/null
+    HOROVOD_VERSION="$HOROVOD_VERSION" HVD_RSGC_MPI="$MPI" HVD_RSGC_GPU="$GPU" "$PY" - <<'PYEOF' 2>/dev/null
 import os, horovod, horovod.torch as hvd
-assert horovod.__version__ == "0.28.1"
+assert horovod.__version__ == os.environ["HOROVOD_VERSION"]
 assert hvd.gloo_built()
 assert hvd.mpi_built() == (os.environ["HVD_RSGC_MPI"] == "1")
 assert hvd.nccl_built() == (os.environ["HVD_RSGC_GPU"] == "1")
@@ -113,7 +114,7 @@ if have_horovod; then
 else
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
         log "building Horovod $HOROVOD_VERSION from sdist (variant $VARIANT; ~3 min on 2 cores)"
-        HVD_RSGC_GPU="$GPU" HVD_RSGC_MPI="$MPI" HOROVOD_CMAKE="$CMAKE_BIN" \
+        HOROVOD_VERSION="$HOROVOD_VERSION" HVD_RSGC_GPU="$GPU" HVD_RSGC_MPI="$MPI" HOROVOD_CMAKE="$CMAKE_BIN" \
             bash "$HERE/scripts/build_horovod.sh" "$PY" "$WHEEL_DIR"
     else
         log "using cached wheel in $WHEEL_DIR"
