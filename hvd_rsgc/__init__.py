@@ -1,21 +1,30 @@
-"""hvd_rsgc: gradient compression for Horovod (RS-DGC, DGC, Top-k, Random-k, QSGD, fp16).
+"""hvd_rsgc: gradient compression for Horovod and PyTorch DDP (RS-DGC, DGC, Top-k, Random-k,
+QSGD, fp16, LGC; RD-PSGD for decentralized training).
 
     import horovod.torch as hvd
-    from hvd_rsgc import RSDGCCompression, DGCSGD
+    import hvd_rsgc
     hvd.init()
-    compression = RSDGCCompression(model, density=0.001)
-    optimizer = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.1, weight_decay=1e-4),
+    compression = hvd_rsgc.RSDGCCompression(model, density=0.001)
+    optimizer = hvd.DistributedOptimizer(hvd_rsgc.DGCSGD(model.parameters(), lr=0.1, weight_decay=1e-4),
                                          named_parameters=model.named_parameters(),
                                          compression=compression)
 
-Layout: ``hvd_rsgc/algorithms/`` is pure tensor code (NSI lives in ``algorithms/nsi.py``);
-``hvd_rsgc/adapter.py`` is the only module that talks to Horovod.
+Where things live (a boundary test keeps it true):
+``algorithms/``  pure tensor code: methods, memories, selection, NSI, layouts, densities
+``engine.py``    backend-neutral per-parameter state, density schedule, byte meter, state I/O
+``transport.py`` the Transport interface (+ the 1-process transport)
+``compressor.py`` the public compressors' base; ``compression.py`` the compressors
+``registry.py``  ``make_compression(name, model, **options)``, ``make_optimizer``
+``horovod/``     the only importer of horovod;  ``ddp/`` of torch.distributed;  ``mpi/`` of mpi4py
+``app/``         the training application (config, data, models, strategies, loop, reports)
 """
-from .compression import (DGCCompression, FP16Compression, NoneCompression, QSGDCompression,
-                          RandomKCompression, RSDGCCompression, TopKCompression)
-from .lgc import LGCCompression
+from .compression import (DGCCompression, FP16Compression, LGCCompression, NoneCompression,
+                          QSGDCompression, RandomKCompression, RSDGCCompression, TopKCompression)
+from .compressor import Compressor
 from .optim import DGCSGD
+from .registry import make_compression, make_optimizer, register
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
-           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression", "DGCSGD"]
+           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression", "DGCSGD",
+           "Compressor", "make_compression", "make_optimizer", "register"]

@@ -16,14 +16,8 @@ import time
 
 import torch
 
-from .algorithms.base import LayerState
-from .algorithms.dgc import DGC
-from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
 from .algorithms.select import ceil_count
-from .algorithms.qsgd import QSGD
-from .algorithms.randomk import RandomK
-from .algorithms.rsdgc import RSDGC
-from .algorithms.topk import TopK
+from .registry import make_compression
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -60,16 +54,33 @@ def _time(fn, device, repeats):
     return statistics.median(out)
 
 
-def methods(density):
-    return {
-        "rsdgc": lambda: RSDGC(MomentumCorrection(0.9)),
-        "rsdgc-sampled": lambda: RSDGC(MomentumCorrection(0.9), selection="sampled"),
-        "rsdgc-fp16": lambda: RSDGC(MomentumCorrection(0.9), value_dtype=torch.float16),
-        "dgc": lambda: DGC(MomentumCorrection(0.9)),
-        "topk": lambda: TopK(ErrorFeedback()),
-        "randomk": lambda: RandomK(ErrorFeedback()),
-        "qsgd-1bit": lambda: QSGD(NoMemory(), levels=1, bucket_size=512),
-    }
+# bench row -> (registered compressor, options); every layer at the same density (RS-DGC's
+# dynamic density would make the rows incomparable)
+METHODS = {
+    "rsdgc": ("rsdgc", {"dynamic": False}),
+    "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
+    "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
+    "dgc": ("dgc", {}),
+    "topk": ("topk", {}),
+    "randomk": ("randomk", {}),
+    "qsgd-1bit": ("qsgd", {"levels": 1, "bucket_size": 512}),
+}
+
+
+def build_method(row: str, grads, density: float):
+    """The registered compressor of ``row`` over ``grads`` (as parameters); returns its method
+    and the ready layer of each tensor (memory allocated, density and k set)."""
+    name, options = METHODS[row]
+    params = [(f"t{i}", torch.nn.Parameter(g.clone())) for i, g in enumerate(grads)]
+    if name != "qsgd":
+        options = {"density": density, **options}
+    comp = make_compression(name, params, min_numel=0, **options)
+    layers = []
+    for e, g in zip(comp.engine.table, grads):
+        comp.engine.begin(e, g, 1)
+        e.layer.step -= 1                   # begin() counted a step; the bench counts its own
+        layers.append(e.layer)
+    return comp.method, layers
 
 
 def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
@@ -91,19 +102,10 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
                                        sorted=False) for g in big], device, repeats)
     rows = [("abs() pass", t_abs, None), ("exact torch.topk", t_topk, None)]
 
-    for name, make in methods(density).items():
+    for name in METHODS:
         if names and name not in names:
             continue
-        m = make()
-        layers = []
-        for i, g in enumerate(big):
-            lay = LayerState(name=str(i), index=i, shape=g.shape, dtype=g.dtype,
-                             layout=m.make_layout(g.shape))
-            lay.density = density
-            lay.k = m.units_for(lay, density)
-            m.on_density(lay)
-            m.init_memory(lay, device)
-            layers.append(lay)
+        m, layers = build_method(name, big, density)
         wire = {"bytes": 0}
 
         def step():

@@ -10,12 +10,19 @@ Each is a thin binding of an ``algorithms`` method (selection / quantisation), a
 ``index_dtype``  ``torch.int32`` (default) or ``torch.int64`` (the DGC reference's format)
 ``average``      ``True`` for ``op=hvd.Average`` (default), ``False`` for ``op=hvd.Sum``
 ``process_set``  the optimizer's Horovod process set, if not the global one
+``nonfinite``    ``"raise"`` (default): every rank raises ``FloatingPointError`` naming the
+                 parameter; ``"skip"``: every rank gets NaN gradients for that step and
+                 ``step_nonfinite`` is True (skip the optimizer step; state stays consistent)
+
+Adding a compressor: one pure file under ``algorithms/`` (the method), one class here that
+builds it, decorated with ``@register("name")`` -- the CLI, ``compare``, ``bench`` and the tests'
+conformance runs pick it up from the registry.
 """
 from __future__ import annotations
 
 import torch
 
-from .adapter import HorovodCompression
+from .compressor import Compressor
 from .algorithms.density import DGC_WARMUP
 from .algorithms.dgc import DGC
 from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
@@ -23,9 +30,10 @@ from .algorithms.qsgd import QSGD
 from .algorithms.randomk import RandomK
 from .algorithms.rsdgc import RSDGC
 from .algorithms.topk import TopK
+from .registry import register
 
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
-           "QSGDCompression", "FP16Compression", "NoneCompression"]
+           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression"]
 
 
 def _value_dtype(fp16_values: bool):
@@ -41,7 +49,8 @@ def _momentum_memory(momentum, nesterov, momentum_masking, error_feedback):
     return ErrorFeedback() if error_feedback else NoMemory()
 
 
-class RSDGCCompression(HorovodCompression):
+@register("rsdgc")
+class RSDGCCompression(Compressor):
     """RS-DGC: NSI-scored neighbourhoods, layer-wise dynamic density, momentum correction.
 
     ``beta``: NSI = beta*mean|v| + (1-beta)*std(v) per neighbourhood (default 0.5);
@@ -60,7 +69,8 @@ class RSDGCCompression(HorovodCompression):
                  sample_ratio: float = 0.01, warmup_epochs: int = 0,
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
-                 exclude=(), seed: int = 0, average: bool = True, process_set=None):
+                 exclude=(), seed: int = 0, average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
                        selection=selection, sample_ratio=sample_ratio, seed=seed,
@@ -70,10 +80,11 @@ class RSDGCCompression(HorovodCompression):
                          warmup_epochs=warmup_epochs, warmup_densities=warmup_densities,
                          steps_per_epoch=steps_per_epoch, momentum=momentum, nesterov=nesterov,
                          clip_norm=clip_norm, min_numel=min_numel, exclude=exclude,
-                         average=average, process_set=process_set)
+                         average=average, process_set=process_set, nonfinite=nonfinite)
 
 
-class DGCCompression(HorovodCompression):
+@register("dgc")
+class DGCCompression(Compressor):
     """Deep Gradient Compression: momentum correction + factor masking, optional local clipping,
     warm-up densities (``warmup_epochs`` with ``steps_per_epoch`` or ``set_epoch``), sampled
     threshold with the reference's re-adjust loop. Use with :class:`hvd_rsgc.DGCSGD`."""
@@ -84,7 +95,8 @@ class DGCCompression(HorovodCompression):
                  sample_ratio: float = 0.01, warmup_epochs: int = 0,
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
-                 exclude=(), seed: int = 0, average: bool = True, process_set=None):
+                 exclude=(), seed: int = 0, average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         method = DGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                      sample_ratio=sample_ratio, seed=seed,
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
@@ -92,61 +104,167 @@ class DGCCompression(HorovodCompression):
                          warmup_densities=warmup_densities, steps_per_epoch=steps_per_epoch,
                          momentum=momentum, nesterov=nesterov, clip_norm=clip_norm,
                          min_numel=min_numel, exclude=exclude, average=average,
-                         process_set=process_set)
+                         process_set=process_set, nonfinite=nonfinite)
 
 
-class TopKCompression(HorovodCompression):
+@register("topk")
+class TopKCompression(Compressor):
     """Exact per-tensor top-k of |residual + gradient| with error feedback. Use an ordinary
     momentum SGD."""
 
     def __init__(self, model, density: float = 0.001, *, error_feedback: bool = True,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
-                 exclude=(), average: bool = True, process_set=None):
+                 exclude=(), average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         method = TopK(ErrorFeedback() if error_feedback else NoMemory(),
                       value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, min_numel=min_numel,
-                         exclude=exclude, average=average, process_set=process_set)
+                         exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite)
 
 
-class RandomKCompression(HorovodCompression):
+@register("randomk")
+class RandomKCompression(Compressor):
     """Random-k with a shared per-step seed: values allreduced, no indices on the wire. With
     ``error_feedback=False`` values are scaled by n/k (unbiased)."""
 
     def __init__(self, model, density: float = 0.001, *, error_feedback: bool = True,
                  seed: int = 0, fp16_values: bool = False, min_numel: int = 1024, exclude=(),
-                 average: bool = True, process_set=None):
+                 average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         method = RandomK(ErrorFeedback() if error_feedback else NoMemory(), seed=seed,
                          value_dtype=_value_dtype(fp16_values))
         super().__init__(model, method=method, density=density, min_numel=min_numel,
-                         exclude=exclude, average=average, process_set=process_set)
+                         exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite)
 
 
-class QSGDCompression(HorovodCompression):
+@register("qsgd")
+class QSGDCompression(Compressor):
     """QSGD with ``levels`` quantisation levels per bucket of ``bucket_size`` elements
     (``levels=1``: the RS-DGC paper's "1-bit" setting, 2 bits/element on the wire).
     ``density`` is not used (every element is sent, quantised)."""
 
     def __init__(self, model, *, levels: int = 1, bucket_size: int = 512,
                  error_feedback: bool = False, seed: int = 0, min_numel: int = 1024,
-                 exclude=(), average: bool = True, process_set=None):
+                 exclude=(), average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         method = QSGD(ErrorFeedback() if error_feedback else NoMemory(), levels=levels,
                       bucket_size=bucket_size, seed=seed)
         super().__init__(model, method=method, density=1.0, min_numel=min_numel,
-                         exclude=exclude, average=average, process_set=process_set)
+                         exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite)
 
 
-class FP16Compression(HorovodCompression):
+@register("fp16")
+class FP16Compression(Compressor):
     """Every gradient cast to fp16 for the allreduce (like ``hvd.Compression.fp16``), with the
     same byte accounting as the other compressors."""
 
-    def __init__(self, model, *, average: bool = True, process_set=None):
+    def __init__(self, model, *, average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         super().__init__(model, method=None, density=1.0, dense_dtype=torch.float16,
-                         average=average, process_set=process_set)
+                         average=average, process_set=process_set, nonfinite=nonfinite)
 
 
-class NoneCompression(HorovodCompression):
+@register("none")
+class NoneCompression(Compressor):
     """Dense fp32 allreduce (like ``hvd.Compression.none``), with byte accounting."""
 
-    def __init__(self, model, *, average: bool = True, process_set=None):
+    def __init__(self, model, *, average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
         super().__init__(model, method=None, density=1.0, average=average,
-                         process_set=process_set)
+                         process_set=process_set, nonfinite=nonfinite)
+
+
+@register("lgc-rar", defaults={"mode": "rar"},
+          aliases={"lgc_warmup_steps": "warmup_steps", "lgc_ae_steps": "ae_steps",
+                   "lgc_innovation_density": "innovation_density"})
+@register("lgc-ps", defaults={"mode": "ps"},
+          aliases={"lgc_warmup_steps": "warmup_steps", "lgc_ae_steps": "ae_steps",
+                   "lgc_innovation_density": "innovation_density"})
+class LGCCompression(Compressor):
+    """Learned Gradient Compression (``mode="rar"`` ring-allreduce or ``"ps"`` parameter
+    server) through the stock optimizer: three stages by step count (top-k under common
+    indices; autoencoder training on every rank's values; compressed codes), see
+    :class:`hvd_rsgc.algorithms.lgc.LGC`. Use an ordinary momentum SGD.
+
+        compression = LGCCompression(model, mode="rar", density=0.001, warmup_steps=200, ae_steps=300)
+    """
+
+    def __init__(self, model, mode: str = "rar", density: float = 0.001, *,
+                 warmup_steps: int = 200, ae_steps: int = 300,
+                 innovation_density: float | None = None, leader: int = 0,
+                 code_channels: int = 4, ae_lr: float = 1e-3, sim_weight: float = 0.1,
+                 ae_updates: int = 4, replay: int = 32, min_numel: int = 1024, exclude=(),
+                 seed: int = 0, average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
+        from .algorithms.lgc import LGC
+        from .engine import check_density, check_int
+        if mode not in ("ps", "rar"):
+            raise ValueError(f"mode must be 'ps' or 'rar', got {mode!r}")
+        check_density("density", density)
+        check_int("warmup_steps", warmup_steps, 0)
+        if isinstance(ae_steps, bool) or not isinstance(ae_steps, int) or ae_steps < 1:
+            raise ValueError(f"ae_steps must be an integer >= 1 (stage 2 is where the autoencoder "
+                             f"gets its training data), got {ae_steps!r}")
+        if innovation_density is not None:
+            check_density("innovation_density", innovation_density)
+            if innovation_density >= density:
+                raise ValueError("innovation_density must be smaller than density")
+        check_int("ae_updates", ae_updates, 1)
+        check_int("replay", replay, 1)
+        check_int("leader", leader, 0)
+        method = LGC(mode, density, warmup_steps=warmup_steps, ae_steps=ae_steps,
+                     innovation_density=innovation_density, leader=leader,
+                     code_channels=code_channels, ae_lr=ae_lr, sim_weight=sim_weight,
+                     ae_updates=ae_updates, replay=replay, seed=seed)
+        super().__init__(model, method=method, density=density, min_numel=min_numel,
+                         exclude=exclude, average=average, process_set=process_set,
+                         nonfinite=nonfinite)
+        rows = self.engine.table.compressed
+        if not rows:
+            raise ValueError("LGC: no tensor is large enough to compress (lower min_numel)")
+        method.setup([e.layer.numel for e in rows])
+        if mode == "ps":
+            nodes = self._nodes()
+            if nodes is not None and nodes < 2:
+                raise ValueError("LGC-PS needs at least 2 ranks (a leader and side-information "
+                                 f"nodes); this job has {nodes}")
+        self.mode = mode
+
+    def _nodes(self) -> int | None:
+        """Ranks of the Horovod job if Horovod is initialised, else None."""
+        try:
+            return self.horovod.network.size
+        except Exception:      # noqa: BLE001 - Horovod not installed or not initialised
+            return None
+
+    # the signal's facts, for users and tests
+    ks = property(lambda self: self.method.ks)
+    K = property(lambda self: self.method.K)
+    code_size = property(lambda self: self.method.code_size)
+    k_inno = property(lambda self: self.method.k_inno)
+    leader = property(lambda self: self.method.leader)
+    _ae = property(lambda self: self.method.ae)
+
+    def stage(self, step: int | None = None) -> int:
+        return self.method.stage(step)
+
+    def stats(self) -> dict:
+        st = super().stats()
+        m = self.method
+        st["lgc"] = {"mode": self.mode, "stage": m.stage(), "K": m.K, "code_size": m.code_size,
+                     "k_inno": m.k_inno, "ae_loss": list(m.ae_loss),
+                     "bytes_per_step_by_stage": {s: (m.stage_bytes[s] / m.stage_steps[s]
+                                                     if m.stage_steps[s] else None) for s in (1, 2, 3)}}
+        return st
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["lgc"] = self.method.state_dict(self._nodes() or 1)
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        lg = state.get("lgc") if isinstance(state, dict) else None
+        if lg is None or lg.get("mode") != self.mode or lg.get("K") != self.K:
+            raise ValueError("LGC state does not match this compressor (mode or signal length differ)")
+        super().load_state_dict(state)
+        self.method.load_state_dict(lg, self._nodes() or 1)

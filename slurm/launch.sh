@@ -10,6 +10,7 @@
 #   CONTAINER        Apptainer/Singularity image (.sif): every rank runs `apptainer exec --nv`
 #   CONTAINER_IMAGE  pyxis/enroot image: srun --container-image=... (srun launcher)
 #   HVD_RSGC_HOME    repository checkout (default: the directory sbatch was called from)
+#   HVD_RSGC_DRY_RUN 1: print the training arguments and exit (checks OVERRIDES quoting)
 #
 # Requeue/resume: the job is submitted with --requeue and --signal=B:USR1@<s>; on USR1 (the time
 # limit is near) or after a node failure Slurm requeues it with the same job id, so RUN_DIR is
@@ -34,17 +35,18 @@ else
     HVDRUN=("$VENV/bin/horovodrun")
 fi
 
-# shellcheck disable=SC2206  # OVERRIDES is split into words on purpose
-EXTRA=(${OVERRIDES:-})
+# OVERRIDES is split on white space and never glob-expanded ("[0.5,0.75]" stays as written even
+# where a file "5" exists); ${EXTRA[@]+...} keeps an empty list safe under `set -u` on bash <= 4.3
+read -r -a EXTRA <<< "${OVERRIDES:-}"
 if ls "$RUN_DIR"/checkpoints/epoch[0-9][0-9][0-9][0-9].pt >/dev/null 2>&1; then
     echo "[hvd_rsgc] resuming from $RUN_DIR (restart count ${SLURM_RESTART_COUNT:-0})"
-    ARGS=(--resume "$RUN_DIR" "${EXTRA[@]}")
+    ARGS=(--resume "$RUN_DIR" ${EXTRA[@]+"${EXTRA[@]}"})
 else
     echo "[hvd_rsgc] new run in $RUN_DIR"
     ARGS=(--config "$CONFIG" --out_dir "$(dirname "$RUN_DIR")" --run_name "$(basename "$RUN_DIR")"
           --progress false)
     [ -n "${DATA_ROOT:-}" ] && ARGS+=(--data_root "$DATA_ROOT")
-    ARGS+=("${EXTRA[@]}")
+    ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 fi
 
 requeue() {
@@ -54,6 +56,10 @@ requeue() {
 trap requeue USR1
 
 echo "[hvd_rsgc] launcher=$LAUNCHER tasks=$NTASKS nodes=$NNODES config=$CONFIG"
+if [ "${HVD_RSGC_DRY_RUN:-0}" = 1 ]; then           # print the training arguments, one a line
+    printf '%s\n' "${ARGS[@]}"
+    exit 0
+fi
 if [ "$LAUNCHER" = srun ]; then
     # One task per GPU; Horovod's MPI controller initialised through PMIx.
     SRUN=(srun --mpi=pmix --kill-on-bad-exit=1)

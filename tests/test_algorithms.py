@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hvd_rsgc.algorithms import qsgd
-from hvd_rsgc.algorithms.base import LayerState, pack_sparse, scatter_sum, unpack_sparse
+from hvd_rsgc.algorithms.base import make_layer, pack_sparse, scatter_sum, unpack_sparse
 from hvd_rsgc.algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
 from hvd_rsgc.algorithms.dgc import DGC
 from hvd_rsgc.algorithms.layout import KernelLayout, TileLayout, make_layout
@@ -28,13 +28,7 @@ def ref_nsi(values, beta):
 
 
 def layer_for(method, shape, density):
-    layout = method.make_layout(torch.Size(shape))
-    st = LayerState(name="w", index=0, shape=torch.Size(shape), dtype=torch.float32, layout=layout)
-    st.density = density
-    st.k = method.units_for(st, density)
-    method.on_density(st)
-    method.init_memory(st, "cpu")
-    return st
+    return make_layer(method, shape, density)
 
 
 # ----------------------------------------------------------------------------- NSI

@@ -4,7 +4,7 @@ identical), and the adapter trains a model on the GPU at size 1."""
 import pytest
 import torch
 
-from hvd_rsgc.algorithms.base import LayerState, scatter_sum, unpack_sparse
+from hvd_rsgc.algorithms.base import make_layer, scatter_sum, unpack_sparse
 from hvd_rsgc.algorithms.dgc import DGC
 from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
 from hvd_rsgc.algorithms.qsgd import QSGD
@@ -16,12 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def layer(method, shape, density, device):
-    lay = LayerState("w", 0, torch.Size(shape), torch.float32, method.make_layout(torch.Size(shape)))
-    lay.density = density
-    lay.k = method.units_for(lay, density)
-    method.on_density(lay)
-    method.init_memory(lay, device)
-    return lay
+    return make_layer(method, shape, density, device=device)
 
 
 @pytest.mark.parametrize("make", [lambda: RSDGC(MomentumCorrection(0.9)),

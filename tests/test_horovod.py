@@ -4,43 +4,14 @@ The worker (tests/mp/worker.py) runs the scenarios on every rank and writes JSON
 assert on it. Bytes are counted by intercepting Horovod's collective entry points
 (tests/mp/wirecount.py), not by the library's own counter.
 """
-import json
 import math
-import os
-import shutil
 import subprocess
-import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "mp", "worker.py")
+from support import ROOT, horovodrun, launch, results  # noqa: F401
 DENSITY = 0.02
 pytestmark = pytest.mark.multiproc
-
-
-def horovodrun():
-    exe = shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.fail("horovodrun not found: run scripts/install.sh (the README's test command does)")
-    return exe
-
-
-def launch(np_, out, *args, timeout=600, worker=WORKER, controller="--gloo"):
-    cmd = [horovodrun(), "-np", str(np_), controller, sys.executable, worker, "--out", str(out), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    return proc, time.time() - t0
-
-
-def results(np_, out, *args, **kw):
-    proc, _ = launch(np_, out, *args, **kw)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(np_)]
-    assert [r["size"] for r in res] == [np_] * np_
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +147,25 @@ def test_np2_nonfinite_gradient_raises_on_every_rank_residual_clean(np2):
         nf = rank_res["nonfinite"]
         assert len(nf["raised"]) == 1 and "non-finite gradient" in nf["raised"][0]
         assert nf["memory_finite"] and nf["params_finite"]
+
+
+def test_np2_skip_policy_skips_the_step_on_every_rank_and_training_goes_on(tmp_path):
+    """Reliability: after a non-finite gradient the job can go on (nonfinite="skip")."""
+    for r in results(2, tmp_path, "--scenarios", "skip,fp16big"):
+        for kind, x in r["skip"].items():
+            assert x["skipped"] == [2], (kind, x)
+            assert x["unchanged"] and x["identical"] and x["params_finite"] and x["memory_finite"], (kind, x)
+            assert x["stats_skipped"] == 1, (kind, x)
+        # defect 1: a finite fp16 gradient whose fp16 sum overflows is no "non-finite gradient"
+        assert r["fp16big"] == {"error": None, "params_finite": True}, r["fp16big"]
+
+
+def test_np2_sparse_gradient_is_refused_clearly_on_every_rank(tmp_path):
+    """Reliability defect 4: nn.Embedding(sparse=True) at -np 2 gave every rank
+    TypeError: 'NoneType' object is not subscriptable."""
+    for r in results(2, tmp_path, "--scenarios", "sparse"):
+        err = r["sparse"]["error"]
+        assert err and "torch.sparse" in err and "sparse_as_dense=True" in err, err
 
 
 @pytest.mark.parametrize("kind", ["topk", "dgc", "rsdgc", "randomk", "qsgd"])

@@ -7,9 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_horovod import results
+from support import ROOT, results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp", "lgc_worker.py")
 WARM, AE, S3 = 5, 60, 40
 

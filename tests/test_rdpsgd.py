@@ -2,10 +2,8 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from hvd_rsgc.algorithms.rdpsgd import (bernoulli_indices, decode_gaps, encode_g
                                         geometric_indices, message_bytes, mixing_matrix, ring,
                                         sparse_mix, spectral_rho, validate_mixing)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, horovodrun, mpirun_python  # noqa: E402
 WORKER = os.path.join(ROOT, "tests", "mp", "rd_worker.py")
 
 
@@ -92,18 +90,7 @@ def test_fewer_than_two_processes_is_an_error():
 
 
 # ----------------------------------------------------------------------------- mpirun -np 4
-def mpirun_python(np_, *py_args, timeout=300, cwd=None):
-    """``mpirun -np N --oversubscribe python <py_args>`` with the repository importable;
-    returns (CompletedProcess, seconds)."""
-    exe = shutil.which("mpirun")
-    if exe is None:
-        pytest.fail("mpirun not found: scripts/install.sh installs Open MPI")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [exe, "-np", str(np_), "--oversubscribe", sys.executable, *py_args]
-    t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
-    return p, time.time() - t0
+
 
 
 def mpirun(np_, out, *args, timeout=300):
@@ -193,7 +180,6 @@ def test_training_cli_rdpsgd_under_mpirun(tmp_path):
 
 @pytestmark_mp
 def test_rdpsgd_under_gloo_launch_is_refused(tmp_path):
-    from test_horovod import horovodrun
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [horovodrun(), "-np", "2", "--gloo", sys.executable, "-m", "hvd_rsgc.train", "--config",
            os.path.join(ROOT, "examples", "configs", "synthetic.yaml"), "--algorithm", "rdpsgd",

@@ -2,27 +2,20 @@
 checkpoint safety, the demo-set builder on the real tiles, models."""
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
-from hvd_rsgc.metrics import confusion_matrix, summarize
-from hvd_rsgc.models import build_model
+from hvd_rsgc.app.metrics import confusion_matrix, summarize
+from hvd_rsgc.app.models import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, run_module  # noqa: E402
 SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
 
 
 def horovodrun(np_, args, tmp, timeout=600):
-    from test_horovod import horovodrun as exe
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [exe(), "-np", str(np_), "--gloo", sys.executable, "-m", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp))
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    return p.stdout
+    return run_module(np_, args, tmp, timeout=timeout).stdout
 
 
 @pytest.mark.multiproc
@@ -100,30 +93,28 @@ def _img(path, color=(10, 200, 30), size=(20, 20)):
     Image.new("RGB", size, color).save(path)
 
 
-def _cfg(**kw):
-    from hvd_rsgc.train import DEFAULTS
-    c = dict(DEFAULTS, dataset="folder", image_size=16)
-    c.update(kw)
-    return c
+def _cfg(train_ratio=0.8, **kw):
+    from hvd_rsgc.app.config import DataConfig
+    return DataConfig(**{"dataset": "folder", "image_size": 16, "train_ratio": train_ratio, **kw}), 0
 
 
 def test_data_reader_errors(tmp_path):
-    from hvd_rsgc.data import build_datasets
+    from hvd_rsgc.app.data import build_datasets
     with pytest.raises(FileNotFoundError, match="data root"):
-        build_datasets(_cfg(data_root=str(tmp_path / "nope")))
+        build_datasets(*_cfg(data_root=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class folders"):
-        build_datasets(_cfg(data_root=str(tmp_path / "empty")))
+        build_datasets(*_cfg(data_root=str(tmp_path / "empty")))
     root = tmp_path / "d"
     for c in ("a", "b"):
         for i in range(5):
             _img(str(root / c / f"{c}{i}.png"), size=(20 + i, 17))
     (root / "c").mkdir()
     with pytest.raises(ValueError, match="has no images"):
-        build_datasets(_cfg(data_root=str(root)))
+        build_datasets(*_cfg(data_root=str(root)))
     (root / "c" / "broken.jpg").write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="no readable images|has no images"):
-        from hvd_rsgc.data import scan_folder
+        from hvd_rsgc.app.data import scan_folder
         only_bad = tmp_path / "bad"
         (only_bad / "x").mkdir(parents=True)
         (only_bad / "x" / "y.png").write_bytes(b"\x89PNG broken")
@@ -131,7 +122,7 @@ def test_data_reader_errors(tmp_path):
     _img(str(root / "c" / "ok.png"))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        tr, va, classes = build_datasets(_cfg(data_root=str(root), train_ratio=0.6))
+        tr, va, classes = build_datasets(*_cfg(data_root=str(root), train_ratio=0.6))
     assert any("skipped 1 unreadable" in str(x.message) for x in w)
     assert classes == ["a", "b", "c"]
     assert len(tr) + len(va) == 11
@@ -141,18 +132,19 @@ def test_data_reader_errors(tmp_path):
     (tmp_path / "train.txt").write_text("a0.png\nb0.png\n")
     (tmp_path / "val.txt").write_text("a1.png\nmissing.png\n")
     with pytest.raises(ValueError, match="val split file lists 1 image"):
-        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
+        build_datasets(*_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
                             val_split=str(tmp_path / "val.txt")))
     (tmp_path / "val.txt").write_text("a0.png\n")
     with pytest.raises(ValueError, match="share"):
-        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
+        build_datasets(*_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt"),
                             val_split=str(tmp_path / "val.txt")))
     with pytest.raises(ValueError, match="both"):
-        build_datasets(_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt")))
+        build_datasets(*_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt")))
 
 
 def test_checkpoint_safety(tmp_path):
-    from hvd_rsgc.train import CKPT_FORMAT, atomic_save, load_checkpoint
+    from hvd_rsgc.app.checkpoint import CKPT_FORMAT, atomic_save
+    from hvd_rsgc.app.checkpoint import load as load_checkpoint
     good = atomic_save({"format": CKPT_FORMAT, "x": torch.ones(3)}, str(tmp_path / "c" / "good.pt"))
     assert load_checkpoint(good)["x"].sum() == 3
     data = open(good, "rb").read()
@@ -172,24 +164,27 @@ def test_checkpoint_safety(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    from hvd_rsgc.train import load_config
-    with pytest.raises(ValueError, match="unknown config key"):
-        load_config(None, ["--densty", "0.1"])
+    from hvd_rsgc.app.config import load_config, parse_overrides
+
+    def lc(path, args):
+        return load_config(path, parse_overrides(args))
+    with pytest.raises(ValueError, match="unknown option --densty"):
+        lc(None, ["--densty", "0.1"])
     with pytest.raises(ValueError, match="compression must be"):
-        load_config(None, ["--compression", "zip"])
+        lc(None, ["--compression", "zip"])
     with pytest.raises(FileNotFoundError, match="config file"):
-        load_config(str(tmp_path / "x.yaml"), [])
-    cfg = load_config(SYNTH, ["--density", "0.05", "--milestones", "[0.3,0.6]"])
-    assert cfg["density"] == 0.05 and cfg["milestones"] == [0.3, 0.6]
+        lc(str(tmp_path / "x.yaml"), [])
+    cfg = lc(SYNTH, ["--density", "0.05", "--milestones", "[0.3,0.6]"])
+    assert cfg.compression.density == 0.05 and cfg.optim.milestones == [0.3, 0.6]
     for name in ("demo", "ucm_vgg19_rsdgc", "ucm_resnet56_rsdgc", "nwpu_resnet110_rsdgc"):
-        load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
+        lc(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
 
 
 def test_demo_builder_on_real_tiles(tmp_path):
     from PIL import Image
 
-    from hvd_rsgc.data import build_datasets
-    from hvd_rsgc.data.demo import SOURCES, build
+    from hvd_rsgc.app.data import build_datasets
+    from hvd_rsgc.app.data.demo import SOURCES, build
     root = build(str(tmp_path / "demo"), train_per_class=6, val_per_class=3, quiet=True)
     classes = sorted(os.listdir(root))
     assert classes == sorted(SOURCES)
@@ -203,7 +198,7 @@ def test_demo_builder_on_real_tiles(tmp_path):
     assert arr.std() > 5                        # real imagery, not a flat fill
     lic = (tmp_path / "demo" / "LICENSES.txt").read_text()
     assert "BSD 3-Clause" in lic and "MIT License" in lic
-    tr, va, cls = build_datasets(_cfg(dataset="demo", data_root=root,
+    tr, va, cls = build_datasets(*_cfg(dataset="demo", data_root=root,
                                       train_split=str(tmp_path / "demo" / "train.txt"),
                                       val_split=str(tmp_path / "demo" / "val.txt"), image_size=32))
     assert len(tr) == 30 and len(va) == 15 and cls == classes

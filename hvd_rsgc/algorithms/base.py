@@ -40,6 +40,22 @@ class LayerState:
         return self.layout.numel
 
 
+def make_layer(method: "Method", shape, density: float, *, name: str = "w", index: int = 0,
+               device=None) -> LayerState:
+    """A ready-to-use :class:`LayerState` for ``method`` on a tensor of ``shape`` at ``density``
+    (layout, k, the method's plan, memory allocated): the public way to drive a method outside
+    a training job -- benchmarks, tests, a new backend."""
+    shape = torch.Size(shape)
+    st = LayerState(name=name, index=index, shape=shape, dtype=torch.float32,
+                    layout=method.make_layout(shape))
+    st.density = float(density)
+    st.k = method.units_for(st, st.density)
+    method.on_density(st)
+    method.init_memory(st, torch.device("cpu") if device is None else torch.device(device))
+    st.memory_ready = True
+    return st
+
+
 def index_columns(value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
     vb = torch.empty((), dtype=value_dtype).element_size()
     ib = torch.empty((), dtype=index_dtype).element_size()
@@ -87,6 +103,7 @@ class Method:
     communicator = "allgather"          # "allgather" (per-rank messages) or "allreduce"
     momentum_correction = False         # puts momentum into what it sends (DGC family)
     wants_neighbourhood = False
+    generator: torch.Generator | None = None     # seeded methods set their own
 
     def __init__(self, memory, value_dtype=torch.float32, index_dtype=torch.int32):
         if index_dtype not in (torch.int32, torch.int64):
@@ -104,8 +121,9 @@ class Method:
         return {"generator": gen.get_state()} if gen is not None else {}
 
     def load_rng_state(self, state: dict) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
+        gen = self.generator
+        if gen is not None and "generator" in state:
+            gen.set_state(state["generator"])
 
     # -- hooks for subclasses -------------------------------------------------------------
     def make_layout(self, shape) -> Layout:

@@ -8,7 +8,7 @@ Guard rail (our choice, documented): a layer entirely below tau would never comm
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

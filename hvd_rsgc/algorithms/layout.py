@@ -83,7 +83,7 @@ class TileLayout(Layout):
         self.num_units = (self.Hp // s) * (self.Wp // s)
         self.unit_size = s * s
         self.padded = (self.Hp, self.Wp) != (self.H, self.W)
-        self._counts = None
+        self._counts: torch.Tensor | None = None
 
     def to_units(self, x: torch.Tensor) -> torch.Tensor:
         m = x.reshape(self.H, self.W)
@@ -135,6 +135,9 @@ class Workspace:
         if buf is None or buf.numel() < numel:
             buf = self._bufs[k] = torch.empty(numel, device=device, dtype=dtype)
         return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def make_layout(shape, neighbourhood: bool, radius: int = 1) -> Layout:

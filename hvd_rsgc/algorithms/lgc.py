@@ -1,7 +1,7 @@
 """Learned Gradient Compression (Abrahamyan, Chen, Bekoulis, Deligiannis, IEEE TNNLS 2021,
 arXiv 2103.08870), pure tensor parts: the autoencoder, its losses, the side information.
 
-Provenance (see ../shared/ALGORITHMS.md section 6). From the paper (abstract/summary): gradients
+Provenance (see docs/ALGORITHMS.md section 6). From the paper (abstract/summary): gradients
 of different nodes are correlated; a lightweight autoencoder trained during the first stages of
 training captures their common information; two instances, parameter server (PS) and
 ring-allreduce (RAR). The full text could not be retrieved here, so the rest follows an
@@ -26,6 +26,8 @@ unofficial public re-implementation [LGC-code] or is our documented choice [choi
   order].
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -142,3 +144,236 @@ def side_dense(pos: torch.Tensor, vals: torch.Tensor, K: int) -> torch.Tensor:
     out = torch.zeros(K, dtype=vals.dtype, device=vals.device)
     out[pos.long()] = vals
     return out
+
+
+# ----------------------------------------------------------------------------- the method
+class LGC:
+    """LGC as a multi-round method: ``accumulate`` per tensor (error-feedback accumulator),
+    then one ``run`` per step over a :class:`~hvd_rsgc.transport.Transport` for all compressed
+    tensors at once. Stages by step count:
+
+    1. ``step < warmup_steps``: top-k under *common* indices (the leader's top-k of its
+       accumulators, broadcast as K int32); every node's values there averaged by allreduce.
+    2. ``warmup_steps <= step < warmup_steps + ae_steps``: the same values allgathered; every
+       rank trains the autoencoder identically on them and applies their exact mean.
+    3. afterwards, autoencoder frozen. RAR: codes E(x_n) allreduced (mean), every rank decodes.
+       PS: the leader's code broadcast, every node's innovation allgathered as side
+       information, every rank reconstructs each node's vector and averages.
+
+    Error feedback: every node zeroes its accumulator at the common indices after sending; the
+    reconstruction error is not fed back [choice]. Collective names ``hvd_rsgc.lgc.*``.
+    """
+
+    name = "lgc"
+    rounds = "multi"
+    momentum_correction = False
+    communicator = "rounds"
+
+    def __init__(self, mode: str, density: float, *, warmup_steps: int, ae_steps: int,
+                 innovation_density: float | None, leader: int, code_channels: int,
+                 ae_lr: float, sim_weight: float, ae_updates: int, replay: int, seed: int):
+        from .layout import Workspace
+        self.mode, self.density = mode, density
+        self.warmup_steps, self.ae_steps = warmup_steps, ae_steps
+        self.innovation_density = innovation_density
+        self.leader, self.code_channels = leader, code_channels
+        self.ae_lr, self.sim_weight = ae_lr, sim_weight
+        self.ae_updates, self.replay, self.seed = ae_updates, replay, seed
+        self.workspace = Workspace()
+        self.ks: list[int] = []
+        self.K = self.code_size = self.k_inno = 0
+        self.ae: LGCAutoencoder | None = None
+        self.ae_opt: Any = None             # Adam, made with the autoencoder
+        self.buffer: list[torch.Tensor] = []
+        self.ae_loss: list[tuple[int, float]] = []
+        self.synced = False
+        self.step = 0
+        self.stage_bytes = {1: 0, 2: 0, 3: 0}
+        self.stage_steps = {1: 0, 2: 0, 3: 0}
+
+    # -- Method hooks the engine uses -------------------------------------------------------
+    def make_layout(self, shape):
+        from .layout import Layout
+        return Layout(shape)
+
+    def units_for(self, layer, density):
+        from .select import ceil_count
+        return max(1, ceil_count(self.density, layer.numel))
+
+    def on_density(self, layer):
+        pass
+
+    def init_memory(self, layer, device):
+        layer.memory = {"v": torch.zeros(layer.numel, dtype=torch.float32, device=device)}
+
+    def rng_state(self):
+        return {}
+
+    def load_rng_state(self, state):
+        pass
+
+    def setup(self, numels: list[int]) -> None:
+        """Signal length from the compressed tensors' sizes (called once by the compressor)."""
+        import math
+
+        from .select import ceil_count
+        self.ks = [max(1, ceil_count(self.density, n)) for n in numels]
+        self.K = sum(self.ks)
+        self.code_size = check_signal(self.K) // 4 * self.code_channels
+        ratio = self.innovation_density if self.innovation_density else self.density / 10
+        self.k_inno = max(1, math.ceil(self.K * ratio / self.density))
+
+    def stage(self, step: int | None = None) -> int:
+        s = self.step if step is None else step
+        if s < self.warmup_steps:
+            return 1
+        return 2 if s < self.warmup_steps + self.ae_steps else 3
+
+    def accumulate(self, layer, g: torch.Tensor) -> None:
+        layer.memory["v"].add_(g.reshape(-1).float())
+
+    def autoencoder(self, nodes: int, device) -> LGCAutoencoder:
+        ae = self.ae
+        if ae is None:
+            if self.mode == "ps" and nodes < 2:
+                raise ValueError("LGC-PS needs at least 2 ranks (a leader and side-information nodes)")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                ae = self.ae = LGCAutoencoder(nodes, self.mode, self.code_channels)
+            self.ae_opt = torch.optim.Adam(ae.parameters(), lr=self.ae_lr)
+        if next(ae.parameters()).device != torch.device(device):
+            ae.to(device)
+        return ae
+
+    # -- one step -------------------------------------------------------------------------
+    def run(self, layers, transport, average: bool, step: int) -> list[torch.Tensor]:
+        """All rounds of one step; returns each layer's aggregated gradient (its shape)."""
+        import math
+        device = layers[0].memory["v"].device
+        meter = transport.meter
+        bytes0 = meter.totals["bytes"] if meter is not None else 0
+        s, stage, P, rank = self.step, self.stage(), transport.size, transport.rank
+        ae = self.autoencoder(P, device)
+        leader = (s % P) if self.mode == "rar" else self.leader
+        if not 0 <= leader < P:
+            raise ValueError(f"leader must be a rank in [0, {P}), got {leader}")
+        key = "hvd_rsgc.lgc"
+        # 1. common indices: the leader's top-k of each accumulator
+        if rank == leader:
+            idx = torch.cat([torch.topk(st.memory["v"].abs(), k, sorted=False).indices.sort().values
+                             for st, k in zip(layers, self.ks)]).to(torch.int32)
+        else:
+            idx = torch.zeros(self.K, dtype=torch.int32, device=device)
+        idx = transport.broadcast(idx, leader, "hvd_rsgc.lgc.indices", key=key)
+        parts = torch.split(idx.long(), self.ks)
+        # 2. this node's values there; error feedback: zero them in the accumulator
+        x = torch.cat([st.memory["v"][i] for st, i in zip(layers, parts)])
+        for st, i in zip(layers, parts):
+            st.memory["v"][i] = 0.0
+        # 3. a scale common to all nodes
+        rms = (x.norm() / math.sqrt(self.K)).reshape(1)
+        scale = transport.allreduce(rms, "hvd_rsgc.lgc.scale", key=key)
+        scale = float(scale) if float(scale) > 0 else 1.0
+        xn = x / scale
+        if stage == 1:
+            agg = transport.allreduce(xn, "hvd_rsgc.lgc.values", key=key)
+        elif stage == 2:
+            X = transport.allgather(xn.unsqueeze(0), "hvd_rsgc.lgc.train", key=key)
+            agg = X.mean(0)
+            self._train(ae, X, step)
+        else:
+            if not self.synced and P > 1:
+                # every rank trained the same autoencoder on the same data: compare a 24-byte
+                # signature, and broadcast rank 0's weights only where they differ (e.g. a
+                # non-deterministic GPU kernel)
+                flat = torch.cat([t.reshape(-1).double() for _, t in sorted(ae.state_dict().items())])
+                pos = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+                sig = torch.stack([flat.sum(), (flat * flat).sum(), (flat * pos).sum()]).unsqueeze(0)
+                sigs = transport.allgather(sig, "hvd_rsgc.lgc.ae.signature", key=key)
+                if not bool((sigs == sigs[0]).all()):
+                    for name, t in sorted(ae.state_dict().items()):
+                        t.copy_(transport.broadcast(t, 0, f"hvd_rsgc.lgc.ae.{name}", key=key))
+            self.synced = True
+            ae.eval()
+            with torch.no_grad():
+                if self.mode == "rar":
+                    z = ae.encoder(xn.unsqueeze(0))
+                    zm = transport.allreduce(z, "hvd_rsgc.lgc.code", key=key)
+                    agg = ae.reconstruct_rar(zm, self.K)[0]
+                else:
+                    z = ae.encoder(xn.unsqueeze(0)) if rank == leader else \
+                        torch.zeros(1, self.code_channels, self.code_size // self.code_channels,
+                                    device=device)
+                    z = transport.broadcast(z, leader, "hvd_rsgc.lgc.code", key=key)
+                    pos, vals = side_signal(xn, self.k_inno)
+                    msg = torch.stack([vals, pos.view(torch.float32)], dim=1).unsqueeze(0)
+                    allm = transport.allgather(msg, "hvd_rsgc.lgc.side", key=key)
+                    sides = torch.stack([side_dense(m[:, 1].contiguous().view(torch.int32), m[:, 0],
+                                                    self.K) for m in allm])
+                    agg = ae.reconstruct_ps(z, sides).mean(0)
+        agg = agg * scale
+        if not average:
+            agg = agg * P
+        outs = []
+        for st, i, a in zip(layers, parts, torch.split(agg, self.ks)):
+            out = torch.zeros(st.numel, dtype=torch.float32, device=device)
+            out[i] = a
+            outs.append(out.view(st.shape))
+        step_bytes = (meter.totals["bytes"] - bytes0) if meter is not None else 0
+        self.stage_bytes[stage] += step_bytes + 4 * len(layers)
+        self.stage_steps[stage] += 1
+        self.step += 1
+        return outs
+
+    def _train(self, ae, X, step):
+        """``ae_updates`` Adam steps per iteration, each on the current nodes' vectors and one
+        from a replay buffer of the last ``replay`` iterations [choice: one step per iteration
+        on a non-stationary signal barely moves the autoencoder in a few hundred steps].
+        The loss logged is the one on the current vectors, before this iteration's updates."""
+        from .select import splitmix_seed
+        ae.train()
+        self.buffer.append(X.detach())
+        self.buffer = self.buffer[-self.replay:]
+        P = X.shape[0]
+        g = torch.Generator().manual_seed(splitmix_seed(self.seed, step))
+
+        def loss_on(Xb):
+            if self.mode == "rar":
+                return ae.loss_rar(Xb, self.sim_weight)
+            sides = torch.stack([side_dense(pos, vals, self.K)
+                                 for pos, vals in (side_signal(Xb[n], self.k_inno) for n in range(P))])
+            c = int(torch.randint(0, P, (1,), generator=g))
+            return ae.loss_ps(Xb, sides, c)
+
+        with torch.enable_grad():
+            for u in range(self.ae_updates):
+                j = int(torch.randint(0, len(self.buffer), (1,), generator=g))
+                batch = [X] if u == 0 else [X, self.buffer[j]]
+                self.ae_opt.zero_grad()
+                loss = sum(loss_on(b) for b in batch) / len(batch)
+                loss.backward()
+                if u == 0:
+                    self.ae_loss.append((self.step, float(loss.detach())))
+                self.ae_opt.step()
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self, nodes: int) -> dict:
+        return {"step": self.step, "ae": self.autoencoder(nodes, "cpu").state_dict(),
+                "ae_opt": self.ae_opt.state_dict(), "ae_loss": list(self.ae_loss),
+                "synced": self.synced, "mode": self.mode, "K": self.K,
+                "replay": [b.detach().cpu().clone() for b in self.buffer],
+                "stage_bytes": dict(self.stage_bytes), "stage_steps": dict(self.stage_steps)}
+
+    def load_state_dict(self, lg: dict, nodes: int) -> None:
+        if lg is None or lg.get("mode") != self.mode or lg.get("K") != self.K:
+            raise ValueError("LGC state does not match this compressor (mode or signal length differ)")
+        self.step = int(lg["step"])
+        ae = self.autoencoder(nodes, "cpu")
+        ae.load_state_dict(lg["ae"])
+        self.ae_opt.load_state_dict(lg["ae_opt"])
+        self.ae_loss = [tuple(x) for x in lg["ae_loss"]]
+        self.synced = bool(lg["synced"])
+        dev = next(ae.parameters()).device
+        self.buffer = [b.to(dev) for b in lg.get("replay", [])]
+        self.stage_bytes = {int(k): v for k, v in lg["stage_bytes"].items()}
+        self.stage_steps = {int(k): v for k, v in lg["stage_steps"].items()}

@@ -28,6 +28,21 @@ def clip_local(g: torch.Tensor, clip_norm: float | None, world_size: int) -> tor
     return g * scale
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, with one host sync.
+
+    The fast path sums in fp32 (a sum of finite fp16/bf16 values cannot overflow fp32); only if
+    that sum is not finite -- a real inf/NaN, or finite fp32 values whose sum overflows -- is
+    the exact elementwise test run. Summing in the tensor's own dtype is wrong: an fp16 sum
+    overflows past 65504 although every element is finite."""
+    if t.numel() == 0:
+        return True
+    s = t.sum(dtype=torch.float32) if t.dtype != torch.float64 else t.sum()
+    if bool(torch.isfinite(s)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(x.shape[0] * x.shape[1], -1)
 

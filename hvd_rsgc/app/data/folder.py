@@ -31,7 +31,8 @@ class Scan:
 def scan_folder(root: str, verify: bool = True) -> Scan:
     if root is None or not os.path.isdir(root):
         raise FileNotFoundError(f"data root {root!r} does not exist or is not a directory")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise ValueError(f"data root {root!r} has no class folders (expected root/<class>/<image>)")
     samples, skipped = [], []
@@ -39,12 +40,16 @@ def scan_folder(root: str, verify: bool = True) -> Scan:
         files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMG_EXT))
         if not files:
             raise ValueError(f"class folder {os.path.join(root, c)!r} has no images ({', '.join(IMG_EXT)})")
+        n0 = len(samples)
         for f in files:
             path = os.path.join(root, c, f)
             if verify and not _readable(path):
                 skipped.append(path)
                 continue
             samples.append((path, label))
+        if len(samples) == n0:
+            raise ValueError(f"class folder {os.path.join(root, c)!r} has no readable images "
+                             f"({len(files)} unreadable): fix or remove it")
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root!r}, e.g. {skipped[:3]}",
                       stacklevel=2)

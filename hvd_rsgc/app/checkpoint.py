@@ -1,0 +1,110 @@
+"""Checkpoints of a run: atomic files, one main file (rank 0: model, optimizer, config,
+history) plus one shard per rank (compressor residuals, RNG; decentralized: the rank's own
+model), loaded with ``weights_only=True`` (a checkpoint cannot run code).
+
+Layout: ``<run>/checkpoints/epochNNNN.pt`` and ``epochNNNN.rankRRR.pt``. Shards are written
+first by every rank; the main file appears last, so its presence means the checkpoint is
+complete. The last ``keep`` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+
+import torch
+
+CKPT_FORMAT = "hvd_rsgc.checkpoint/1"
+SHARD_FORMAT = "hvd_rsgc.checkpoint-shard/1"
+_MAIN_GLOB = "epoch[0-9][0-9][0-9][0-9].pt"
+
+
+def atomic_save(obj, path: str) -> str:
+    """Write to ``path.tmp``, fsync, rename: a crash mid-write never destroys the last good
+    file. On failure the temporary file is removed and the error names the path (and says
+    so when the disk is full)."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        no_space = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) \
+            or "file write failed" in str(e)
+        why = "no space left on the device" if no_space else (
+            "permission denied" if getattr(e, "errno", None) in (errno.EACCES, errno.EROFS)
+            else str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      f"cannot write checkpoint {path!r}: {why}") from e
+    return path
+
+
+def shard_path(main_path: str, rank: int) -> str:
+    return main_path[: -len(".pt")] + f".rank{rank:03d}.pt"
+
+
+def main_path(run_dir: str, epoch: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"epoch{epoch:04d}.pt")
+
+
+def save_main(run_dir: str, epoch: int, payload: dict, keep: int) -> str:
+    path = atomic_save(payload, main_path(run_dir, epoch))
+    mains = checkpoints(run_dir)
+    for old in mains[:-keep]:
+        for f in [old] + glob.glob(old[: -len(".pt")] + ".rank*.pt"):
+            os.remove(f)
+    return path
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoints (main files), oldest first."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", _MAIN_GLOB)))
+
+
+def load(path: str, kind: str = CKPT_FORMAT) -> dict:
+    """Load one checkpoint file; a clear ``ValueError`` naming it when it is empty, truncated,
+    not ours or contains code."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise FileNotFoundError(f"checkpoint {path!r} cannot be read: {e.strerror}") from None
+    if size == 0:
+        raise ValueError(f"checkpoint {path!r} is empty (0 bytes): it was not written completely")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:      # noqa: BLE001 - truncated zip, pickle refused, ...
+        first = next(iter(str(e).splitlines()), "") or type(e).__name__
+        raise ValueError(f"checkpoint {path!r} is unreadable or not a hvd_rsgc checkpoint "
+                         f"(truncated, or contains code): {first[:200]}") from None
+    if not isinstance(ck, dict) or ck.get("format") != kind:
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"checkpoint {path!r} is not a hvd_rsgc checkpoint (format {got!r})")
+    return ck
+
+
+def resolve(resume: str) -> tuple[str, str]:
+    """``--resume`` names a run directory (its latest checkpoint) or one main checkpoint file.
+    Returns ``(run_dir, main checkpoint path)``; the latest is loaded-checked here so that a
+    damaged file is reported with the older checkpoint offered instead."""
+    if os.path.isfile(resume):
+        path = os.path.abspath(resume)
+        return os.path.dirname(os.path.dirname(path)), path
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume!r}: no such run directory or checkpoint file")
+    files = checkpoints(resume)
+    if not files:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(resume, 'checkpoints')!r}")
+    try:
+        load(files[-1])
+    except ValueError as e:
+        older = f"; the previous checkpoint is {files[-2]!r}: resume from it with --resume " \
+                f"{files[-2]} (and remove the damaged file)" if len(files) > 1 else \
+                "; there is no older checkpoint"
+        raise ValueError(f"{e}{older}") from None
+    return resume, files[-1]

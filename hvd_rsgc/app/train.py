@@ -1,0 +1,262 @@
+"""RS scene classification with any registered compressor (Horovod allreduce) or with
+decentralized RD-PSGD / D-PSGD (MPI gossip).
+
+    horovodrun -np 4 python -m hvd_rsgc.train --config examples/configs/demo.yaml [--key value ...]
+    horovodrun -np 4 python -m hvd_rsgc.train --resume runs/<run> [--epochs 20]   # continue bit-exactly
+
+Writes a run directory: the resolved config, per-epoch metrics (JSONL + CSV), checkpoints
+(atomic, last N kept, loaded with ``weights_only=True``), plots, TensorBoard events (if
+installed) and a summary. ``--help`` lists every config key.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..horovod import horovod_torch
+from . import checkpoint as ckpt
+from .config import Config, help_text, load_config, parse_overrides
+from .report import Reporter
+from .strategies import STRATEGIES
+
+# names kept for users and older scripts
+CKPT_FORMAT, SHARD_FORMAT = ckpt.CKPT_FORMAT, ckpt.SHARD_FORMAT
+
+
+def lr_at(o, epoch_float: float, world: int) -> float:
+    """Learning rate at a fractional epoch: linear warm-up from lr/P (DGC), then the schedule."""
+    base, E, warm = o.lr, o.epochs, o.lr_warmup_epochs
+    if warm and epoch_float < warm:
+        return base / world + (base - base / world) * epoch_float / warm
+    if o.lr_schedule == "cosine":
+        return 0.5 * base * (1 + math.cos(math.pi * min(epoch_float, E) / E))
+    if o.lr_schedule == "multistep":
+        return base * o.gamma ** sum(epoch_float >= m * E for m in o.milestones)
+    return base
+
+
+def _seed_gen(*parts) -> torch.Generator:
+    from ..algorithms.select import splitmix_seed
+    return torch.Generator().manual_seed(splitmix_seed(*parts))
+
+
+def pick_device(name: str, hvd) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise ValueError(f"device: {name!r} was asked for, but this torch "
+                             f"({torch.__version__}) sees no CUDA device; use --device cpu or auto")
+        if name == "cuda":
+            torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+            return torch.device("cuda", torch.cuda.current_device())
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def average_buffers(model, hvd):
+    """BatchNorm running statistics differ per rank (local batches): average them so every
+    rank evaluates and checkpoints the same model."""
+    for name, b in model.named_buffers():
+        if b.dtype.is_floating_point:
+            b.copy_(hvd.allreduce(b, op=hvd.Average, name=f"hvd_rsgc.buffer.{name}"))
+
+
+def evaluate(model, dataset, cfg, hvd, num_classes):
+    from .data.augment import normalize
+    from .metrics import confusion_matrix
+    model.eval()
+    idx = list(range(hvd.rank(), len(dataset), hvd.size()))         # no padding duplicates
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    bs = cfg.optim.batch_size * 4
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for s in range(0, len(idx), bs):
+            items = [dataset[i] for i in idx[s:s + bs]]
+            x = normalize(torch.stack([t[0] for t in items]).to(dev), cfg.data.mean, cfg.data.std)
+            y = torch.tensor([t[1] for t in items], device=dev)
+            out = model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double().cpu()
+            cm += confusion_matrix(out.argmax(1), y, num_classes).cpu()
+    cm = hvd.allreduce(cm, op=hvd.Sum, name="hvd_rsgc.eval.cm")
+    loss_sum = hvd.allreduce(loss_sum, op=hvd.Sum, name="hvd_rsgc.eval.loss")
+    model.train()
+    return cm, loss_sum.item() / max(1, int(cm.sum()))
+
+
+def _resume(resume: str, overrides: dict | None, world: int, rank: int):
+    run_dir, main_file = ckpt.resolve(resume)
+    main = ckpt.load(main_file)
+    cfg = Config.from_flat(main["config"], f"checkpoint {main_file}")
+    if overrides:                            # e.g. --epochs to extend a run; validated
+        cfg.update(overrides, "command line")
+    if main["world_size"] != world:
+        raise ValueError(f"checkpoint {main_file!r} was written by {main['world_size']} ranks, "
+                         f"this job has {world}: per-rank residuals cannot be mapped (resume "
+                         "with the same -np)")
+    shard = ckpt.load(ckpt.shard_path(main_file, rank), ckpt.SHARD_FORMAT)
+    return cfg, run_dir, main, shard
+
+
+def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = False,
+        overrides: dict | None = None) -> dict:
+    """Train one run (every rank calls this). ``resume``: a run directory or checkpoint file;
+    ``overrides`` (flat ``key: value``) apply on top of the resumed config."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .data import build_datasets
+    from .data.augment import augment, normalize
+    from .metrics import summarize
+    from .models import build_model
+
+    hvd = horovod_torch()
+    hvd.init()
+    rank, world = hvd.rank(), hvd.size()
+    main = shard = None
+    if resume:
+        cfg, run_dir, main, shard = _resume(resume, overrides, world, rank)
+    cfg = cfg or Config()
+    d, o, r = cfg.data, cfg.optim, cfg.run
+    device = pick_device(r.device, hvd)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
+
+    train_ds, val_ds, classes = build_datasets(d, r.seed)
+    nc = len(classes)
+    torch.manual_seed(r.seed)
+    model = build_model(o.model, nc, d.image_size).to(device)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=r.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=o.batch_size, sampler=sampler,
+                        num_workers=d.workers, drop_last=True, persistent_workers=d.workers > 0)
+    steps_per_epoch = len(loader)
+    if o.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, o.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_ds)} training images are too few for batch_size "
+                         f"{o.batch_size} x {world} ranks")
+    strategy = STRATEGIES[cfg.decentral.algorithm](cfg, model, hvd)
+
+    start_epoch, history, cum_bytes = 0, [], 0
+    if main is not None:
+        strategy.load(main, shard)
+        torch.set_rng_state(shard["torch_rng"])
+        if device.type == "cuda" and shard.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(shard["cuda_rng"])
+        start_epoch, history = main["epoch"] + 1, main["history"]
+        cum_bytes = history[-1]["cum_bytes_per_worker"] if history else 0
+    else:
+        c = cfg.compression.compression
+        run_name = r.run_name or time.strftime(f"{c}-{o.model}-%Y%m%d-%H%M%S")
+        run_dir = os.path.join(r.out_dir, run_name)
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+    run_dir = hvd.broadcast_object(run_dir, root_rank=0, name="hvd_rsgc.run_dir")
+    strategy.broadcast_initial(resumed=main is not None)
+    flat = cfg.to_flat()
+    report = Reporter(run_dir, rank, quiet, r.progress)
+    if rank == 0:
+        import yaml
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(flat, f, sort_keys=True)
+        report.truncate(start_epoch)
+
+    end_epoch = o.epochs if not r.stop_after else min(o.epochs, start_epoch + r.stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        strategy.begin_epoch(epoch)
+        gen = _seed_gen(r.seed, rank, epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        it = iter(loader)
+        bar = report.bar(steps_per_epoch, f"epoch {epoch + 1}/{o.epochs}")
+        for step in range(steps_per_epoch):
+            x, y = next(it)
+            lr = lr_at(o, epoch + step / steps_per_epoch, world)
+            for g in strategy.opt.param_groups:
+                g["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            xf = augment(x.float(), gen) if d.augment else x.float()
+            strategy.opt.zero_grad()
+            out = model(normalize(xf, d.mean, d.std))
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            strategy.after_backward()
+            strategy.step()
+            lv = loss.item()
+            loss_sum += lv * y.numel()
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.4f}")
+        if bar:
+            bar.close()
+        del it
+        average_buffers(model, hvd)
+        tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64),
+                           op=hvd.Sum, name="hvd_rsgc.train.stats")
+        with strategy.evaluation_model() as consensus:
+            cm, val_loss = evaluate(model, val_ds, cfg, hvd, nc)
+        m = summarize(cm)
+        ep_bytes, ep_dense, skipped = strategy.epoch_bytes()
+        all_bytes = hvd.allgather_object(ep_bytes, name="hvd_rsgc.bytes")
+        cum_bytes += ep_bytes
+        rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tr[0].item() / tr[2].item(),
+               "train_acc": tr[1].item() / tr[2].item(), "val_loss": val_loss,
+               "top1": m["oa"], "oa": m["oa"], "aa": m["aa"], "kappa": m["kappa"],
+               "per_class": m["per_class"],
+               "bytes_per_worker": ep_bytes, "bytes_mean_over_workers": sum(all_bytes) / world,
+               "dense_bytes_per_worker": ep_dense,
+               "compression_ratio": ep_dense / ep_bytes if ep_bytes else None,
+               "cum_bytes_per_worker": cum_bytes, "seconds": time.time() - t0,
+               "time": time.time(), "skipped_steps": skipped,
+               "consensus_distance": consensus, "confusion": cm.tolist()}
+        history.append(rec)
+        path = ckpt.main_path(run_dir, epoch)
+        ckpt.atomic_save({"format": ckpt.SHARD_FORMAT, "rank": rank, "epoch": epoch,
+                          "torch_rng": torch.get_rng_state(), **strategy.shard_state(),
+                          "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                         ckpt.shard_path(path, rank))
+        hvd.barrier()
+        if rank == 0:
+            report.epoch(rec, o.epochs)
+            ckpt.save_main(run_dir, epoch, {
+                "format": ckpt.CKPT_FORMAT, "epoch": epoch, "config": flat,
+                "model": model.state_dict(), "optimizer": strategy.opt.state_dict(),
+                "history": history, "classes": classes, "world_size": world}, r.keep_checkpoints)
+        hvd.barrier()
+    return report.finish(history, classes, flat)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hvd_rsgc.train", description=__doc__,
+                                 epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file of config keys")
+    ap.add_argument("--resume", default=None, metavar="RUN_DIR_OR_FILE",
+                    help="continue a run (its latest checkpoint, or the checkpoint file given)")
+    args, rest = ap.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(rest)
+        if args.resume:
+            if args.config:
+                raise ValueError("--config and --resume do not go together: a resumed run uses "
+                                 "the config saved in its checkpoint (override keys with --key value)")
+            Config().update(overrides, "command line")       # validate before starting
+            run(None, resume=args.resume, overrides=overrides)
+        else:
+            run(load_config(args.config, overrides))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

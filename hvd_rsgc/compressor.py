@@ -1,0 +1,170 @@
+"""The base of every public compressor: an :class:`~hvd_rsgc.engine.Engine` plus the backend
+bindings that use it. Backend-neutral: the Horovod binding (``hvd_rsgc/horovod/binding.py``)
+is created on the first ``compress()``, the DDP comm hook (``hvd_rsgc/ddp/``) on the first
+bucket, so constructing a compressor imports neither Horovod nor ``torch.distributed``.
+
+    comp = RSDGCCompression(model, density=0.001)
+    hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp)
+
+Optimizer checks run at the first ``step()`` of any optimizer that holds the compressor's
+parameters (a global ``torch.optim`` step pre-hook): the double-momentum mistake, parameters
+the compressor does not own, and the backend's own checks (Adasum, op, process set).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch.optim.optimizer as _optim_module
+
+from .engine import Engine
+
+# One global torch.optim step pre-hook for all compressors, registered once. Compressors are
+# held weakly; a compressor collected by the GC drops out of the set (removing a hook from
+# inside torch's hook iteration would mutate the dict it is iterating).
+_LIVE: "weakref.WeakSet[Compressor]" = weakref.WeakSet()
+_HOOK = None
+
+
+def _register(comp) -> None:
+    global _HOOK
+    _LIVE.add(comp)
+    if _HOOK is None:
+        _HOOK = _optim_module.register_optimizer_step_pre_hook(_pre_step_all)
+
+
+def _pre_step_all(opt, args, kwargs):
+    for comp in list(_LIVE):
+        comp._pre_step(opt)
+    return None
+
+
+class Compressor:
+    """Base class. Subclasses build an ``algorithms`` method and pass the engine options.
+
+    Args:
+        model: an ``nn.Module`` or an iterable of ``(name, parameter)``.
+        method: the ``algorithms`` method (``None``: every tensor dense).
+        average: ``True`` for averaging (``op=hvd.Average``), ``False`` for summing.
+        process_set: the Horovod process set the optimizer uses, if not the global one.
+        **engine_options: see :class:`hvd_rsgc.engine.Engine`.
+    """
+
+    def __init__(self, model, *, method, average: bool = True, process_set=None,
+                 **engine_options):
+        self.engine = Engine(model, method, owner=type(self).__name__, **engine_options)
+        self.method = method
+        self.average = bool(average)
+        self.process_set = process_set
+        self._horovod = None
+        self._checked_optimizers = weakref.WeakSet()
+        _register(self)
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def momentum(self) -> float:
+        return self.engine.momentum
+
+    @property
+    def density(self) -> float:
+        return self.engine.schedule.density
+
+    @property
+    def momentum_correction(self) -> bool:
+        """True when the compressor puts momentum into what it sends (use ``DGCSGD``)."""
+        return self.method is not None and self.method.momentum_correction and self.momentum > 0
+
+    @property
+    def compressed_names(self) -> list[str]:
+        return self.engine.compressed_names
+
+    @property
+    def step_nonfinite(self) -> bool:
+        """With ``nonfinite="skip"``: the last step saw a non-finite gradient on some rank
+        (every rank agrees); skip the optimizer step."""
+        return self.engine.step_nonfinite
+
+    def set_epoch(self, epoch: int) -> None:
+        """Drive the warm-up schedule by epoch (overrides ``steps_per_epoch`` counting)."""
+        self.engine.set_epoch(epoch)
+
+    def stats(self) -> dict:
+        """Bytes submitted to collectives by this rank (last step, total), the dense fp32
+        equivalent and ratio, per-layer density/units, compressor memory, skipped steps."""
+        return self.engine.stats()
+
+    def state_dict(self) -> dict:
+        """Residuals, momentum buffers, step counters, densities and RNG state of *this rank*
+        (each rank has its own residual: checkpoint every rank's)."""
+        return self.engine.state_dict(type(self).__name__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state, type(self).__name__)
+
+    # -- Horovod's compression interface (hvd.DistributedOptimizer(compression=self)) -------
+    @property
+    def horovod(self):
+        if self._horovod is None:
+            from .horovod.binding import HorovodBinding
+            self._horovod = HorovodBinding(self)
+        return self._horovod
+
+    def synchronize(self, opt) -> None:
+        """Finish this step's compression before ``opt.step()``: Horovod's
+        ``opt.synchronize()``, or at ``-np 1`` the local pass. Then ``step_nonfinite`` tells
+        whether to skip the step (``nonfinite="skip"``); step with
+        ``with opt.skip_synchronize(): opt.step()``."""
+        self.horovod.synchronize(opt)
+
+    def compress(self, tensor):
+        return self.horovod.compress(tensor)
+
+    def decompress(self, tensor, ctx):
+        return self.horovod.decompress(tensor, ctx)
+
+    # -- optimizer checks -----------------------------------------------------------------
+    def _pre_step(self, opt) -> None:
+        owned = getattr(opt, "_compression", None) is self        # a Horovod optimizer of ours
+        table = self.engine.table
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not owned and not any(table.owns(p) for p in params):
+            return
+        if opt not in self._checked_optimizers:
+            if owned:
+                foreign = [tuple(p.shape) for p in params if p.requires_grad and not table.owns(p)]
+                if foreign:
+                    raise ValueError(
+                        f"the optimizer holds {len(foreign)} parameter(s) (shapes {foreign[:4]}) "
+                        f"that the model passed to {type(self).__name__}(model, ...) does not own: "
+                        "pass the same model / named_parameters to both")
+            self.check_optimizer(opt)
+            self._checked_optimizers.add(opt)
+        if owned:
+            self.horovod.pre_step(opt)
+
+    def check_optimizer(self, opt) -> None:
+        """Refuse configurations that silently train wrong. Called automatically at the first
+        ``step()`` of any optimizer holding our parameters; may be called by hand."""
+        from .optim import DGCSGD
+        if getattr(opt, "op", None) is not None or hasattr(opt, "_compression"):
+            self.horovod.check_optimizer(opt)
+        mc = self.momentum_correction
+        table = self.engine.table
+        for group in opt.param_groups:
+            if not any(table.owns(p) for p in group["params"]):
+                continue
+            m = group.get("momentum", 0.0) or 0.0
+            if mc and not isinstance(opt, DGCSGD) and m > 0:
+                raise ValueError(
+                    f"double momentum: {type(self).__name__}(momentum={self.momentum}) already puts "
+                    f"momentum into the gradient it sends, but the optimizer applies momentum={m} "
+                    "again. Use hvd_rsgc.DGCSGD (momentum only on weight decay) or momentum=0 in "
+                    "the optimizer.")
+            if mc and not isinstance(opt, DGCSGD) and "betas" in group:
+                warnings.warn(f"{type(self).__name__} applies momentum correction; combining it with "
+                              f"{type(opt).__name__} (adaptive moments) is untested", stacklevel=3)
+            if isinstance(opt, DGCSGD) and m > 0 and not mc:
+                raise ValueError(
+                    f"DGCSGD applies momentum only to weight decay and expects the compressor to do "
+                    f"momentum correction, but {type(self).__name__} does not (momentum=0 or a "
+                    "method without it): use torch.optim.SGD(momentum=...) instead")

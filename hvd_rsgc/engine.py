@@ -1,0 +1,444 @@
+"""The backend-neutral compression engine: everything a compressor keeps and decides that does
+not depend on how bytes travel. No Horovod, no ``torch.distributed``, no MPI.
+
+Roles, one class each (a backend binding -- ``hvd_rsgc/horovod/``, ``hvd_rsgc/ddp/`` -- moves
+messages through a :class:`~hvd_rsgc.transport.Transport` and asks the engine the rest):
+
+* :class:`ParamTable` -- one row per parameter (name, parameter, the method's
+  :class:`~hvd_rsgc.algorithms.base.LayerState`, compressed or dense), and the lookup from a
+  gradient tensor back to its row (Horovod calls ``compress(p.grad)`` without a name).
+* :class:`DensitySchedule` -- DGC warm-up densities, RS-DGC's dynamic per-layer densities
+  (eq. 3-5), the update period and the starvation floor.
+* :class:`ByteMeter` -- bytes this rank submitted to collectives, per tensor and step and in
+  total, with the dense fp32 equivalent. Transports count into it.
+* :class:`Engine` -- ties them to a method: memory initialisation, clipping, the non-finite
+  policy, encode/decode, dense-tensor momentum, ``stats()``, ``state_dict()``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from collections.abc import Iterable
+
+import torch
+
+from .algorithms.base import LayerState
+from .algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
+from .algorithms.memory import DenseMomentum, all_finite, clip_local
+
+STATE_FORMAT = "hvd_rsgc.compression/1"
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+# ----------------------------------------------------------------------------- validation
+def check_density(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not (0.0 <= value <= 1.0 if allow_zero else 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1], got {value!r}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def named_parameters_of(model_or_params) -> list[tuple[str, torch.nn.Parameter]]:
+    """Accept an ``nn.Module`` or an iterable of ``(name, parameter)``."""
+    if isinstance(model_or_params, torch.nn.Module):
+        items = list(model_or_params.named_parameters())
+    else:
+        try:
+            items = list(model_or_params)
+        except TypeError:
+            raise TypeError("model must be an nn.Module or an iterable of (name, parameter), "
+                            f"got {type(model_or_params).__name__}") from None
+        for it in items:
+            if not (isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str)
+                    and isinstance(it[1], torch.Tensor)):
+                raise TypeError("model must be an nn.Module or an iterable of (name, parameter) "
+                                f"tuples; got an element {it!r:.80}")
+    names = [n for n, _ in items]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"model: duplicate parameter names {sorted(dup)}")
+    if not items:
+        raise ValueError("model has no parameters")
+    return items
+
+
+def sparse_gradient_modules(model) -> list[str]:
+    """Names of parameters that produce ``torch.sparse`` gradients (``nn.Embedding`` /
+    ``nn.EmbeddingBag`` with ``sparse=True``)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    out = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and mod.sparse:
+            out.append(f"{mname}.weight" if mname else "weight")
+    return out
+
+
+# ----------------------------------------------------------------------------- table
+@dataclass
+class Entry:
+    """One parameter: its name, the tensor, the method's per-tensor state, compressed or not."""
+
+    name: str
+    param: torch.nn.Parameter
+    layer: LayerState
+    sparse: bool
+
+
+class ParamTable:
+    """Rows in the model's parameter order; lookup by parameter identity or by gradient."""
+
+    def __init__(self, items: list[tuple[str, torch.nn.Parameter]], eligible, make_layout):
+        self.entries: list[Entry] = []
+        self._by_id: dict[int, Entry] = {}
+        for i, (name, p) in enumerate(items):
+            sparse = bool(eligible(name, p))
+            layout = make_layout(p.shape) if sparse else None
+            e = Entry(name, p, LayerState(name=name, index=i, shape=p.shape, dtype=p.dtype,
+                                          layout=layout), sparse)
+            self.entries.append(e)
+            self._by_id[id(p)] = e
+        self._order = [e for e in self.entries][::-1]     # backward visits late layers first
+        self._cursor = 0
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def compressed(self) -> list[Entry]:
+        return [e for e in self.entries if e.sparse]
+
+    def owns(self, p) -> bool:
+        return id(p) in self._by_id
+
+    def of(self, p) -> Entry:
+        return self._by_id[id(p)]
+
+    def backward_order(self) -> list[Entry]:
+        return self._order
+
+    def find_grad(self, tensor: torch.Tensor, owner: str) -> Entry:
+        """The row whose parameter's ``.grad`` *is* ``tensor`` (cursor walk in backward order:
+        O(1) amortised, survives ``zero_grad(set_to_none=True)``)."""
+        order, n = self._order, len(self._order)
+        for off in range(n):
+            i = (self._cursor + off) % n
+            e = order[i]
+            if e.param.grad is tensor:
+                self._cursor = (i + 1) % n
+                return e
+        for e in order:
+            if e.param is tensor or e.param.data is tensor:
+                raise ValueError(
+                    f"compress() got the parameter '{e.name}' itself, not its gradient: this "
+                    "happens with op=hvd.Adasum, which compresses parameter deltas; sparsifying "
+                    "compressors do not support Adasum (use op=hvd.Average)")
+        raise ValueError(
+            f"compress() got a gradient (shape {tuple(tensor.shape)}) that belongs to no parameter "
+            f"passed to {owner}(model, ...): pass the same model / named_parameters "
+            "to the compressor as to the distributed optimizer")
+
+
+# ----------------------------------------------------------------------------- density
+class DensitySchedule:
+    """Density per compressed tensor: warm-up (by epoch), then the target; with ``dynamic``,
+    per-layer densities from the global |w| ranking, recomputed every ``update_every`` steps.
+    ``k`` stays fixed between updates (Horovod's response cache compares shapes)."""
+
+    def __init__(self, density: float, *, dynamic: bool = False, update_every: int = 100,
+                 floor: float = 0.1, warmup_epochs: int = 0, warmup_densities=DGC_WARMUP,
+                 steps_per_epoch: int | None = None):
+        check_density("density", density)
+        check_int("update_every", update_every, 1)
+        check_density("density_floor", floor, allow_zero=True)
+        check_int("warmup_epochs", warmup_epochs, 0)
+        if warmup_epochs and steps_per_epoch is None:
+            raise ValueError("warmup_epochs > 0 needs steps_per_epoch= (or call set_epoch(); "
+                             "pass steps_per_epoch=0 to rely on set_epoch() alone)")
+        if steps_per_epoch is not None:
+            check_int("steps_per_epoch", steps_per_epoch, 0)
+        for d in list(warmup_densities)[:warmup_epochs]:
+            check_density("warmup_densities[...]", d)
+        self.density = float(density)
+        self.dynamic = bool(dynamic)
+        self.update_every = update_every
+        self.floor = float(floor)
+        self.warmup = tuple(warmup_densities)[:warmup_epochs]
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch: int | None = None
+        self.key: tuple | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        check_int("epoch", epoch, 0)
+        self.epoch = epoch
+
+    def base(self, step: int) -> float:
+        if not self.warmup:
+            return self.density
+        epoch = self.epoch
+        if epoch is None:
+            epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
+        return warmup_density(epoch, self.density, self.warmup)
+
+    def update(self, layer: LayerState, table: ParamTable, method) -> None:
+        """Before ``layer``'s step: if the (base density, update period) key changed, set
+        density, k and the method's plan for every compressed tensor."""
+        base = self.base(layer.step)
+        key = (base, layer.step // self.update_every if self.dynamic else 0)
+        if key == self.key and layer.k:
+            return
+        if key != self.key:
+            self.key = key
+            rows = table.compressed
+            dens = dynamic_densities([e.param for e in rows], base, self.floor) if self.dynamic \
+                else [base] * len(rows)
+            for e, d in zip(rows, dens):
+                e.layer.density = d
+                e.layer.k = method.units_for(e.layer, d)
+                method.on_density(e.layer)
+
+
+# ----------------------------------------------------------------------------- bytes
+class ByteMeter:
+    """Bytes this rank submitted to collectives. ``tensor()`` opens a tensor's record for its
+    step (the first tensor of a new step starts a new "last step"); ``add()`` adds bytes to a
+    record -- transports call it for every collective they run."""
+
+    def __init__(self):
+        self.totals = {"bytes": 0, "dense_bytes": 0, "steps": 0}
+        self.last: dict[str, dict] = {}
+        self.cur_step = 0
+
+    def tensor(self, key: str, step: int, nbytes: int, dense_bytes: int,
+               sent_units: int | None = None) -> None:
+        if step > self.cur_step:
+            self.cur_step = step
+            self.totals["steps"] += 1
+            self.last = {}
+        self.last[key] = {"step": step, "bytes": nbytes, "dense_bytes": dense_bytes,
+                          "sent_units": sent_units}
+        self.totals["bytes"] += nbytes
+        self.totals["dense_bytes"] += dense_bytes
+
+    def add(self, key: str, nbytes: int) -> None:
+        rec = self.last.setdefault(key, {"step": self.cur_step, "bytes": 0, "dense_bytes": 0,
+                                         "sent_units": None})
+        rec["bytes"] += nbytes
+        self.totals["bytes"] += nbytes
+
+    def summary(self) -> dict:
+        step_bytes = sum(r["bytes"] for r in self.last.values())
+        step_dense = sum(r["dense_bytes"] for r in self.last.values())
+        t = self.totals
+        return {"steps": t["steps"], "step_bytes": step_bytes, "step_dense_bytes": step_dense,
+                "step_ratio": step_dense / step_bytes if step_bytes else None,
+                "total_bytes": t["bytes"], "total_dense_bytes": t["dense_bytes"],
+                "compression_ratio": t["dense_bytes"] / t["bytes"] if t["bytes"] else None}
+
+    def state_dict(self) -> dict:
+        return dict(self.totals)
+
+    def load_state_dict(self, totals: dict) -> None:
+        self.totals = {**self.totals, **totals}
+
+
+# ----------------------------------------------------------------------------- engine
+class Engine:
+    """A method (``algorithms``) bound to a model's parameters, backend-neutral.
+
+    ``method=None`` sends every tensor dense (``dense_dtype`` on the wire: fp16 compression).
+    ``nonfinite``: ``"raise"`` (every rank raises ``FloatingPointError`` naming the
+    parameter) or ``"skip"`` (every rank gets a NaN gradient for the step, the state is not
+    touched, ``step_nonfinite`` is True: the caller skips the optimizer step).
+    """
+
+    def __init__(self, model, method, *, density: float = 1.0, dynamic: bool = False,
+                 update_every: int = 100, density_floor: float = 0.1, warmup_epochs: int = 0,
+                 warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
+                 momentum: float = 0.0, nesterov: bool = False, clip_norm: float | None = None,
+                 min_numel: int = 1024, exclude: Iterable[str] = (), compress_all: bool = False,
+                 dense_dtype: torch.dtype | None = None, nonfinite: str = "raise",
+                 owner: str = "Compressor"):
+        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                      or not clip_norm > 0):
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
+        check_int("min_numel", min_numel, 0)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        self.owner = owner
+        self.method = method
+        self.schedule = DensitySchedule(density, dynamic=dynamic, update_every=update_every,
+                                        floor=density_floor, warmup_epochs=warmup_epochs,
+                                        warmup_densities=warmup_densities,
+                                        steps_per_epoch=steps_per_epoch)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+        self.clip_norm = clip_norm
+        self.min_numel = min_numel
+        self.exclude = tuple(exclude)
+        self.compress_all = compress_all
+        self.dense_dtype = dense_dtype
+        self.nonfinite = nonfinite
+        self.dense_momentum = DenseMomentum(self.momentum, nesterov) \
+            if method is not None and method.momentum_correction and self.momentum > 0 else None
+        items = named_parameters_of(model)
+        self.sparse_grad_params = sparse_gradient_modules(model)
+        self.table = ParamTable(items, lambda n, p: method is not None and self.eligible(n, p),
+                                method.make_layout if method is not None else None)
+        self.meter = ByteMeter()
+        self.step_nonfinite = False         # a non-finite gradient was seen this step ("skip")
+        self.skipped_steps = 0
+
+    # -- which tensors --------------------------------------------------------------------
+    def eligible(self, name: str, p: torch.Tensor) -> bool:
+        """Compressed: trainable float, dim > 1 with at least ``min_numel`` elements (any size
+        with ``compress_all``), not matched by ``exclude``."""
+        return (p.requires_grad and p.is_floating_point()
+                and (self.compress_all or (p.dim() > 1 and p.numel() >= self.min_numel))
+                and not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude))
+
+    @property
+    def compressed_names(self) -> list[str]:
+        return [e.name for e in self.table.compressed]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.schedule.set_epoch(epoch)
+
+    # -- one tensor's step ----------------------------------------------------------------
+    def begin(self, e: Entry, tensor: torch.Tensor, world: int):
+        """Start ``e``'s step: allocate memory, update densities, count the step, check the
+        gradient. Returns ``(finite, g)`` with ``g`` locally clipped when ``clip_norm``."""
+        if tensor.is_sparse:
+            raise TypeError(f"parameter '{e.name}': torch.sparse gradients are not supported "
+                            "(use nn.Embedding(sparse=False) or sparse_as_dense=True)")
+        st = e.layer
+        if e.sparse:
+            if tensor.numel() == 0:
+                raise ValueError(f"parameter '{e.name}': empty gradient")
+            if not st.memory_ready:
+                self.method.init_memory(st, tensor.device)
+                st.memory_ready = True
+            self.schedule.update(st, self.table, self.method)
+        st.step += 1
+        if st.step > self.meter.cur_step:
+            self.step_nonfinite = False
+        finite = all_finite(tensor)
+        g = clip_local(tensor, self.clip_norm, world) if finite and e.sparse and self.clip_norm \
+            else tensor
+        return finite, g
+
+    def record(self, e: Entry, nbytes: int, tensor: torch.Tensor, sent_units=None) -> None:
+        self.meter.tensor(e.name, e.layer.step, nbytes, tensor.numel() * 4, sent_units)
+
+    def nonfinite_result(self, e: Entry, like: torch.Tensor, where: str = "") -> torch.Tensor:
+        """Every rank learned (from the reduced flag or values) that some rank's gradient of
+        ``e`` was not finite: raise, or (``skip``) hand back a NaN gradient."""
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient for parameter '{e.name}' on at least one rank "
+                f"(step {e.layer.step}); it was not accumulated into the compressor state{where}")
+        if not self.step_nonfinite:
+            self.skipped_steps += 1
+        self.step_nonfinite = True
+        return torch.full(e.layer.shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    def dense_result(self, e: Entry, reduced: torch.Tensor, dtype) -> torch.Tensor:
+        """A dense tensor back from the allreduce: non-finite check, then the local momentum
+        that momentum-correcting methods apply to the tensors they send dense."""
+        if not all_finite(reduced):
+            return self.nonfinite_result(e, reduced.to(dtype))
+        out = reduced
+        if self.dense_momentum is not None:
+            out = self.dense_momentum.apply(e.layer.memory, out.float())
+        return out.to(dtype) if out.dtype != dtype else out
+
+    def wire_dense(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype.is_floating_point and self.dense_dtype is not None \
+                and tensor.dtype != self.dense_dtype:
+            return tensor.to(self.dense_dtype)
+        return tensor
+
+    # -- reporting ------------------------------------------------------------------------
+    def memory_bytes(self) -> dict:
+        """Compressor state held by this rank: residual/momentum buffers (fp32) and workspaces."""
+        buffers = sum(t.numel() * t.element_size() for e in self.table
+                      for t in e.layer.memory.values() if isinstance(t, torch.Tensor))
+        ws = self.method.workspace.nbytes() if self.method is not None else 0
+        params = sum(e.param.numel() for e in self.table)
+        return {"state_bytes": buffers, "workspace_bytes": ws,
+                "words_per_parameter": (buffers + ws) / (4 * params) if params else 0.0}
+
+    def stats(self) -> dict:
+        last = self.meter.last
+        layers = {}
+        for e in self.table:
+            rec, st = last.get(e.name), e.layer
+            layers[e.name] = {
+                "compressed": e.sparse,
+                "density": st.density if e.sparse else 1.0,
+                "units": st.k if e.sparse else None,
+                "unit_size": st.layout.unit_size if e.sparse else None,
+                "sent_fraction": (rec["sent_units"] / st.layout.num_units
+                                  if rec and rec.get("sent_units") is not None and e.sparse
+                                  else (1.0 if rec else None)),
+                "bytes": rec["bytes"] if rec else 0,
+                "dense_bytes": rec["dense_bytes"] if rec else 0,
+            }
+        return {**self.meter.summary(), "skipped_steps": self.skipped_steps,
+                "memory": self.memory_bytes(), "layers": layers}
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self, owner: str) -> dict:
+        layers = {e.name: {"step": e.layer.step, "density": e.layer.density, "k": e.layer.k,
+                           "memory": {k: v.detach().clone() for k, v in e.layer.memory.items()}}
+                  for e in self.table}
+        s = self.schedule
+        return {"format": STATE_FORMAT, "method": owner, "epoch": s.epoch,
+                "density_key": list(s.key) if s.key else None,
+                "totals": self.meter.state_dict(), "layers": layers,
+                "skipped_steps": self.skipped_steps,
+                "rng": self.method.rng_state() if self.method is not None else {}}
+
+    def load_state_dict(self, state: dict, owner: str) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a hvd_rsgc compression state (format {got!r}, expected "
+                             f"{STATE_FORMAT!r})")
+        if state.get("method") != owner:
+            raise ValueError(f"state was saved by {state.get('method')}, cannot load into {owner}")
+        saved = state["layers"]
+        mine = {e.name for e in self.table}
+        if set(saved) != mine:
+            missing, extra = sorted(mine - set(saved)), sorted(set(saved) - mine)
+            raise ValueError(f"compression state does not match the model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        for e in self.table:
+            rec, st = saved[e.name], e.layer
+            for key, val in rec["memory"].items():
+                want = st.memory.get(key)
+                if want is not None and want.shape != val.shape:
+                    raise ValueError(f"compression state for parameter '{e.name}': buffer '{key}' "
+                                     f"has shape {tuple(val.shape)}, expected {tuple(want.shape)}")
+            st.memory = {k: v.to(e.param.device).clone() for k, v in rec["memory"].items()}
+            st.memory_ready = bool(st.memory) or st.memory_ready
+            st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])
+            if st.layout is not None and st.k:
+                self.method.on_density(st)
+        if self.method is not None and state.get("rng"):
+            self.method.load_rng_state(state["rng"])
+        self.schedule.epoch = state.get("epoch")
+        dk = state.get("density_key")
+        self.schedule.key = tuple(dk) if dk else None
+        self.meter.load_state_dict(state.get("totals", {}))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.meter.cur_step = max((e.layer.step for e in self.table), default=0)

@@ -1,0 +1,8 @@
+"""The only package that imports Horovod: the compression binding for the stock
+``hvd.DistributedOptimizer`` (``binding.py``) and the Horovod transport (``transport.py``)."""
+
+
+def horovod_torch():
+    """``horovod.torch``, imported on first use (the application reaches Horovod through here)."""
+    import horovod.torch as hvd
+    return hvd

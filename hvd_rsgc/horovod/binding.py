@@ -1,0 +1,188 @@
+"""The Horovod binding: runs a compressor's engine inside a stock, unpatched
+``hvd.DistributedOptimizer`` (Horovod 0.28.1). See docs/HOROVOD_NOTES.md for the internals it
+respects.
+
+* ``compress(p.grad)`` is called from the backward hook, without a name; the engine's table
+  finds the parameter whose ``.grad`` *is* that tensor.
+* Sparse (allgather) methods: ``compress`` encodes and starts ``allgather_async(message,
+  name="hvd_rsgc.<param name>")`` on the transport -- a stable name, so ranks pair up whatever
+  order hooks fire in -- and returns a fresh 1-element placeholder, which Horovod allreduces in
+  place under the parameter's name. The placeholder is a health flag: 1 if this rank's
+  gradient was not finite. ``decompress`` waits, decodes every rank's message into one dense
+  sum, divides by the process-set size for ``op=Average`` and returns a fresh tensor.
+* Values-allreduce methods (Random-k: shared seed, no indices) return their k values to the
+  stock allreduce itself; dense tensors (1-D, small, excluded) go through it unchanged
+  (``dense_dtype`` on the wire).
+* Multi-round methods (LGC) accumulate in ``compress``; the first ``decompress`` of a step runs
+  the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
+  calls every ``compress()`` of a step before the first ``decompress()``).
+
+Non-finite gradients are never accumulated: the rank sends an empty message and raises the
+flag; every rank then follows the engine's policy (raise ``FloatingPointError`` naming the
+parameter, after that tensor's collectives completed, or hand back NaN with ``skip``).
+
+At ``-np 1`` Horovod registers no gradient hooks, so ``compress`` would never run and momentum
+correction would silently vanish: the compressor's ``torch.optim`` step pre-hook calls
+:meth:`HorovodBinding.pre_step`, which runs every gradient through compress/decompress over a
+:class:`~hvd_rsgc.transport.LocalTransport`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..transport import LocalTransport
+from .transport import HorovodTransport, hvd
+
+FLAG_OK, FLAG_NONFINITE = 0.0, 1.0
+
+
+class Ctx(dict):
+    """Per-call context handed from compress() to decompress()."""
+
+
+class HorovodBinding:
+    def __init__(self, comp):
+        self.comp = comp
+        self.engine = comp.engine
+        self.method = comp.method
+        self.network = HorovodTransport(self.engine.meter, comp.process_set)
+        self.local = LocalTransport(self.engine.meter)
+        self.transport = self.network
+        self._local_done: dict[int, tuple[int, int]] = {}
+        self._multi_cache: dict[str, torch.Tensor] = {}
+        self._multi_step = -1
+
+    # -- compress -------------------------------------------------------------------------
+    def compress(self, tensor: torch.Tensor):
+        eng = self.engine
+        e = eng.table.find_grad(tensor, type(self.comp).__name__)
+        ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype)
+        finite, g = eng.begin(e, tensor, self.transport.size)
+        if not e.sparse:
+            out = eng.wire_dense(tensor)
+            ctx["kind"] = "dense"
+            eng.record(e, out.numel() * out.element_size(), tensor)
+            return out, ctx
+        m = self.method
+        if getattr(m, "rounds", "single") == "multi":
+            if finite:
+                m.accumulate(e.layer, g)
+            return self._flag(finite, tensor, ctx, e, "multi")
+        if finite:
+            msg = m.encode(e.layer, g, ctx)
+        else:
+            msg = m.empty_message(e.layer, tensor.device)
+            ctx["sent_units"] = 0
+        if m.communicator == "allreduce":          # values through the stock allreduce
+            if not finite:
+                msg.fill_(float("nan"))            # poisons the allreduce on every rank
+            ctx["kind"] = "reduce"
+            eng.record(e, msg.numel() * msg.element_size(), tensor, ctx.get("sent_units"))
+            return msg, ctx
+        flag = self._flag(finite, tensor, ctx, e, "gather")
+        ctx["handle"] = self.transport.allgather_async(msg, name=f"hvd_rsgc.{e.name}", key=e.name)
+        return flag
+
+    def _flag(self, finite, tensor, ctx, e, kind):
+        flag = torch.full((1,), FLAG_OK if finite else FLAG_NONFINITE, dtype=tensor.dtype,
+                          device=tensor.device)
+        ctx["kind"] = kind
+        self.engine.record(e, flag.numel() * flag.element_size(), tensor, ctx.get("sent_units"))
+        return flag, ctx
+
+    # -- decompress -----------------------------------------------------------------------
+    def decompress(self, tensor: torch.Tensor, ctx):
+        if ctx is None:        # Horovod's torch.sparse path skipped compress() and sends no ctx
+            raise TypeError(
+                f"a torch.sparse gradient (parameters {self.engine.sparse_grad_params[:4] or '?'}) "
+                f"reached {type(self.comp).__name__}: Horovod sends sparse gradients around the "
+                "compressor. Use nn.Embedding(sparse=False), or hvd.DistributedOptimizer(..., "
+                "sparse_as_dense=True)")
+        eng, e, kind = self.engine, ctx["entry"], ctx["kind"]
+        if kind == "dense":
+            return eng.dense_result(e, tensor, ctx["dtype"])
+        if kind == "reduce":
+            if not torch.isfinite(tensor).all():
+                return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
+            return self.method.decode(e.layer, tensor, self.transport.size, ctx).to(ctx["dtype"])
+        if kind == "multi":
+            if float(tensor.reshape(-1)[0]) != FLAG_OK:
+                return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
+            if self._multi_step != e.layer.step:
+                self._run_multi(e.layer.step)
+            return self._multi_cache.pop(e.name).to(ctx["dtype"])
+        gathered = self.transport.wait(ctx["handle"])
+        if float(tensor.reshape(-1)[0]) != FLAG_OK:
+            return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
+        n = self.transport.size
+        dense = self.method.decode(e.layer, gathered, n, ctx)
+        if self.comp.average and n > 1:
+            dense.div_(n)
+        return dense.to(ctx["dtype"])
+
+    def _run_multi(self, step: int) -> None:
+        self._multi_step = step
+        rows = self.engine.table.compressed
+        outs = self.method.run([r.layer for r in rows], self.transport, self.comp.average, step)
+        self._multi_cache = {r.name: o for r, o in zip(rows, outs)}
+
+    # -- optimizer ------------------------------------------------------------------------
+    def check_optimizer(self, opt) -> None:
+        h = hvd()
+        op = getattr(opt, "op", None)
+        name = type(self.comp).__name__
+        if op is not None:
+            if op == h.Adasum:
+                raise ValueError(f"{name} does not support op=hvd.Adasum (Adasum compresses "
+                                 "parameter deltas); use op=hvd.Average")
+            if op == h.Sum and self.comp.average:
+                raise ValueError(f"optimizer uses op=hvd.Sum but {name}(average=True); pass "
+                                 "average=False")
+            if op == h.Average and not self.comp.average:
+                raise ValueError(f"optimizer uses op=hvd.Average but {name}(average=False)")
+            ps = getattr(opt, "process_set", None)
+            if ps is not None and self.comp.process_set is not None and ps is not self.comp.process_set:
+                raise ValueError("optimizer and compressor use different process_set")
+        # torch.sparse gradients are refused in decompress(), once Horovod's sparse allreduce
+        # has completed on every rank: refusing here, with collectives in flight, would let a
+        # fast rank exit while a slow one is still submitting (it would see "Horovod has been
+        # shut down" instead of the reason)
+
+    def synchronize(self, opt) -> None:
+        if self._hooks_absent():
+            self._run_local()
+        else:
+            opt.synchronize()
+
+    def pre_step(self, opt) -> None:
+        if not getattr(opt, "_requires_update", None) and self._hooks_absent():
+            self._run_local()
+
+    @staticmethod
+    def _hooks_absent() -> bool:
+        """Horovod registers no hooks at size 1 (non-elastic): the compressor never runs."""
+        try:
+            return hvd().size() == 1
+        except Exception:      # noqa: BLE001 - not initialised
+            return False
+
+    def _run_local(self) -> None:
+        """-np 1: every gradient through compress/decompress over the local transport. Same
+        order as Horovod's synchronize(): every compress() first, then every decompress().
+        Horovod's step() calls the base class's step(), which fires the pre-hook again: a
+        gradient already processed (same tensor, same version) is not processed twice."""
+        self.transport = self.local
+        try:
+            pending = []
+            for e in self.engine.table.backward_order():
+                p = e.param
+                if p.grad is None or not p.requires_grad:
+                    continue
+                if self._local_done.get(id(p)) == (id(p.grad), p.grad._version):
+                    continue
+                pending.append((p, *self.compress(p.grad)))
+            for p, out, ctx in pending:
+                p.grad.set_(self.decompress(out, ctx))
+                self._local_done[id(p)] = (id(p.grad), p.grad._version)
+        finally:
+            self.transport = self.network

@@ -1,0 +1,63 @@
+"""Transport conformance, launched by tests/test_transport.py under horovodrun (Horovod
+transport) or torchrun (torch.distributed transport): every collective against a reference
+computed from the rank numbers, and the byte meter against the documented convention."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hvd_rsgc.engine import ByteMeter  # noqa: E402
+
+
+def exercise(t, P, r):
+    res = {}
+    x = torch.full((5,), float(r + 1))
+    res["avg"] = t.allreduce(x, "t.avg").tolist()
+    res["sum"] = t.allreduce(x, "t.sum", op="sum").tolist()
+    assert torch.equal(x, torch.full((5,), float(r + 1))), "allreduce changed its input"
+    g = torch.full((r + 1, 3), float(r))                    # first dimension differs per rank
+    res["gather"] = t.allgather(g, "t.gather").tolist()
+    b = torch.arange(4, dtype=torch.float32) * (r + 1)
+    res["bcast"] = t.broadcast(b, P - 1, "t.bcast").tolist()
+    rows = torch.cat([torch.full((j + 1, 2), float(100 * r + j)) for j in range(P)])
+    out, rsplits = t.alltoall(rows, [j + 1 for j in range(P)], "t.a2a")
+    res["a2a"], res["a2a_splits"] = out.tolist(), rsplits
+    h1 = t.allreduce_async(x, "t.async1")                  # several in flight, waited in reverse
+    h2 = t.allgather_async(g, "t.async2")
+    res["async_gather"] = t.wait(h2).tolist()
+    res["async_avg"] = t.wait(h1).tolist()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--backend", choices=("horovod", "torch"), required=True)
+    a = ap.parse_args()
+    meter = ByteMeter()
+    if a.backend == "horovod":
+        import horovod.torch as hvd
+
+        from hvd_rsgc.horovod.transport import HorovodTransport
+        hvd.init()
+        t = HorovodTransport(meter)
+    else:
+        import torch.distributed as dist
+
+        from hvd_rsgc.ddp.transport import TorchDistTransport
+        dist.init_process_group("gloo")
+        t = TorchDistTransport(meter)
+    P, r = t.size, t.rank
+    res = exercise(t, P, r)
+    res.update(size=P, rank=r, bytes=meter.totals["bytes"],
+               per_key={k: v["bytes"] for k, v in meter.last.items()})
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"rank{r}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Test support in one place: the repository root, the launchers (real ``horovodrun``,
+``mpirun``), reading the per-rank JSON the workers under ``tests/mp/`` write, and the
+throw-away local Slurm cluster (``slurm_local.py``)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MP = os.path.join(ROOT, "tests", "mp")
+
+
+def _env(**extra):
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **extra)
+
+
+def _exe(name: str, hint: str) -> str:
+    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.fail(f"{name} not found: {hint}")
+    return exe
+
+
+def horovodrun() -> str:
+    return _exe("horovodrun", "run scripts/install.sh (the README's test command does)")
+
+
+def launch(np_, out, *args, timeout=600, worker=os.path.join(MP, "worker.py"), controller="--gloo"):
+    """``horovodrun -np N <controller> python <worker> --out OUT args``; (process, seconds)."""
+    cmd = [horovodrun(), "-np", str(np_), controller, sys.executable, worker, "--out", str(out), *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    return proc, time.time() - t0
+
+
+def read_ranks(out, np_) -> list[dict]:
+    res = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(np_)]
+    assert [r["size"] for r in res] == [np_] * np_
+    return res
+
+
+def results(np_, out, *args, **kw) -> list[dict]:
+    """Launch a worker, require success, return every rank's JSON."""
+    proc, _ = launch(np_, out, *args, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return read_ranks(out, np_)
+
+
+def run_module(np_, args, cwd, timeout=600, check=True):
+    """``horovodrun -np N --gloo python -m <args>`` (the CLIs); returns the process."""
+    cmd = [horovodrun(), "-np", str(np_), "--gloo", sys.executable, "-m", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=str(cwd))
+    if check:
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p
+
+
+def mpirun_python(np_, *py_args, timeout=300, cwd=None):
+    """``mpirun -np N --oversubscribe python <py_args>``; (process, seconds)."""
+    cmd = [_exe("mpirun", "scripts/install.sh installs Open MPI"), "-np", str(np_), "--oversubscribe",
+           sys.executable, *py_args]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=cwd)
+    return p, time.time() - t0
+
+
+def torchrun(np_, *py_args, timeout=300, cwd=ROOT):
+    """``python -m torch.distributed.run --nproc_per_node N <py_args>``; (process, seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(np_),
+           "--master_port", "0", *py_args]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=_env(OMP_NUM_THREADS="1"), cwd=cwd)
+    return p, time.time() - t0

@@ -1,0 +1,244 @@
+"""The bad-input catalogue (issue "Reliability"): every probe that once crashed, hid the key or
+lost something, run quickly so a change cannot bring one back. The multi-process probes
+(fp16 false alarm at -np 2, torch.sparse at -np 2, skip after a non-finite step) live in
+test_horovod.py; the CLI probes run the real ``python -m hvd_rsgc.train`` in one process."""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from support import ROOT
+
+from hvd_rsgc.algorithms.memory import all_finite
+from hvd_rsgc.app import checkpoint as ckpt
+from hvd_rsgc.app.config import Config, coerce, load_config, parse_overrides
+from hvd_rsgc.app.report import Reporter, json_safe
+
+SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
+
+
+# ----------------------------------------------------------------------------- defect 1
+def test_all_finite_does_not_overflow_in_half_precision():
+    g = torch.full((100_000,), 4.0, dtype=torch.float16)
+    assert torch.isinf(g.sum())                   # the old check: an fp16 sum overflows
+    assert all_finite(g) and all_finite(g.bfloat16())
+    big = torch.full((10,), 3e38)                 # finite fp32 whose fp32 sum overflows
+    assert all_finite(big)
+    for bad in (float("inf"), float("nan"), float("-inf")):
+        x = torch.ones(1000, dtype=torch.float16)
+        x[17] = bad
+        assert not all_finite(x)
+    assert all_finite(torch.empty(0))
+
+
+def test_fp16_compression_at_size_one_has_no_false_alarm():
+    hvd = pytest.importorskip("horovod.torch")
+    import hvd_rsgc
+    hvd.init()
+    m = torch.nn.Linear(1000, 100)
+    o = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01),
+                                 named_parameters=m.named_parameters(),
+                                 compression=hvd_rsgc.FP16Compression(m))
+    m(torch.ones(4, 1000)).sum().backward()
+    o.step()                                      # raised FloatingPointError before the fix
+    assert torch.isfinite(m.weight).all()
+    mh = torch.nn.Linear(1000, 100).half()        # every compressor on a .half() model
+    comp = hvd_rsgc.RSDGCCompression(mh, density=0.01)
+    o = hvd.DistributedOptimizer(hvd_rsgc.DGCSGD(mh.parameters(), lr=0.01),
+                                 named_parameters=mh.named_parameters(), compression=comp)
+    mh(torch.ones(4, 1000, dtype=torch.float16)).float().sum().backward()
+    o.step()
+    assert torch.isfinite(mh.weight).all()
+
+
+# ----------------------------------------------------------------------------- defect 2
+def test_scientific_notation_is_a_number_on_the_command_line_and_in_files(tmp_path):
+    cfg = load_config(None, parse_overrides(["--lr", "1e-3", "--weight_decay", "5e-4",
+                                             "--density", "1e-3", "--milestones", "0.5,0.75"]))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.compression.density) == (1e-3, 5e-4, 1e-3)
+    assert cfg.optim.milestones == [0.5, 0.75]
+    f = tmp_path / "c.yaml"
+    f.write_text("weight_decay: 5e-4\nlr: 1e-2\ndensity: 1E-3\nepochs: 3\nfp16_values: yes\n")
+    cfg = load_config(str(f))
+    assert cfg.optim.weight_decay == 5e-4 and cfg.optim.lr == 0.01 and cfg.compression.density == 1e-3
+    assert cfg.compression.fp16_values is True and cfg.optim.epochs == 3
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--lr", "abc"], "lr"), (["--seed", "abc"], "seed"), (["--epochs", "2.5"], "epochs"),
+    (["--milestones", "a,b"], "milestones"), (["--density", "2"], "density"),
+    (["--fp16_values", "maybe"], "fp16_values"), (["--compression", "bogus"], "compression"),
+    (["--lr", "nan"], "lr"), (["--batch_size", "0"], "batch_size"), (["--model", "resnet7"], "model"),
+    (["--nonfinite", "ignore"], "nonfinite"), (["--compression_options", "[1]"], "compression_options"),
+])
+def test_wrong_values_name_their_key(args, key):
+    with pytest.raises(ValueError, match=rf"^{key}[: ]"):
+        load_config(None, parse_overrides(args))
+
+
+def test_wrong_values_in_a_file_name_the_key_and_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match=r"lr: expected a number.*c\.yaml"):
+        load_config(str(f))
+
+
+def test_flat_round_trip_and_help_lists_every_key():
+    from hvd_rsgc.app.config import KEYS, help_text
+    flat = Config().to_flat()
+    assert Config.from_flat(flat).to_flat() == flat and set(flat) == set(KEYS)
+    text = help_text()
+    for k in KEYS:
+        assert f"--{k} (" in text
+    assert "rsdgc" in text and "vgg19" in text and "demo" in text and "rdpsgd" in text
+
+
+# ----------------------------------------------------------------------------- defect 3
+def _checkpoint_dir(tmp_path, epochs):
+    d = tmp_path / "run"
+    for e in range(epochs):
+        ckpt.atomic_save({"format": ckpt.CKPT_FORMAT, "epoch": e}, ckpt.main_path(str(d), e))
+    return d
+
+
+def test_zero_byte_checkpoint_is_named_and_the_older_one_offered(tmp_path):
+    d = _checkpoint_dir(tmp_path, 2)
+    open(ckpt.main_path(str(d), 2), "w").close()          # `: > epoch0002.pt`
+    with pytest.raises(ValueError, match=r"epoch0002\.pt.*empty.*previous checkpoint is .*epoch0001\.pt"):
+        ckpt.resolve(str(d))
+    run_dir, path = ckpt.resolve(ckpt.main_path(str(d), 1))  # resuming from the file offered
+    assert path.endswith("epoch0001.pt") and os.path.samefile(run_dir, d)
+    single = tmp_path / "b" / "run"
+    os.makedirs(single / "checkpoints")
+    open(ckpt.main_path(str(single), 0), "w").close()
+    with pytest.raises(ValueError, match="empty.*no older checkpoint"):
+        ckpt.resolve(str(single))
+
+
+# ----------------------------------------------------------------------------- gaps
+def test_write_errors_name_the_path_say_no_space_and_leave_no_tmp(tmp_path, monkeypatch):
+    def full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    target = tmp_path / "c" / "epoch0000.pt"
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*epoch0000\.pt.*no space left"):
+        ckpt.atomic_save({"x": 1}, str(target))
+    assert os.listdir(tmp_path / "c") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_is_named(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*ro.*permission denied"):
+        ckpt.atomic_save({"x": 1}, str(ro / "a.pt"))
+
+
+def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path):
+    rep = Reporter(str(tmp_path), 0, quiet=True, progress=False)
+    for e in (1, 2, 3):
+        rep.epoch({"epoch": e, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
+                   "top1": 0.5, "oa": 0.5, "aa": float("nan"), "kappa": 0.1, "bytes_per_worker": 1,
+                   "dense_bytes_per_worker": 2, "compression_ratio": 2.0, "cum_bytes_per_worker": e,
+                   "seconds": 1.0, "skipped_steps": 0, "consensus_distance": None}, 3)
+    rep.truncate(1)
+    rep.epoch({"epoch": 2, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
+               "top1": 0.5, "oa": 0.5, "aa": 0.5, "kappa": 0.1, "bytes_per_worker": 1,
+               "dense_bytes_per_worker": 2, "compression_ratio": 2.0, "cum_bytes_per_worker": 2,
+               "seconds": 1.0, "skipped_steps": 0, "consensus_distance": None}, 3)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["aa"] is None   # NaN written as null
+    csv_rows = open(tmp_path / "metrics.csv").read().split()
+    assert len(csv_rows) == 3 and csv_rows[1].startswith("1,") and csv_rows[2].startswith("2,")
+
+
+def test_json_safe_turns_nan_into_null():
+    out = json.dumps(json_safe({"aa": float("nan"), "pc": [1.0, float("inf")]}), allow_nan=False)
+    assert out == '{"aa": null, "pc": [1.0, null]}'
+
+
+def test_hidden_folders_are_not_classes_and_unreadable_classes_are_named(tmp_path):
+    from PIL import Image
+
+    from hvd_rsgc.app.data import scan_folder
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
+    (tmp_path / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".cache" / "y.png")
+    assert scan_folder(str(tmp_path)).classes == ["a", "b"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "z.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"class folder .*c' has no readable images"):
+        scan_folder(str(tmp_path))
+
+
+def test_compressor_memory_is_reported():
+    import hvd_rsgc
+    m = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 10))
+    comp = hvd_rsgc.RSDGCCompression(m, density=0.01, min_numel=100)
+    for e in comp.engine.table.compressed:      # allocate as the first step would
+        comp.engine.begin(e, torch.zeros_like(e.param), 1)
+    mem = comp.stats()["memory"]
+    n = sum(p.numel() for p in m.parameters())
+    # residual + momentum, fp32, in unit layout (3x3 tiles: edges padded)
+    cells = sum(e.layer.layout.num_units * e.layer.layout.unit_size for e in comp.engine.table.compressed)
+    assert cells >= sum(e.param.numel() for e in comp.engine.table.compressed)
+    assert mem["state_bytes"] == 2 * 4 * cells
+    assert mem["words_per_parameter"] == pytest.approx((2 * 4 * cells + mem["workspace_bytes"]) / (4 * n))
+
+
+def test_launcher_overrides_are_not_glob_expanded_and_may_be_empty(tmp_path):
+    (tmp_path / "5").write_text("")
+    env = dict(os.environ, CONFIG="x.yaml", HVD_RSGC_DRY_RUN="1", HVD_RSGC_HOME=str(tmp_path),
+               OVERRIDES="--milestones [0.5,0.75] --epochs 3")
+    out = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "[0.5,0.75]" in out and "5" not in out
+    env["OVERRIDES"] = ""
+    out = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[-3:-1] == ["--progress", "false"]
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _train(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "hvd_rsgc.train", *args], capture_output=True,
+                          text=True, timeout=300, cwd=str(cwd), env=env)
+
+
+def test_cli_bad_input_gives_one_clear_line_not_a_traceback(tmp_path):
+    for args, want in ((["--lr", "abc"], "lr: expected a number"),
+                       (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+                       (["--config", SYNTH, "--resume", "x"], "do not go together"),
+                       (["--resume", str(tmp_path / "none")], "no such run directory")):
+        p = _train(args, tmp_path)
+        assert p.returncode != 0 and want in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+
+
+def test_cli_resume_validates_overrides_and_reads_an_empty_checkpoint_clearly(tmp_path):
+    base = ["--config", SYNTH, "--out_dir", str(tmp_path), "--run_name", "z", "--epochs", "2",
+            "--max_steps_per_epoch", "2", "--synthetic_train", "64", "--synthetic_val", "32",
+            "--progress", "false"]
+    p = _train(base, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "z"
+    p = _train(["--resume", str(run), "--compression", "bogus"], tmp_path)
+    assert p.returncode != 0 and "compression must be one of" in p.stderr
+    assert "bogus" not in open(run / "config.yaml").read()
+    open(run / "checkpoints" / "epoch0001.pt", "w").close()
+    p = _train(["--resume", str(run), "--epochs", "3"], tmp_path)
+    assert p.returncode != 0 and "epoch0001.pt" in p.stderr and "epoch0000.pt" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = _train(["--resume", str(run / "checkpoints" / "epoch0000.pt"), "--epochs", "2"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x)["epoch"] for x in open(run / "metrics.jsonl")]
+    assert rows == [1, 2]                      # epoch 2 re-run once, not duplicated
+    assert coerce("lr", "1e-3") == 1e-3
