@@ -24,7 +24,15 @@ from .compressor import Compressor
 from .optim import DGCSGD
 from .registry import make_compression, make_optimizer, register
 
+
+def __getattr__(name):
+    if name == "ddp_comm_hook":        # imported on first use: torch.distributed stays unloaded
+        from .ddp.hook import ddp_comm_hook
+        return ddp_comm_hook
+    raise AttributeError(f"module 'hvd_rsgc' has no attribute {name!r}")
+
+
 __version__ = "0.2.0"
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
            "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression", "DGCSGD",
-           "Compressor", "make_compression", "make_optimizer", "register"]
+           "Compressor", "make_compression", "make_optimizer", "register", "ddp_comm_hook"]

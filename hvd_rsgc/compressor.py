@@ -57,6 +57,7 @@ class Compressor:
         self.average = bool(average)
         self.process_set = process_set
         self._horovod = None
+        self._ddp = None
         self._checked_optimizers = weakref.WeakSet()
         _register(self)
 
@@ -115,6 +116,14 @@ class Compressor:
         whether to skip the step (``nonfinite="skip"``); step with
         ``with opt.skip_synchronize(): opt.step()``."""
         self.horovod.synchronize(opt)
+
+    # -- PyTorch DDP (ddp.register_comm_hook(state=self, hook=hvd_rsgc.ddp_comm_hook)) ---------
+    @property
+    def ddp(self):
+        if self._ddp is None:
+            from .ddp.hook import DDPBinding
+            self._ddp = DDPBinding(self)
+        return self._ddp
 
     def compress(self, tensor):
         return self.horovod.compress(tensor)

@@ -41,16 +41,20 @@ class Transport:
         self.meter = meter
 
     # -- counted public calls ------------------------------------------------------------
-    def allreduce_async(self, t: torch.Tensor, name: str, op: str = "average", key=None) -> Handle:
+    def allreduce_async(self, t: torch.Tensor, name: str, op: str = "average", key=None,
+                        count: bool = True) -> Handle:
+        """``count=False``: the caller records these bytes itself, per tensor (a fused
+        allreduce of several tensors)."""
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        self._count(key or name, t.numel() * t.element_size())
+        if count:
+            self._count(key or name, t.numel() * t.element_size())
         return self._allreduce(t, name, op)
 
     def allgather_async(self, t: torch.Tensor, name: str, key=None) -> Handle:
         """Concatenate every rank's ``t`` along dim 0 (first dimensions may differ)."""
         self._count(key or name, t.numel() * t.element_size())
-        return self._allgather(t, name)
+        return self._allgather(t, name, key or name)
 
     def broadcast_async(self, t: torch.Tensor, root: int, name: str, key=None) -> Handle:
         self._count(key or name, t.numel() * t.element_size() if self.rank == root else 0)
@@ -63,7 +67,7 @@ class Transport:
             raise ValueError(f"splits {splits} must have {self.size} entries summing to {t.shape[0]}")
         row = t[0].numel() * t.element_size() if t.shape[0] else 0
         self._count(key or name, row * (sum(splits) - splits[self.rank]))
-        return self._alltoall(t, splits, name)
+        return self._alltoall(t, splits, name, key or name)
 
     def wait(self, h: Handle):
         out = self._wait(h.pending)
@@ -89,13 +93,14 @@ class Transport:
     def _allreduce(self, t, name, op) -> Handle:
         raise NotImplementedError
 
-    def _allgather(self, t, name) -> Handle:
+    def _allgather(self, t, name, key) -> Handle:
+        """``key``: where a backend counts bytes it adds (size exchanges, padding)."""
         raise NotImplementedError
 
     def _broadcast(self, t, root, name) -> Handle:
         raise NotImplementedError
 
-    def _alltoall(self, t, splits, name) -> Handle:
+    def _alltoall(self, t, splits, name, key) -> Handle:
         raise NotImplementedError
 
     def _wait(self, pending):
@@ -111,7 +116,7 @@ class LocalTransport(Transport):
     def _allreduce(self, t, name, op):
         return Handle(t.clone())
 
-    def _allgather(self, t, name):
+    def _allgather(self, t, name, key):
         return Handle(t)
 
     def _broadcast(self, t, root, name):
@@ -119,5 +124,5 @@ class LocalTransport(Transport):
             raise ValueError(f"broadcast root {root} out of range for a 1-process transport")
         return Handle(t)
 
-    def _alltoall(self, t, splits, name):
+    def _alltoall(self, t, splits, name, key):
         return Handle((t, list(splits)))

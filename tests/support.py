@@ -73,8 +73,8 @@ def mpirun_python(np_, *py_args, timeout=300, cwd=None):
 
 def torchrun(np_, *py_args, timeout=300, cwd=ROOT):
     """``python -m torch.distributed.run --nproc_per_node N <py_args>``; (process, seconds)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(np_),
-           "--master_port", "0", *py_args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(np_),
+           *py_args]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        env=_env(OMP_NUM_THREADS="1"), cwd=cwd)

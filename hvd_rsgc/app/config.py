@@ -111,6 +111,8 @@ class CompressionConfig:
 class DecentralConfig:
     algorithm: str = opt("horovod", "training strategy: allreduce with a compressor (horovod) "
                                     "or decentralized gossip over MPI", choices=("horovod", "rdpsgd", "dpsgd"))
+    backend: str = opt("horovod", "allreduce backend: Horovod (horovodrun) or PyTorch DDP with "
+                                  "the compressor as its comm hook (torchrun)", choices=("horovod", "ddp"))
     sparsity_ratio: float = opt(0.1, "RD-PSGD: fraction of parameters mixed per round", 0.0, 1.0)
     topology: str = opt("ring", "RD-PSGD mixing topology", choices=("ring",))
     sync_every: int = opt(1, "RD-PSGD: steps between mixing rounds", minimum=1)
@@ -297,6 +299,9 @@ class Config:
             raise ValueError(f"train_ratio must be in (0, 1), got {self.data.train_ratio!r} (in {where})")
         if not o.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {o.momentum!r} (in {where})")
+        if self.decentral.backend == "ddp" and self.decentral.algorithm != "horovod":
+            raise ValueError(f"backend ddp goes with algorithm horovod (allreduce), not "
+                             f"{self.decentral.algorithm!r} (in {where})")
 
 
 def load_config(path: str | None, overrides: dict | None = None) -> Config:

@@ -3,6 +3,8 @@ calls the same steps for each, so it has no per-strategy branches.
 
 * :class:`AllreduceStrategy` -- Horovod's ``DistributedOptimizer`` with a registered
   compressor (``--algorithm horovod``, the default).
+* :class:`DDPStrategy` -- PyTorch DDP with the compressor as its comm hook (``--backend ddp``,
+  launched with ``torchrun``).
 * :class:`GossipStrategy` -- decentralized RD-PSGD / D-PSGD over MPI: every node keeps its
   own model, mixes a random parameter subset with its ring neighbours after backward and
   takes a local SGD step; evaluation uses the average model.
@@ -78,6 +80,9 @@ class AllreduceStrategy:
     def after_backward(self) -> None:
         pass
 
+    def forward(self, x):
+        return self.model(x)
+
     def step(self) -> None:
         if not self.skip:
             self.opt.step()
@@ -112,6 +117,37 @@ class AllreduceStrategy:
         self.comp.load_state_dict(shard["compression"])
 
 
+class DDPStrategy(AllreduceStrategy):
+    """PyTorch DDP with the registered compressor as its comm hook (``--backend ddp``)."""
+
+    name = "ddp"
+
+    def __init__(self, cfg, model, hvd):
+        import hvd_rsgc
+        from hvd_rsgc.ddp.process import wrap_ddp
+        self.cfg, self.model, self.hvd = cfg, model, hvd
+        c, o = cfg.compression, cfg.optim
+        self.comp = hvd_rsgc.make_compression(c.compression, model, ignore_unknown=True,
+                                              **{**compression_options(cfg), **(c.compression_options or {})})
+        self.ddp = wrap_ddp(model)
+        self.ddp.register_comm_hook(state=self.comp, hook=hvd_rsgc.ddp_comm_hook)
+        self.opt = hvd_rsgc.make_optimizer(self.comp, model.parameters(), lr=o.lr, momentum=o.momentum,
+                                           weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.skip = c.nonfinite == "skip"
+
+    def forward(self, x):
+        return self.ddp(x)
+
+    def step(self) -> None:
+        if self.skip and self.comp.step_nonfinite:      # the hook already ran in backward
+            self.opt.zero_grad()
+            return
+        self.opt.step()
+
+    def broadcast_initial(self, resumed: bool) -> None:
+        self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)   # after a resume too
+
+
 class GossipStrategy:
     name = "rdpsgd"
 
@@ -135,6 +171,9 @@ class GossipStrategy:
 
     def begin_epoch(self, epoch: int) -> None:
         self._bytes0, self._rounds0 = self.rd.bytes_sent, self.rd.rounds
+
+    def forward(self, x):
+        return self.model(x)
 
     def after_backward(self) -> None:
         self.rd.mix()          # x <- W x on a random subset; the gradient was taken before
@@ -179,4 +218,10 @@ class GossipStrategy:
         self.rd.load_state_dict(shard["rdpsgd"])
 
 
-STRATEGIES = {"horovod": AllreduceStrategy, "rdpsgd": GossipStrategy, "dpsgd": GossipStrategy}
+STRATEGIES = {"horovod": AllreduceStrategy, "ddp": DDPStrategy, "rdpsgd": GossipStrategy,
+              "dpsgd": GossipStrategy}
+
+
+def strategy_for(cfg):
+    d = cfg.decentral
+    return STRATEGIES["ddp" if d.algorithm == "horovod" and d.backend == "ddp" else d.algorithm]

@@ -22,7 +22,7 @@ from ..horovod import horovod_torch
 from . import checkpoint as ckpt
 from .config import Config, help_text, load_config, parse_overrides
 from .report import Reporter
-from .strategies import STRATEGIES
+from .strategies import strategy_for
 
 # names kept for users and older scripts
 CKPT_FORMAT, SHARD_FORMAT = ckpt.CKPT_FORMAT, ckpt.SHARD_FORMAT
@@ -92,6 +92,25 @@ def evaluate(model, dataset, cfg, hvd, num_classes):
     return cm, loss_sum.item() / max(1, int(cm.sum()))
 
 
+def process_group(cfg):
+    """Horovod (``horovod.torch``) or, with ``--backend ddp``, a torch.distributed group with
+    the same calls."""
+    if cfg is not None and cfg.decentral.backend == "ddp":
+        from ..ddp.process import TorchProcessGroup
+        return TorchProcessGroup()
+    return horovod_torch()
+
+
+def _backend_of_resume(resume: str | None, cfg):
+    if not resume:
+        return cfg
+    try:
+        _, path = ckpt.resolve(resume)
+        return Config.from_flat(ckpt.load(path)["config"], path)
+    except (ValueError, FileNotFoundError):
+        return None                # reported properly by _resume
+
+
 def _resume(resume: str, overrides: dict | None, world: int, rank: int):
     run_dir, main_file = ckpt.resolve(resume)
     main = ckpt.load(main_file)
@@ -118,7 +137,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     from .metrics import summarize
     from .models import build_model
 
-    hvd = horovod_torch()
+    hvd = process_group(_backend_of_resume(resume, cfg))
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     main = shard = None
@@ -143,7 +162,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training images are too few for batch_size "
                          f"{o.batch_size} x {world} ranks")
-    strategy = STRATEGIES[cfg.decentral.algorithm](cfg, model, hvd)
+    strategy = strategy_for(cfg)(cfg, model, hvd)
 
     start_epoch, history, cum_bytes = 0, [], 0
     if main is not None:
@@ -186,7 +205,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             xf = augment(x.float(), gen) if d.augment else x.float()
             strategy.opt.zero_grad()
-            out = model(normalize(xf, d.mean, d.std))
+            out = strategy.forward(normalize(xf, d.mean, d.std))
             loss = F.cross_entropy(out, y)
             loss.backward()
             strategy.after_backward()

@@ -4,7 +4,9 @@ NCCL on GPU), for the DDP comm hook and for anything else that runs on a process
 ``torch.distributed`` pairs collectives by call order, not by name: every rank must issue the
 same collectives in the same order (DDP's buckets are in the same order on every rank). Names
 are kept for the byte meter and error messages. Allgather of tensors whose first dimension
-differs per rank (sparse messages) exchanges the sizes first, pads to the largest and trims.
+differs per rank (sparse messages) exchanges the sizes first (8 bytes), pads to the largest and
+trims; alltoall exchanges the split sizes first (8 bytes to each other rank). Both extras are
+real bytes on the wire and are counted.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class TorchDistTransport(Transport):
             return out.div_(n) if op == "average" else out
         return Handle(work, finish)
 
-    def _allgather(self, t, name):
+    def _allgather(self, t, name, key):
         t = t.contiguous()
         n = self.size
         if n == 1:
@@ -48,6 +50,8 @@ class TorchDistTransport(Transport):
         dist.all_gather(sizes, rows, group=self.group)          # small, blocking
         counts = [int(s) for s in sizes]
         top = max(counts)
+        row = t[0].numel() * t.element_size() if t.dim() and t.shape[0] else 0
+        self._count(key, rows.element_size() + (top - counts[self.rank]) * row)
         pad = t
         if t.shape[0] < top:
             pad = torch.cat([t, t.new_zeros((top - t.shape[0],) + tuple(t.shape[1:]))])
@@ -63,9 +67,10 @@ class TorchDistTransport(Transport):
         work = dist.broadcast(out, src=root, group=self.group, async_op=True)
         return Handle(work, lambda _: out)
 
-    def _alltoall(self, t, splits, name):
+    def _alltoall(self, t, splits, name, key):
         t = t.contiguous()
         n = self.size
+        self._count(key, 8 * (n - 1))
         send = torch.tensor(splits, dtype=torch.int64, device=t.device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)      # sizes first, blocking

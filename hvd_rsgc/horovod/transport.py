@@ -32,14 +32,14 @@ class HorovodTransport(Transport):
         return Handle(h.allreduce_async(t, name=name, op=h.Average if op == "average" else h.Sum,
                                         process_set=self.process_set))
 
-    def _allgather(self, t, name):
+    def _allgather(self, t, name, key):
         return Handle(hvd().allgather_async(t, name=name, process_set=self.process_set))
 
     def _broadcast(self, t, root, name):
         return Handle(hvd().broadcast_async(t, root_rank=root, name=name,
                                             process_set=self.process_set))
 
-    def _alltoall(self, t, splits, name):
+    def _alltoall(self, t, splits, name, key):
         import torch
         h = hvd().alltoall_async(t.contiguous(), splits=torch.tensor(splits, dtype=torch.int32),
                                  name=name, process_set=self.process_set)

@@ -1,0 +1,160 @@
+"""PyTorch DDP backend: every hvd_rsgc compressor as a DDP communication hook.
+
+    ddp = DistributedDataParallel(model)
+    comp = hvd_rsgc.RSDGCCompression(model, density=0.001)      # any registered compressor
+    ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=0.1)   # DGCSGD for DGC / RS-DGC
+
+For each of DDP's gradient buckets (several parameters in one flat buffer, the hook's input and
+output), in the bucket's parameter order, which is the same on every rank:
+
+1. every parameter's gradient goes through the engine (memory, density schedule, non-finite
+   check, clipping) as with Horovod;
+2. dense tensors (1-D, small, excluded; ``dense_dtype`` on the wire) and one health flag per
+   parameter travel in ONE allreduce per bucket;
+3. sparse methods' messages (values + indices) are allgathered per tensor, values-allreduce
+   methods (Random-k) allreduce their k values -- all through the ``torch.distributed``
+   transport, counted by the byte meter;
+4. the bucket's averaged (or summed) gradient is written into a fresh buffer, the future's value.
+
+Multi-round methods (LGC) need every compressed tensor of the step: their buckets only
+accumulate, and their futures complete when DDP hands over the last bucket
+(``bucket.is_last()``), before DDP waits on them. ``no_sync()`` skips the hook (gradients
+accumulate locally and go out at the next synchronised step); ``gradient_as_bucket_view=True``
+and static graphs work unchanged. A non-finite gradient follows the compressor's ``nonfinite``
+policy on every rank (``raise``: ``FloatingPointError`` naming the parameter; ``skip``: NaN
+gradients and ``comp.step_nonfinite``).
+"""
+import torch
+import torch.distributed as dist
+
+from .transport import TorchDistTransport
+
+FLAG_OK, FLAG_NONFINITE = 0.0, 1.0
+
+
+def ddp_comm_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook; ``state`` is the compressor (``register_comm_hook(state=comp, ...)``).
+    (No ``from __future__ import annotations`` in this module: DDP checks these annotations.)"""
+    return state.ddp.bucket(bucket)
+
+
+class DDPBinding:
+    def __init__(self, comp, group=None):
+        self.comp = comp
+        self.engine = comp.engine
+        self.method = comp.method
+        self.transport = TorchDistTransport(self.engine.meter, group)
+        self._pending: list = []                 # multi-round: buckets waiting for the last one
+
+    def bucket(self, bucket) -> "torch.futures.Future[torch.Tensor]":
+        eng, m = self.engine, self.method
+        buf = bucket.buffer()
+        params = bucket.parameters()
+        grads = bucket.gradients()
+        entries = []
+        for p in params:
+            if not eng.table.owns(p):
+                raise ValueError(f"DDP bucket {bucket.index()} holds a parameter (shape "
+                                 f"{tuple(p.shape)}) that {type(self.comp).__name__}(model, ...) "
+                                 "does not own: pass the same model to the compressor and to DDP")
+            entries.append(eng.table.of(p))
+        n = self.transport.size
+        multi = m is not None and getattr(m, "rounds", "single") == "multi"
+        wire_dtype = eng.dense_dtype or buf.dtype
+        fb = torch.empty((), dtype=wire_dtype).element_size()      # one flag per parameter
+        dense_parts, flags, works = [], [], []
+        for i, (e, g) in enumerate(zip(entries, grads)):
+            finite, gc = eng.begin(e, g, n)
+            flags.append(FLAG_OK if finite else FLAG_NONFINITE)
+            if not e.sparse:
+                w = eng.wire_dense(g)
+                dense_parts.append(w.reshape(-1))
+                eng.record(e, w.numel() * w.element_size() + fb, g)
+                continue
+            if multi:
+                if finite:
+                    m.accumulate(e.layer, gc)
+                eng.record(e, fb, g)
+                continue
+            ctx = {}
+            if finite:
+                msg = m.encode(e.layer, gc, ctx)
+            else:
+                msg = m.empty_message(e.layer, g.device)
+                ctx["sent_units"] = 0
+            eng.record(e, fb, g, ctx.get("sent_units"))
+            name = f"hvd_rsgc.{e.name}"
+            if m.communicator == "allreduce":
+                if not finite:
+                    msg.fill_(float("nan"))
+                h = self.transport.allreduce_async(msg, name, "average" if self.comp.average else "sum",
+                                                   key=e.name)
+            else:
+                h = self.transport.allgather_async(msg, name, key=e.name)
+            works.append((i, h, ctx))
+        flat = torch.cat(dense_parts + [torch.tensor(flags, dtype=wire_dtype, device=buf.device)])
+        op = "average" if self.comp.average else "sum"
+        dense_h = self.transport.allreduce_async(flat, f"hvd_rsgc.ddp.bucket{bucket.index()}", op,
+                                                 count=False)
+        out = torch.empty_like(buf)
+        views, off = [], 0
+        for g in grads:
+            views.append(out[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        if off != buf.numel():
+            raise RuntimeError(f"DDP bucket {bucket.index()}: gradients cover {off} of "
+                               f"{buf.numel()} buffer elements")
+        reduced = self.transport.wait(dense_h)
+        bad = reduced[-len(entries):] != FLAG_OK
+        done = {i: h for i, h, _ in works}
+        ctxs = {i: c for i, _, c in works}
+        d_off = 0
+        for i, (e, g) in enumerate(zip(entries, grads)):
+            if not e.sparse:
+                part = reduced[d_off:d_off + g.numel()].view_as(g)
+                d_off += g.numel()
+                views[i].copy_(eng.dense_result(e, part, g.dtype) if not bad[i]
+                               else eng.nonfinite_result(e, g))
+                continue
+            if multi:
+                continue
+            res = self.transport.wait(done[i])
+            if bad[i] or (m.communicator == "allreduce" and not torch.isfinite(res).all()):
+                views[i].copy_(eng.nonfinite_result(e, g))
+                continue
+            dense = m.decode(e.layer, res, n, ctxs[i])
+            if m.communicator != "allreduce" and self.comp.average and n > 1:
+                dense.div_(n)
+            views[i].copy_(dense.to(g.dtype))
+        fut = torch.futures.Future()
+        if not multi:
+            fut.set_result(out)
+            return fut
+        self._pending.append((fut, out, views, entries, [bool(b) for b in bad]))
+        if bucket.is_last():
+            self._finish_multi()
+        return fut
+
+    def _finish_multi(self) -> None:
+        """Run a multi-round method over every compressed tensor of the step, then complete
+        the futures of all buckets of the step."""
+        pending, self._pending = self._pending, []
+        eng, m = self.engine, self.method
+        rows = eng.table.compressed
+        by_name = {}
+        if any(b for *_, bad in pending for b in bad):
+            for _, _, views, entries, _ in pending:
+                for v, e in zip(views, entries):
+                    if e.sparse:
+                        v.copy_(eng.nonfinite_result(e, v))
+        else:
+            outs = m.run([r.layer for r in rows], self.transport, self.comp.average,
+                         max(r.layer.step for r in rows))
+            by_name = {r.name: o for r, o in zip(rows, outs)}
+            for _, _, views, entries, _ in pending:
+                for v, e in zip(views, entries):
+                    if e.sparse:
+                        v.copy_(by_name[e.name].to(v.dtype))
+        for fut, out, *_ in pending:
+            fut.set_result(out)

@@ -1,0 +1,221 @@
+"""DDP scenarios under a real ``torchrun`` (Gloo), launched by tests/test_ddp.py. Every rank
+writes ``<out>/rank<r>.json``. Bytes are counted by wrapping torch.distributed's collective
+functions (what the library hands to torch.distributed), not by the library's own meter."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import hvd_rsgc  # noqa: E402
+
+MIN_NUMEL = 100
+OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"density": 0.05},
+        "rsdgc": {"density": 0.05, "update_every": 5}, "qsgd": {}, "none": {}, "fp16": {},
+        "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4}}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def make_data(seed, n):
+    protos = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return protos[y] + 1.0 * torch.randn(n, 3, 8, 8, generator=g), y
+
+
+class Counter:
+    """Bytes this rank hands to torch.distributed collectives (input tensors; all_gather of a
+    padded tensor counts the padding)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.on = False
+        for fn in ("all_reduce", "all_gather", "broadcast", "all_to_all_single"):
+            orig = getattr(dist, fn)
+
+            def wrap(*a, _orig=orig, _fn=fn, **kw):
+                if self.on:
+                    t = a[1] if _fn in ("all_gather", "all_to_all_single") else a[0]
+                    if _fn == "all_to_all_single":
+                        n, r = dist.get_world_size(), dist.get_rank()
+                        split = kw.get("input_split_sizes")
+                        rows = t.shape[0] - (split[r] if split else t.shape[0] // n)
+                        self.bytes += rows * (t[0].numel() if t.dim() > 1 else 1) * t.element_size()
+                    elif _fn == "broadcast":
+                        self.bytes += t.numel() * t.element_size() if dist.get_rank() == kw.get("src", a[1] if len(a) > 1 else 0) else 0
+                    else:
+                        self.bytes += t.numel() * t.element_size()
+                return _orig(*a, **kw)
+            setattr(dist, fn, wrap)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def identical(model):
+    x = flat(model)
+    outs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(outs, x)
+    return all(torch.equal(o, outs[0]) for o in outs)
+
+
+def build(kind, bucket_mb=0.01, **extra):
+    torch.manual_seed(0)
+    model = Net()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **extra)
+    comp = hvd_rsgc.make_compression(kind, model, min_numel=MIN_NUMEL, **OPTS[kind], ignore_unknown=True) \
+        if kind != "plain" else None
+    if comp is not None:
+        ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=0.05, momentum=0.9) if comp is not None \
+        else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, ddp, comp, opt
+
+
+def train(kind, steps, counter, **extra):
+    model, ddp, comp, opt = build(kind, **extra)
+    x, y = make_data(100 + dist.get_rank(), steps * 16)
+    ex, ey = make_data(999, 256)
+    with torch.no_grad():
+        before = F.cross_entropy(model(ex), ey).item()
+    same, wire, lib = [], [], []
+    for s in range(steps):
+        opt.zero_grad()
+        counter.bytes, counter.on = 0, True
+        F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+        counter.on = False
+        opt.step()
+        wire.append(counter.bytes)
+        lib.append(comp.stats()["step_bytes"] if comp is not None else None)
+        same.append(identical(model))
+    with torch.no_grad():
+        after = F.cross_entropy(model(ex), ey).item()
+    st = comp.stats() if comp is not None else {}
+    return {"identical": same, "before": before, "after": after, "wire": wire, "lib": lib,
+            "dense": st.get("step_dense_bytes"), "flat": flat(model).tolist() if kind in ("plain", "topk1") else None}
+
+
+def equivalence(steps):
+    """density 1, no error feedback: the same parameters as plain DDP, bit for bit."""
+    out = {}
+    for kind in ("plain", "topk"):
+        torch.manual_seed(0)
+        model = Net()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
+        if kind == "topk":
+            comp = hvd_rsgc.TopKCompression(model, density=1.0, error_feedback=False, min_numel=MIN_NUMEL)
+            ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        x, y = make_data(300 + dist.get_rank(), steps * 16)
+        for s in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+            opt.step()
+        out[kind] = flat(model)
+    return {"max_diff": float((out["plain"] - out["topk"]).abs().max())}
+
+
+def no_sync_and_views(steps):
+    """gradient_as_bucket_view=True + no_sync() accumulation of 2 micro-batches; then a static
+    graph (PyTorch does not allow no_sync() in a static graph's first iteration)."""
+    out = {}
+    for label, extra, micro in (("nosync_views", {"gradient_as_bucket_view": True}, 2),
+                                ("static", {"static_graph": True}, 1)):
+        model, ddp, comp, opt = build("rsdgc", **extra)
+        x, y = make_data(500 + dist.get_rank(), steps * 32)
+        same = []
+        for s in range(steps):
+            opt.zero_grad()
+            if micro == 2:
+                with ddp.no_sync():
+                    F.cross_entropy(ddp(x[s * 32:s * 32 + 16]), y[s * 32:s * 32 + 16]).backward()
+            F.cross_entropy(ddp(x[s * 32 + 16:(s + 1) * 32]), y[s * 32 + 16:(s + 1) * 32]).backward()
+            opt.step()
+            same.append(identical(model))
+        out[label] = {"identical": same, "steps": comp.stats()["steps"]}
+    return out
+
+
+def resume(steps):
+    """k steps, state_dict of model/optimizer/compressor, fresh objects, load, k more steps ==
+    2k steps straight, bit for bit."""
+    def run(first, second, state=None):
+        model, ddp, comp, opt = build("rsdgc")
+        x, y = make_data(700 + dist.get_rank(), 2 * steps * 16)       # the same data in every run
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            comp.load_state_dict(state["comp"])
+        for s in range(first, first + second):
+            opt.zero_grad()
+            F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+            opt.step()
+        return model, opt, comp
+    straight, _, _ = run(0, 2 * steps)
+    m1, o1, c1 = run(0, steps)
+    st = {"model": m1.state_dict(), "opt": o1.state_dict(), "comp": c1.state_dict()}
+    resumed, _, _ = run(steps, steps, st)
+    return {"equal": torch.equal(flat(straight), flat(resumed))}
+
+
+def double_momentum():
+    model, ddp, comp, _ = build("dgc")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = make_data(1, 16)
+    F.cross_entropy(ddp(x), y).backward()
+    try:
+        opt.step()
+        return None
+    except ValueError as e:
+        return str(e)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    counter = Counter()
+    scen = a.scenarios.split(",")
+    res = {"size": dist.get_world_size(), "rank": dist.get_rank()}
+    if "train" in scen:
+        res["train"] = {k: train(k, a.steps, counter) for k in a.kinds.split(",")}
+    if "equiv" in scen:
+        res["equiv"] = equivalence(6)
+    if "nosync" in scen:
+        res["nosync"] = no_sync_and_views(6)
+    if "resume" in scen:
+        res["resume"] = resume(4)
+    if "momentum" in scen:
+        res["momentum"] = double_momentum()
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
