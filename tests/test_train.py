@@ -24,7 +24,7 @@ def test_compare_every_compressor_end_to_end_np2(tmp_path):
                          "--methods", "none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar,lgc-ps",
                          "--epochs", "1", "--max_steps_per_epoch", "4", "--lgc_warmup_steps", "1",
                          "--lgc_ae_steps", "1"], tmp_path)
-    res = json.load(open(tmp_path / "compare" / "compare.json"))
+    res = json.load(open(tmp_path / "compare" / "compare.json"))["runs"]
     assert [r["compression"] for r in res] == ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc",
                                                "lgc-rar", "lgc-ps"]
     by = {r["compression"]: r for r in res}
@@ -240,3 +240,17 @@ def test_vgg19_adapts_to_input_size():
         build_model("vgg19", 21, 40)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet7", 10)
+
+
+def test_compare_aggregates_seeds_mean_and_std():
+    from hvd_rsgc.app.compare import aggregate, table
+    runs = [{"compression": m, "seed": s, "final_top1": t, "final_aa": t, "final_kappa": t / 2,
+             "bytes_per_worker": b, "compression_ratio": 100.0 / b}
+            for m, b, tops in (("none", 100.0, (0.9, 0.8, 0.7)), ("rsdgc", 1.0, (0.85, 0.85, 0.85)))
+            for s, t in zip((0, 1, 2), tops)]
+    rows = aggregate(runs)
+    assert [r["method"] for r in rows] == ["none", "rsdgc"] and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["final_top1"] == pytest.approx(0.8) and rows[0]["final_top1_std"] == pytest.approx(0.1)
+    assert rows[1]["final_top1_std"] == 0.0 and rows[1]["compression_ratio"] == pytest.approx(100.0)
+    text = table(rows)
+    assert "80.00 \u00b1 10.00" in text and "| rsdgc | 85.00 \u00b1 0.00" in text and "+5.00" in text

@@ -64,7 +64,11 @@ class Reporter:
             from tqdm import tqdm
         except ImportError:
             return None
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        # under horovodrun (or into a log) stderr is a pipe that prefixes every update with
+        # "[0]<stderr>:": update rarely there, so a log stays readable; a terminal gets a live bar
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=tty, ncols=None if tty else 80,
+                    mininterval=0.1 if tty else 15.0, file=sys.stderr)
 
     def epoch(self, rec: dict, epochs: int) -> None:
         if not self.active:
