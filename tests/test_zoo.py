@@ -201,42 +201,43 @@ def test_terngrad_clipping_unbiased_and_rank_seeding():
 
 # ----------------------------------------------------------------------------- natural
 def ref_natural(xs, us):
-    """-> (T, bytes, decoded values) in plain Python."""
-    nz = [v for v in xs if v != 0]
-    T = max(math.frexp(abs(v))[1] for v in nz) if nz else 0
-    lo = T - 126
+    """-> (B, bytes, decoded values) in plain Python, from each fp32's bit fields."""
+    fields = []
+    for v in xs:
+        bits = struct.unpack("<I", struct.pack("<f", abs(v)))[0]
+        fields.append((bits >> 23, (bits & 0x7FFFFF) / 2.0 ** 23))
+    B = max(b for b, _ in fields)
+    L = max(B - 125, 1)                                # biased exponent of the smallest power used
     out, vals = [], []
-    for v, u in zip(xs, us):
-        if v == 0:
-            code = 0
-        else:
-            m, E = math.frexp(abs(v))
-            if E - 1 >= lo:
-                code = (E - 1) - lo + 1 + (1 if u < 2 * m - 1 else 0)
-            else:
-                code = 1 if u < abs(v) / 2.0 ** lo else 0
+    for v, u, (b, f) in zip(xs, us, fields):
+        if b >= L:                                     # 2^(b-127) <= |v| < 2^(b-126)
+            e = b + (1 if u < f else 0)
+        else:                                          # below the range: 0 or 2^(L-127)
+            e = L if u < abs(v) / 2.0 ** (L - 127) else None
+        code = 0 if e is None else e - (B - 126)
         out.append(code | (128 if v < 0 else 0))
-        vals.append(0.0 if code == 0 else math.copysign(2.0 ** (T - 127 + code), v))
-    return T, out, vals
+        vals.append(0.0 if e is None else math.copysign(2.0 ** (e - 127), v))
+    return B, out, vals
 
 
 def test_natural_reference_message_and_decode():
     torch.manual_seed(5)
     special = [0.75, -0.3, 0.0, 1.0, -2.0 ** -20, 3.0, 2.0 ** -140, 1e-3, -5.5,
-               0.35 * 2.0 ** -123, -0.8 * 2.0 ** -123]      # 2^-123: the smallest power for T = 3
+               0.35 * 2.0 ** -123, -0.8 * 2.0 ** -123]      # 2^-123: the smallest power for B = 129
     x = torch.tensor(special + torch.randn(20).tolist())
     u = torch.rand(x.numel())
     msg, sent = natural.encode_message(x, u)
-    T, ref_bytes, ref_vals = ref_natural([f32(v) for v in x.tolist()], u.tolist())
+    B, ref_bytes, ref_vals = ref_natural([f32(v) for v in x.tolist()], u.tolist())
     n = x.numel()
     assert msg.dtype == torch.uint8 and msg.numel() == n + 4
-    assert header(msg, "<i") == T == 3                    # 5.5 = 0.6875 * 2^3
+    assert header(msg, "<i") == B == 129                  # 5.5 = 1.375 * 2^2: biased 129
     assert msg[4:].tolist() == ref_bytes
     assert sent.tolist() == ref_vals
     assert {b & 127 for b in ref_bytes[9:11]} <= {0, 1}          # below the range: 0 or the smallest power
+    assert ref_bytes[6] & 127 in (0, 1)                          # an fp32 subnormal: likewise
     # every value sent is one of the two neighbouring powers of two (or 0 below the range)
     for v, s in zip(x.tolist(), sent.tolist()):
-        if v != 0 and abs(v) >= 2.0 ** (T - 126):
+        if v != 0 and abs(v) >= 2.0 ** (B - 125 - 127):
             k = math.floor(math.log2(abs(v)))
             assert abs(s) in (2.0 ** k, 2.0 ** (k + 1)) and math.copysign(1, s) == math.copysign(1, v)
     # exact powers of two never move
@@ -256,7 +257,7 @@ def test_natural_unbiased_and_tiny_values():
     sent = natural.encode_message(x.repeat(draws), torch.rand(6 * draws, generator=torch.Generator().manual_seed(1)))[1]
     mean = sent.view(draws, 6).double().mean(0)
     # two candidate magnitudes lo < |x| < hi per element: Var = (hi - |x|)(|x| - lo); 5 sigma
-    smallest = 2.0 ** (3 - 126)                          # T = 3 (7.25)
+    smallest = 2.0 ** (129 - 125 - 127)                  # B = 129 (7.25): L = 4
     var = []
     for v in x.tolist():
         a = abs(v)

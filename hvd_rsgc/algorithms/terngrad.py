@@ -83,11 +83,15 @@ def dequantize(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return scale * ((codes == 1).to(torch.float32) - (codes == 2).to(torch.float32))
 
 
+def pack_message(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """scale + codes -> the uint8 message of 4 + ceil(n/4) bytes."""
+    return torch.cat([scale.contiguous().view(torch.uint8), pack_ternary(codes)])
+
+
 def encode_message(x: torch.Tensor, u: torch.Tensor, clip_sigma: float | None = None):
     """-> (uint8 message, values actually sent (fp32, x's shape))."""
     scale, codes = ternarize(x, u, clip_sigma)
-    msg = torch.cat([scale.contiguous().view(torch.uint8), pack_ternary(codes)])
-    return msg, dequantize(scale, codes).view(x.shape)
+    return pack_message(scale, codes), dequantize(scale, codes).view(x.shape)
 
 
 def decode_sum(gathered: torch.Tensor, nranks: int, n: int) -> torch.Tensor:
@@ -125,9 +129,8 @@ class TernGrad(Method):
 
     def encode(self, layer, g, ctx):
         u = self.uniforms(layer, g.device, int(ctx.get("rank", 0)))
-        msg, _ = encode_message(g, u, self.clip_sigma)
         ctx["sent_units"] = layer.numel
-        return msg
+        return pack_message(*ternarize(g, u, self.clip_sigma))
 
     def decode(self, layer, gathered, nranks, ctx):
         return decode_sum(gathered, nranks, layer.numel).view(layer.shape)
