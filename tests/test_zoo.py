@@ -526,6 +526,33 @@ def test_np1_resume_is_exact(name):
         assert torch.equal(a, b)
 
 
+def test_np1_powersgd_skips_a_nonfinite_step_without_touching_its_state():
+    hvd.init()
+    torch.manual_seed(0)
+    model = Net()
+    comp, opt = build("powersgd", model, nonfinite="skip")
+    data = batches(3, seed=2)
+    skipped = []
+    for s, (x, y) in enumerate(data):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        (loss * float("nan") if s == 1 else loss).backward()
+        before = copy.deepcopy(comp.state_dict()["layers"])
+        comp.synchronize(opt)
+        if comp.step_nonfinite:
+            skipped.append(s)
+            after = comp.state_dict()["layers"]
+            for name in comp.compressed_names:
+                for key, t in before[name]["memory"].items():
+                    assert torch.equal(t, after[name]["memory"][key]), (name, key)
+            opt.zero_grad()
+            continue
+        with opt.skip_synchronize():
+            opt.step()
+    assert skipped == [1] and comp.stats()["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- -np 2, horovodrun
 WORKER = os.path.join(ROOT, "tests", "mp", "zoo_worker.py")
 
@@ -582,7 +609,26 @@ def test_np2_sign_bits_are_packed_on_the_wire(np2):
     assert (r["terngrad"]["steps"][0]["wire"]["hvd_rsgc.conv2.weight"] - 4) * 16 == 4 * n
 
 
-# ----------------------------------------------------------------------------- registry, CLI
+# ----------------------------------------------------------------------------- registry, CLI, bench
+def test_bench_rows_for_the_new_methods(monkeypatch, capsys):
+    """``python -m hvd_rsgc.bench compress`` on a small shape set: every new row runs (PowerSGD's
+    rounds over a LocalTransport) and reports the formula's bytes."""
+    from hvd_rsgc import bench
+    shapes = [(16, 8, 3, 3), (16,), (10, 64)]
+    monkeypatch.setattr(bench, "resnet50_shapes", lambda: shapes)
+    rows = {name: nbytes for name, _, nbytes in
+            bench.bench_compress(repeats=1, names=["powersgd-r4", "signsgd", "efsignsgd", "terngrad",
+                                                    "natural", "threshold"])}
+    big, dense = [(16, 72), (10, 64)], 4 * 16
+    assert rows["powersgd-r4"] == sum(4 * 4 * (a + b) for a, b in big) + dense
+    assert rows["signsgd"] == sum(math.ceil(a * b / 8) for a, b in big) + dense
+    assert rows["efsignsgd"] == sum(4 + math.ceil(a * b / 8) for a, b in big) + dense
+    assert rows["terngrad"] == sum(4 + math.ceil(a * b / 4) for a, b in big) + dense
+    assert rows["natural"] == sum(a * b + 4 for a, b in big) + dense
+    assert rows["threshold"] % 8 == dense % 8 and rows["threshold"] < sum(4 * a * b for a, b in big)
+    assert "powersgd-r4" in capsys.readouterr().out
+
+
 def test_registered_names_build_with_defaults_and_cli_options():
     import hvd_rsgc
     from hvd_rsgc.app.config import load_config, parse_overrides
