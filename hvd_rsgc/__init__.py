@@ -1,5 +1,6 @@
 """hvd_rsgc: gradient compression for Horovod and PyTorch DDP (RS-DGC, DGC, Top-k, Random-k,
-QSGD, fp16, LGC; RD-PSGD for decentralized training).
+QSGD, fp16, LGC, PowerSGD, signSGD, EF-signSGD, TernGrad, natural compression, threshold;
+RD-PSGD for decentralized training).
 
     import horovod.torch as hvd
     import hvd_rsgc
@@ -18,8 +19,11 @@ Where things live (a boundary test keeps it true):
 ``horovod/``     the only importer of horovod;  ``ddp/`` of torch.distributed;  ``mpi/`` of mpi4py
 ``app/``         the training application (config, data, models, strategies, loop, reports)
 """
-from .compression import (DGCCompression, FP16Compression, LGCCompression, NoneCompression,
-                          QSGDCompression, RandomKCompression, RSDGCCompression, TopKCompression)
+from .compression import (DGCCompression, EFSignSGDCompression, FP16Compression, LGCCompression,
+                          NaturalCompression, NoneCompression, PowerSGDCompression,
+                          QSGDCompression, RandomKCompression, RSDGCCompression,
+                          SignSGDCompression, TernGradCompression, ThresholdCompression,
+                          TopKCompression)
 from .compressor import Compressor
 from .optim import DGCSGD
 from .registry import make_compression, make_optimizer, register
@@ -34,5 +38,7 @@ def __getattr__(name):
 
 __version__ = "0.2.0"
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
-           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression", "DGCSGD",
+           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression",
+           "PowerSGDCompression", "SignSGDCompression", "EFSignSGDCompression",
+           "TernGradCompression", "NaturalCompression", "ThresholdCompression", "DGCSGD",
            "Compressor", "make_compression", "make_optimizer", "register", "ddp_comm_hook"]

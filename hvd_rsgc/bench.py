@@ -6,7 +6,9 @@ For each method: compress (accumulate + select + pack) + decompress (unpack + sc
 step over a gradient set with ResNet-50's parameter shapes (25.6M elements), as one rank
 (decode of its own message), next to exact ``torch.topk`` per tensor and a single ``abs()``
 pass over the same data (the memory-bound floor). Also bytes on the wire per rank per step
-and the compression ratio (1-D tensors sent dense, as in training).
+and the compression ratio (1-D tensors sent dense, as in training). Multi-round methods
+(PowerSGD) run their rounds over a 1-process :class:`~hvd_rsgc.transport.LocalTransport`
+whose byte meter gives the bytes. ``density`` applies to the methods that take one.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import time
 import torch
 
 from .algorithms.select import ceil_count
-from .registry import make_compression
+from .engine import ByteMeter
+from .registry import make_compression, spec
+from .transport import LocalTransport
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -64,6 +68,14 @@ METHODS = {
     "topk": ("topk", {}),
     "randomk": ("randomk", {}),
     "qsgd-1bit": ("qsgd", {"levels": 1, "bucket_size": 512}),
+    "powersgd-r4": ("powersgd", {"rank": 4}),
+    "signsgd": ("signsgd", {}),
+    "efsignsgd": ("efsignsgd", {}),
+    "terngrad": ("terngrad", {}),
+    "natural": ("natural", {}),
+    # the bench's gradients are N(0, 0.01^2) and the same every repeat: without the residual,
+    # 3 sigma sends ~0.27% of the elements on every step (with it, the count would grow per repeat)
+    "threshold": ("threshold", {"threshold": 0.03, "error_feedback": False}),
 }
 
 
@@ -72,7 +84,7 @@ def build_method(row: str, grads, density: float):
     and the ready layer of each tensor (memory allocated, density and k set)."""
     name, options = METHODS[row]
     params = [(f"t{i}", torch.nn.Parameter(g.clone())) for i, g in enumerate(grads)]
-    if name != "qsgd":
+    if "density" in spec(name).options():
         options = {"density": density, **options}
     comp = make_compression(name, params, min_numel=0, **options)
     layers = []
@@ -110,12 +122,20 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
 
         def step():
             nbytes = 0
-            for lay, g in zip(layers, big):
-                ctx = {}
-                msg = m.encode(lay, g, ctx)
-                nbytes += msg.numel() * msg.element_size()
-                m.decode(lay, msg, 1, ctx)
-                lay.step += 1
+            if getattr(m, "rounds", "single") == "multi":
+                for lay, g in zip(layers, big):
+                    lay.step += 1
+                    m.accumulate(lay, g)
+                local = LocalTransport(ByteMeter())
+                m.run(layers, local, True, layers[0].step)
+                nbytes = local.meter.totals["bytes"]
+            else:
+                for lay, g in zip(layers, big):
+                    ctx = {}
+                    msg = m.encode(lay, g, ctx)
+                    nbytes += msg.numel() * msg.element_size()
+                    m.decode(lay, msg, 1, ctx)
+                    lay.step += 1
             wire["bytes"] = nbytes
         t = _time(step, device, repeats)
         rows.append((name, t, wire["bytes"] + small_bytes))

@@ -25,15 +25,23 @@ import torch
 from .compressor import Compressor
 from .algorithms.density import DGC_WARMUP
 from .algorithms.dgc import DGC
+from .algorithms.efsignsgd import EFSignSGD
 from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
+from .algorithms.natural import Natural
+from .algorithms.powersgd import PowerSGD
 from .algorithms.qsgd import QSGD
 from .algorithms.randomk import RandomK
 from .algorithms.rsdgc import RSDGC
+from .algorithms.signsgd import SignSGD
+from .algorithms.terngrad import TernGrad
+from .algorithms.threshold import Threshold
 from .algorithms.topk import TopK
 from .registry import register
 
 __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKCompression",
-           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression"]
+           "QSGDCompression", "FP16Compression", "NoneCompression", "LGCCompression",
+           "PowerSGDCompression", "SignSGDCompression", "EFSignSGDCompression",
+           "TernGradCompression", "NaturalCompression", "ThresholdCompression"]
 
 
 def _value_dtype(fp16_values: bool):
@@ -268,3 +276,105 @@ class LGCCompression(Compressor):
             raise ValueError("LGC state does not match this compressor (mode or signal length differ)")
         super().load_state_dict(state)
         self.method.load_state_dict(lg, self._nodes() or 1)
+
+
+# ----------------------------------------------------------------------------- GRACE's breadth
+@register("powersgd")
+class PowerSGDCompression(Compressor):
+    """PowerSGD (Vogels et al. 2019): rank-``rank`` approximation P Q^T of each compressed tensor
+    (reshaped to (shape[0], -1)) by one warm-started power-iteration step, two allreduces per
+    step for all tensors together (every P, then every Q), error feedback. A matrix whose
+    factors would not be smaller is sent exactly in the first allreduce; the first
+    ``start_step`` steps send everything exactly. ``seed`` fixes the initial Q (the same on
+    every rank). Bytes per tensor per step: ``4*r*(n + m)``. Use an ordinary momentum SGD.
+    See :class:`hvd_rsgc.algorithms.powersgd.PowerSGD`."""
+
+    def __init__(self, model, rank: int = 4, *, start_step: int = 0, error_feedback: bool = True,
+                 seed: int = 0, min_numel: int = 1024, exclude=(), average: bool = True,
+                 process_set=None, nonfinite: str = "raise"):
+        method = PowerSGD(rank, start_step=start_step, seed=seed, error_feedback=error_feedback)
+        super().__init__(model, method=method, density=1.0, min_numel=min_numel, exclude=exclude,
+                         average=average, process_set=process_set, nonfinite=nonfinite)
+        self.rank = rank
+
+    def stats(self) -> dict:
+        from .algorithms.powersgd import effective_rank, is_compressible, matrix_shape, wire_bytes
+        st = super().stats()
+        st["powersgd"] = {e.name: {"matrix": list(matrix_shape(e.param.shape)),
+                                   "rank": effective_rank(e.param.shape, self.rank),
+                                   "low_rank": is_compressible(e.param.shape, self.rank),
+                                   "bytes": wire_bytes(e.param.shape, self.rank)}
+                          for e in self.engine.table.compressed}
+        return st
+
+
+@register("signsgd")
+class SignSGDCompression(Compressor):
+    """signSGD with majority vote (Bernstein et al. 2018): every rank sends 1 bit per element
+    (the sign of its gradient), the aggregate is the element-wise majority sign (a tie: 0).
+    No error feedback, no scale: the optimizer's learning rate is the step size (use a small
+    one, e.g. 1e-4 .. 1e-3). Bytes per tensor per rank: ``ceil(n/8)``."""
+
+    def __init__(self, model, *, min_numel: int = 1024, exclude=(), average: bool = True,
+                 process_set=None, nonfinite: str = "raise"):
+        super().__init__(model, method=SignSGD(), density=1.0, min_numel=min_numel,
+                         exclude=exclude, average=average, process_set=process_set,
+                         nonfinite=nonfinite)
+
+
+@register("efsignsgd")
+class EFSignSGDCompression(Compressor):
+    """EF-signSGD (Karimireddy et al. 2019): sends ``(||p||_1/n) * sign(p)`` of ``p = e + g``
+    (one fp32 scale + 1 bit per element), keeps ``e = p - sent``; the aggregate is the ranks'
+    average. Bytes per tensor per rank: ``4 + ceil(n/8)``. Use an ordinary (momentum) SGD."""
+
+    def __init__(self, model, *, min_numel: int = 1024, exclude=(), average: bool = True,
+                 process_set=None, nonfinite: str = "raise"):
+        super().__init__(model, method=EFSignSGD(), density=1.0, min_numel=min_numel,
+                         exclude=exclude, average=average, process_set=process_set,
+                         nonfinite=nonfinite)
+
+
+@register("terngrad")
+class TernGradCompression(Compressor):
+    """TernGrad (Wen et al. 2017): ``s * sign(g_i) * Bernoulli(|g_i|/s)`` with ``s = max|g|``,
+    unbiased, 2 bits per element + one fp32 scale. ``clip_sigma`` (default off; the paper's
+    2.5) clips at ``clip_sigma`` standard deviations first (lower variance, biased). Draws
+    are seeded by (seed, rank, tensor, step). Bytes per tensor per rank: ``4 + ceil(n/4)``."""
+
+    def __init__(self, model, *, clip_sigma: float | None = None, seed: int = 0,
+                 min_numel: int = 1024, exclude=(), average: bool = True, process_set=None,
+                 nonfinite: str = "raise"):
+        super().__init__(model, method=TernGrad(seed=seed, clip_sigma=clip_sigma), density=1.0,
+                         min_numel=min_numel, exclude=exclude, average=average,
+                         process_set=process_set, nonfinite=nonfinite)
+
+
+@register("natural")
+class NaturalCompression(Compressor):
+    """Natural compression (Horvath et al. 2019): every element rounded stochastically to a
+    power of two (unbiased), sent as a sign bit + 7-bit exponent code per element (one byte)
+    + one int32 exponent header per tensor. Bytes per tensor per rank: ``n + 4``."""
+
+    def __init__(self, model, *, seed: int = 0, min_numel: int = 1024, exclude=(),
+                 average: bool = True, process_set=None, nonfinite: str = "raise"):
+        super().__init__(model, method=Natural(seed=seed), density=1.0, min_numel=min_numel,
+                         exclude=exclude, average=average, process_set=process_set,
+                         nonfinite=nonfinite)
+
+
+@register("threshold")
+class ThresholdCompression(Compressor):
+    """Threshold sparsification: sends every element with ``|e + g| > threshold`` (absolute;
+    the number sent varies per rank and step), error feedback keeps the rest. Bytes per
+    tensor per rank: ``k*(bv + bi)`` (8k by default). Use an ordinary momentum SGD."""
+
+    def __init__(self, model, threshold: float = 0.01, *, error_feedback: bool = True,
+                 fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
+                 exclude=(), average: bool = True, process_set=None, nonfinite: str = "raise"):
+        method = Threshold(ErrorFeedback() if error_feedback else NoMemory(), threshold,
+                           value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
+        super().__init__(model, method=method, density=1.0, min_numel=min_numel,
+                         exclude=exclude, average=average, process_set=process_set,
+                         nonfinite=nonfinite)
+        self.threshold = method.threshold

@@ -11,7 +11,8 @@ from support import MP, read_ranks, torchrun
 
 WORKER = os.path.join(MP, "ddp_worker.py")
 pytestmark = pytest.mark.multiproc
-KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar"]
+KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar",
+         "powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold"]
 
 
 def run(np_, out, *args):
@@ -36,6 +37,8 @@ def test_ddp_hook_identical_loss_falls_bytes_counted(np2, kind):
             assert x["wire"][-1] < x["dense"] / 5, (x["wire"][-1], x["dense"])
         if kind == "fp16":
             assert x["wire"][-1] < 0.6 * x["dense"]
+        if kind in ("signsgd", "efsignsgd", "terngrad", "powersgd"):      # bit-packed / low rank
+            assert x["wire"][-1] < x["dense"] / 8, (kind, x["wire"][-1], x["dense"])
 
 
 def test_ddp_density_one_reproduces_plain_ddp(np2):

@@ -35,9 +35,11 @@ class ScaledSignCompression(Compressor):
 
 
 def test_every_builtin_is_registered_and_built_by_name():
-    assert {"none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar", "lgc-ps"} <= set(names())
+    assert {"none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar", "lgc-ps",
+            "powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold"} <= set(names())
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
-    for name in ("none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc"):
+    for name in ("none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "powersgd", "signsgd",
+                 "efsignsgd", "terngrad", "natural", "threshold"):
         comp = make_compression(name, m, min_numel=100, ignore_unknown=True)
         assert isinstance(comp, REGISTRY[name].cls)
         opt = hvd_rsgc.make_optimizer(comp, m.parameters(), lr=0.1, momentum=0.9)

@@ -175,3 +175,12 @@ class SparseMethod(Method):
         values, rows = unpack_sparse(gathered, layer.layout.unit_size, self.index_dtype,
                                      layer.layout.num_units)
         return scatter_sum(layer.layout, values, rows, torch.float32)
+
+
+def header_words(msgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The first 4-byte word of each row of a (P, bytes) uint8 message matrix, reinterpreted as
+    ``dtype`` (float32 / int32) -> (P, 1). Copied into fresh storage first: a row's offset
+    need not be a multiple of 4 (and a 1-row slice counts as contiguous at any offset)."""
+    head = torch.empty((msgs.shape[0], 4), dtype=torch.uint8, device=msgs.device)
+    head.copy_(msgs[:, :4])
+    return head.view(dtype)

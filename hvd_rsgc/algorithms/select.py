@@ -114,3 +114,14 @@ def splitmix_seed(*parts: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seeded_uniform(n: int, device, *seed_parts: int) -> torch.Tensor:
+    """``n`` uniform draws in [0, 1) (fp32) from a fresh generator seeded by
+    ``splitmix_seed(*seed_parts)`` on ``device``: stochastic quantisers seed with (seed, rank,
+    tensor index, step), so ranks draw independently, a run is reproducible whatever order the
+    tensors are compressed in, and a resumed run draws what the uninterrupted one drew (the step
+    counter is part of the compressor state; there is no generator state to save)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(splitmix_seed(*seed_parts))
+    return torch.rand(n, generator=gen, device=dev)

@@ -77,7 +77,7 @@ class DDPBinding:
                     m.accumulate(e.layer, gc)
                 eng.record(e, fb, g)
                 continue
-            ctx = {}
+            ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
             if finite:
                 msg = m.encode(e.layer, gc, ctx)
             else:

@@ -56,7 +56,8 @@ class HorovodBinding:
     def compress(self, tensor: torch.Tensor):
         eng = self.engine
         e = eng.table.find_grad(tensor, type(self.comp).__name__)
-        ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype)
+        # rank: stochastic methods (TernGrad, natural compression) seed their draws with it
+        ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype, rank=self.transport.rank)
         finite, g = eng.begin(e, tensor, self.transport.size)
         if not e.sparse:
             out = eng.wire_dense(tensor)

@@ -17,7 +17,10 @@ import hvd_rsgc  # noqa: E402
 MIN_NUMEL = 100
 OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"density": 0.05},
         "rsdgc": {"density": 0.05, "update_every": 5}, "qsgd": {}, "none": {}, "fp16": {},
-        "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4}}
+        "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4},
+        "powersgd": {"rank": 2}, "signsgd": {}, "efsignsgd": {}, "terngrad": {}, "natural": {},
+        "threshold": {"threshold": 0.005}}
+LR = {"signsgd": 0.002}           # signSGD's step is +-lr per element
 
 
 class Net(nn.Module):
@@ -86,7 +89,7 @@ def build(kind, bucket_mb=0.01, **extra):
         if kind != "plain" else None
     if comp is not None:
         ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
-    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=0.05, momentum=0.9) if comp is not None \
+    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=LR.get(kind, 0.05), momentum=0.9) if comp is not None \
         else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return model, ddp, comp, opt
 
@@ -192,7 +195,8 @@ def double_momentum():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar")
+    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar,powersgd,signsgd,"
+                                       "efsignsgd,terngrad,natural,threshold")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
     a = ap.parse_args()
