@@ -15,6 +15,13 @@
 #                              CUDA build and nvcc is on PATH)
 #   HVD_RSGC_CACHE=~/.cache/hvd_rsgc   where the built Horovod wheel is cached
 #   HVD_RSGC_SKIP_APT=1        never call apt-get (you provide MPI yourself)
+#   HVD_RSGC_WHEELHOUSE=DIR    local wheels for offline / air-gapped installs (the Dockerfiles'
+#                              wheelhouse/): pip --find-links DIR (e.g. the CPU torch wheel), and
+#                              DIR/<cache key>/horovod-*.whl is used instead of building Horovod
+#                              (<cache key> as under $HVD_RSGC_CACHE/wheels/, e.g.
+#                              horovod-0.28.1-torch2.13.0-cp311-cpu)
+#   HVD_RSGC_DEPS_ONLY=1       stop before installing hvd_rsgc itself (the Dockerfiles' dependency
+#                              layer, built before the project's code is copied in)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,6 +76,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
+WHEELHOUSE="${HVD_RSGC_WHEELHOUSE:-}"
+[ -n "$WHEELHOUSE" ] && export PIP_FIND_LINKS="$WHEELHOUSE${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
 "${PIP[@]}" install --upgrade "pip>=23" setuptools wheel
 
 torch_args=("$TORCH_SPEC")
@@ -112,7 +121,10 @@ PYEOF
 if have_horovod; then
     log "Horovod $HOROVOD_VERSION already installed in $VENV"
 else
-    if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+    if [ -n "$WHEELHOUSE" ] && ls "$WHEELHOUSE/$(basename "$WHEEL_DIR")"/horovod-*.whl >/dev/null 2>&1; then
+        WHEEL_DIR="$WHEELHOUSE/$(basename "$WHEEL_DIR")"
+        log "using the wheelhouse's wheel in $WHEEL_DIR"
+    elif ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
         log "building Horovod $HOROVOD_VERSION from sdist (variant $VARIANT; ~3 min on 2 cores)"
         HOROVOD_VERSION="$HOROVOD_VERSION" HVD_RSGC_GPU="$GPU" HVD_RSGC_MPI="$MPI" HOROVOD_CMAKE="$CMAKE_BIN" \
             bash "$HERE/scripts/build_horovod.sh" "$PY" "$WHEEL_DIR"
@@ -123,6 +135,10 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. hvd_rsgc itself
-"${PIP[@]}" install --no-deps --no-build-isolation -e "$HERE"
+if [ "${HVD_RSGC_DEPS_ONLY:-0}" = 1 ]; then
+    log "HVD_RSGC_DEPS_ONLY=1: dependencies installed, hvd_rsgc itself not"
+else
+    "${PIP[@]}" install --no-deps --no-build-isolation -e "$HERE"
+fi
 "$VENV/bin/horovodrun" --check-build
 log "done: activate with 'source $VENV/bin/activate'"

@@ -7,7 +7,13 @@
 #   RUN_DIR          run directory (default runs/<job name>-<job id>: stable across requeues)
 #   LAUNCHER         auto | srun | horovodrun   (auto: srun on several nodes, horovodrun on one)
 #   VENV             virtualenv with hvd_rsgc + Horovod (default <repo>/.venv)
-#   CONTAINER        Apptainer/Singularity image (.sif): every rank runs `apptainer exec --nv`
+#   CONTAINER        the image every rank runs in, with CONTAINER_RUNTIME:
+#   CONTAINER_RUNTIME  apptainer (default): CONTAINER is a .sif, `apptainer exec --nv`;
+#                    podman: CONTAINER is an image in the node's podman storage (e.g. hvd_rsgc:cpu
+#                    from docker/Dockerfile.cpu), each task runs in `podman run --rm --network host
+#                    --ipc host --pid host` as the job's user, with the checkout, RUN_DIR, DATA_ROOT
+#                    (and PMIx's directories for srun) mounted at the same paths
+#   PODMAN_OPTS      extra `podman run` options, e.g. "--device nvidia.com/gpu=all" (CDI) on GPUs
 #   CONTAINER_IMAGE  pyxis/enroot image: srun --container-image=... (srun launcher)
 #   HVD_RSGC_HOME    repository checkout (default: the directory sbatch was called from)
 #   HVD_RSGC_DRY_RUN 1: print the training arguments and exit (checks OVERRIDES quoting)
@@ -26,13 +32,35 @@ if [ "$LAUNCHER" = auto ]; then
     if [ "$NNODES" -gt 1 ]; then LAUNCHER=srun; else LAUNCHER=horovodrun; fi
 fi
 
-if [ -n "${CONTAINER:-}" ]; then
+if [ -n "${CONTAINER:-}" ] && [ "${CONTAINER_RUNTIME:-apptainer}" = podman ]; then
+    # Open MPI's shared-memory transport must not use CMA across the tasks' separate containers
+    export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+    PODMAN=(--rm --no-healthcheck --network host --ipc host --pid host --user "$(id -u):$(id -g)"
+            --label "hvd_rsgc.slurm_job=${SLURM_JOB_ID:-local}"
+            --volume "$PWD:$PWD" --workdir "$PWD"
+            --env 'SLURM_*' --env 'PMIX_*' --env 'PMI_*' --env 'OMPI_*' --env 'HOROVOD_*'
+            --env 'NCCL_*' --env 'CUDA_VISIBLE_DEVICES' --env PYTHONUNBUFFERED=1)
+    mount_outside_pwd() {   # DIR [:ro]: mounted at the same path unless it is inside the checkout
+        local abs; abs="$(cd "$1" && pwd)"
+        case "$abs/" in "$PWD"/*) ;; *) PODMAN+=(--volume "$abs:$abs${2:-}") ;; esac
+    }
+    mkdir -p "$(dirname "$RUN_DIR")"
+    mount_outside_pwd "$(dirname "$RUN_DIR")"
+    [ -n "${DATA_ROOT:-}" ] && mount_outside_pwd "$DATA_ROOT" :ro
+    # shellcheck disable=SC2206  # PODMAN_OPTS is split into words on purpose
+    PODMAN+=(${PODMAN_OPTS:-})
+    PY=(podman run "${PODMAN[@]}" "$CONTAINER" python)
+    HVDRUN=(podman run "${PODMAN[@]}" "$CONTAINER" horovodrun)
+    HVDRUN_PY=(python)          # one container holds horovodrun and all its ranks
+elif [ -n "${CONTAINER:-}" ]; then
     PY=(apptainer exec --nv --bind "$PWD" "$CONTAINER" python)
     HVDRUN=(apptainer exec --nv --bind "$PWD" "$CONTAINER" horovodrun)
+    HVDRUN_PY=("${PY[@]}")
 else
     VENV="${VENV:-$PWD/.venv}"
     PY=("$VENV/bin/python")
     HVDRUN=("$VENV/bin/horovodrun")
+    HVDRUN_PY=("${PY[@]}")
 fi
 
 # OVERRIDES is split on white space and never glob-expanded ("[0.5,0.75]" stays as written even
@@ -64,9 +92,19 @@ if [ "$LAUNCHER" = srun ]; then
     # One task per GPU; Horovod's MPI controller initialised through PMIx.
     SRUN=(srun --mpi=pmix --kill-on-bad-exit=1)
     [ -n "${CONTAINER_IMAGE:-}" ] && SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$PWD:$PWD" --container-workdir="$PWD")
-    "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
+    if [ "${PODMAN+set}" = set ]; then
+        # each task's container also mounts its step's PMIx server directories (known only inside
+        # the task, hence the wrapper), e.g. /var/spool/slurmd/pmix.<job>.<step>
+        # shellcheck disable=SC2016  # expanded by the task's shell
+        WRAP='v=(); for d in "${PMIX_SERVER_TMPDIR:-}" "${PMIX_SYSTEM_TMPDIR:-}"; do
+                  [ -n "$d" ] && [ -d "$d" ] && [[ " ${v[*]} " != *" $d:$d "* ]] && v+=(--volume "$d:$d"); done
+              exec podman run "${v[@]}" "$@"'
+        "${SRUN[@]}" bash -c "$WRAP" podman-task "${PODMAN[@]}" "$CONTAINER" python -m hvd_rsgc.train "${ARGS[@]}" &
+    else
+        "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
+    fi
 else
-    "${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
+    "${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${HVDRUN_PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
 fi
 # wait in the background so the USR1 trap runs while training is still going
 wait $! || status=$?
