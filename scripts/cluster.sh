@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # An emulated multi-node cluster on one Linux box: N network namespaces as nodes.
 #
-#   scripts/cluster.sh up N [--bw 100mbit] [--delay 0] [--loss 0] [--cpus 16] [--gpus 4] [--replace]
+#   scripts/cluster.sh up N [--bw 100mbit] [--delay 0] [--loss 0] [--cpus 16] [--gpus 4] [--no-pin] [--replace]
 #   scripts/cluster.sh down                     # stop everything, delete namespaces/interfaces, verify
 #   scripts/cluster.sh status                   # nodes, links, daemons, Slurm view
 #   scripts/cluster.sh exec NODE CMD...         # run CMD inside NODE (its network, hostname, /etc/hosts)
@@ -16,7 +16,10 @@
 # root namespace; an "anchor" process holding its own UTS namespace (hostname nodeI) and mount
 # namespace (a generated /etc/hosts bind-mounted over the real one, which is never edited); an
 # sshd on its address (own host key, authorized_keys, config); a slurmd (-N nodeI, per-node spool,
-# pid, log and TmpFS). One munged and one slurmctld run in the root namespace. Links are shaped
+# pid, log and TmpFS). Every process of node i runs on CPU (i-1) mod nproc (taskset; --no-pin
+# lets them float), so nodes share the box's cores instead of each seeing all of them; Slurm is
+# told --cpus per node (default 16, config_overrides) and --gpus placeholder GPUs (default 4,
+# nothing bound), so the sbatch scripts' defaults schedule. One munged and one slurmctld run in the root namespace. Links are shaped
 # with tc and nftables: a tbf at the rate on both ends of each node's veth (what the node sends
 # and what it receives); netem delay on what it sends (needs sch_netem, which some minimal
 # kernels lack: then --delay is refused); loss as a random drop of what the node sends, after it
@@ -148,19 +151,25 @@ parse_link_opts() {     # sets BW DELAY LOSS from --bw/--delay/--loss; leaves th
 
 # ---------------------------------------------------------------------------------- nodes
 anchor_pid() { read_pid "$D/run/anchor-node$1.pid"; }
+node_cpu() { echo $(( ($1 - 1) % NCPU )); }
+pin() {                 # pin I: "taskset -c CPU" when nodes are pinned (each node gets its share of the box)
+    if [ "${PIN:-0}" = 1 ]; then echo "taskset -c $(node_cpu "$1")"; fi
+}
 
 node_start() {          # anchor (hostname + /etc/hosts), sshd, slurmd for node I
     local i="$1" name="node$1" a
     a="$(anchor_pid "$i")"
     if ! pid_alive "$a"; then
         rm -f "$D/run/anchor-$name.pid"
-        nsenter --net="/run/netns/$(ns "$i")" unshare --uts --mount --propagation private \
+        # shellcheck disable=SC2046
+        $(pin "$i") nsenter --net="/run/netns/$(ns "$i")" unshare --uts --mount --propagation private \
             sh -c "hostname $name && mount --bind '$D/etc/hosts' /etc/hosts && echo \$\$ > '$D/run/anchor-$name.pid' && exec sleep infinity" \
             </dev/null >>"$D/log/anchor-$name.log" 2>&1 &
         wait_for 10 "$name's anchor" test -s "$D/run/anchor-$name.pid" || return 1
         a="$(anchor_pid "$i")"
     fi
-    local in=(nsenter -t "$a" --net --uts --mount)
+    local in
+    read -r -a in <<<"$(pin "$i") nsenter -t $a --net --uts --mount"
     [ "$("${in[@]}" hostname)" = "$name" ] || { log "$name: hostname not set"; return 1; }
     if ! pid_alive "$(read_pid "$D/run/sshd-$name.pid")"; then
         "${in[@]}" "$(exe sshd)" -D -e -f "$D/ssh/sshd_config" -o "ListenAddress=$(addr "$i")" \
@@ -203,6 +212,7 @@ cmd_up() {
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "usage: $0 up N [--bw 100mbit] [--delay 1ms] [--loss 0] [--cpus C] [--gpus G] [--replace]"
     BW=100mbit DELAY=0 LOSS=0
     local cpus=16 gpus=4 replace=0
+    PIN=1 NCPU="$(nproc)"
     parse_link_opts "$@"
     set -- ${REST[@]+"${REST[@]}"}
     while [ $# -gt 0 ]; do
@@ -210,6 +220,7 @@ cmd_up() {
             --cpus) cpus="$2"; shift 2;;
             --gpus) gpus="$2"; shift 2;;
             --replace) replace=1; shift;;
+            --no-pin) PIN=0; shift;;
             *) die "unknown option '$1'";;
         esac
     done
@@ -377,6 +388,8 @@ LOSS=$LOSS
 CPUS=$cpus
 GPUS=$gpus
 HEAD=$host
+PIN=$PIN
+NCPU=$NCPU
 EOF
     for i in $(seq 1 "$n"); do node_start "$i"; done
 
@@ -473,7 +486,7 @@ cmd_status() {
         local a s d h
         a="$(anchor_pid "$i")"; s="$(read_pid "$D/run/sshd-node$i.pid")"; d="$(read_pid "$D/run/slurmd-node$i.pid")"
         h="-"; pid_alive "$a" && h="$(nsenter -t "$a" --uts hostname)"
-        printf 'node%-3s %-12s host=%-8s anchor=%-4s sshd=%-4s slurmd=%-4s link=%s\n' "$i" "$(addr "$i")" "$h" \
+        printf 'node%-3s %-12s host=%-8s cpu=%-3s anchor=%-4s sshd=%-4s slurmd=%-4s link=%s\n' "$i" "$(addr "$i")" "$h" "$([ "${PIN:-0}" = 1 ] && node_cpu "$i" || echo all)" \
             "$(pid_alive "$a" && echo up || echo DOWN)" "$(pid_alive "$s" && echo up || echo DOWN)" \
             "$(pid_alive "$d" && echo up || echo DOWN)" \
             "$(ip -o link show "$(vh "$i")" 2>/dev/null | grep -q 'state UP' && echo up || echo DOWN)"
@@ -487,11 +500,13 @@ cmd_status() {
 
 cmd_exec() {
     [ $# -ge 2 ] || die "usage: $0 exec NODE CMD..."
+    load_env
     local i a
     i="$(node_index "$1")"; shift
     a="$(anchor_pid "$i")"
     pid_alive "$a" || die "node$i is down (start it with: $0 start node$i)"
-    exec nsenter -t "$a" --net --uts --mount --wd="$PWD" env PATH="$D/bin:$PATH" SLURM_CONF="$D/etc/slurm.conf" \
+    # shellcheck disable=SC2046
+    exec $(pin "$i") nsenter -t "$a" --net --uts --mount --wd="$PWD" env PATH="$D/bin:$PATH" SLURM_CONF="$D/etc/slurm.conf" \
         HVD_RSGC_CLUSTER_DIR="$D" OMPI_MCA_plm_rsh_agent="$D/bin/ssh" "$@"
 }
 
@@ -512,6 +527,7 @@ cmd_shape() {
 
 cmd_link() {
     [ $# -eq 2 ] || die "usage: $0 link NODE down|up"
+    load_env
     local i; i="$(node_index "$1")"
     case "$2" in
         down|up) ip link set "$(vh "$i")" "$2";;
@@ -522,6 +538,7 @@ cmd_link() {
 
 cmd_kill() {
     [ $# -eq 1 ] || die "usage: $0 kill NODE"
+    load_env
     local i; i="$(node_index "$1")"
     node_kill "$i"
     log "node$i killed (every process in its namespaces)"
@@ -529,6 +546,7 @@ cmd_kill() {
 
 cmd_start() {
     [ $# -eq 1 ] || die "usage: $0 start NODE"
+    load_env
     local i; i="$(node_index "$1")"
     export SLURM_CONF="$D/etc/slurm.conf"
     node_start "$i"
