@@ -279,7 +279,9 @@ def run(cfg: dict, resume: str | None = None, quiet: bool = False) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device(dev_cfg)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
+    # the CPUs this process may run on (taskset, Slurm cpu binding), shared by the local ranks
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, ncpu // max(1, hvd.local_size())))
     ck = shard = None
     if resume:
         main_path = latest_checkpoint(resume)
