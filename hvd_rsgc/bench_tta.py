@@ -154,6 +154,7 @@ def launch(cluster, args, link, method, run_dir, target=None, budget=None):
     py = sys.executable
     venv_bin = os.path.dirname(py)
     cmd = [os.path.join(venv_bin, "horovodrun"), "-np", str(n), "-H", cluster.hosts(1, n), controller,
+           "--start-timeout", "300",          # a loaded box needs more than the default 30 s
            "env", f"PYTHONPATH={ROOT}", py, "-m", "hvd_rsgc.train",
            "--out_dir", os.path.dirname(run_dir), "--run_name", os.path.basename(run_dir),
            *train_overrides(args, method)]
@@ -254,7 +255,7 @@ def analyse(results, target_spec):
                        "dense_bytes_per_worker": sum(e["dense_bytes_per_worker"] for e in ep),
                        "tta_train_s": time_to(run, target, "train"),
                        "tta_wall_s": time_to(run, target, "wall")}
-        for m, r in rows.items():
+        for r in rows.values():
             for ref in ("none", "fp16"):
                 for key in ("train", "wall"):
                     a = rows.get(ref, {}).get(f"tta_{key}_s")
@@ -269,12 +270,12 @@ def _f(x, fmt="{:.1f}", none="not reached"):
 
 
 def markdown(report, args_desc):
-    out = [f"# Time to accuracy on the emulated cluster\n", args_desc, ""]
+    out = ["# Time to accuracy on the emulated cluster\n", args_desc, ""]
     for link, rep in report.items():
         out.append(f"## links {link}: target top-1 {rep['target']:.3f}\n")
         out.append("| method | final / best top-1 | MiB sent per worker | s per epoch | time to target: training s | wall s | speed-up vs fp32 | vs fp16 |")
         out.append("|---|---|---|---|---|---|---|---|")
-        for m, r in rep["rows"].items():
+        for r in rep["rows"].values():
             out.append(f"| {r['label']} | {r['final_top1']:.3f} / {r['best_top1']:.3f} | "
                        f"{r['bytes_per_worker'] / 2**20:,.1f} | {r['s_per_epoch']:.1f} | "
                        f"{_f(r['tta_train_s'])} | {_f(r['tta_wall_s'])} | "
@@ -294,7 +295,7 @@ def plot(results, report, out_dir):
     paths = []
     for link, runs in results.items():
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for m, run in runs.items():
+        for run in runs.values():
             cum, xs = 0.0, []
             for e in run["epochs"]:
                 cum += e["seconds"]
@@ -346,6 +347,7 @@ def main(argv=None):
             print(f"[tta] bringing up {args.nodes} nodes", flush=True)
             cluster.up(args.nodes, bw=args.links[0])
     t_all = time.time()
+    failed = []
     try:
         for link in args.links:
             results[link] = {}
@@ -367,12 +369,20 @@ def main(argv=None):
                         budget = args.cap * dense_t if dense_t else None
                     except ValueError:
                         pass
-                results[link][m] = launch(cluster, args, link, m, run_dir, target, budget)
+                for attempt in (1, 2):        # a launch can fail at start-up on a loaded box
+                    try:
+                        results[link][m] = launch(cluster, args, link, m, run_dir, target, budget)
+                        break
+                    except RuntimeError as e:
+                        print(f"[tta] {link} {m}: attempt {attempt} failed: {str(e)[:300]}", flush=True)
+                        if attempt == 2:
+                            failed.append(f"{link} {m}: {str(e).splitlines()[0]}")
     finally:
         if cluster is not None and not args.keep and not args.reuse:
             cluster.down(check=False)
     report = analyse({k: v for k, v in results.items() if v}, args.target)
-    md = markdown(report, desc + f" Benchmark wall time {time.time() - t_all:.0f} s.")
+    md = markdown(report, desc + f" Benchmark wall time {time.time() - t_all:.0f} s."
+                  + "".join(f"\n\nFAILED: {f}" for f in failed))
     with open(os.path.join(out, "tta.json"), "w") as f:
         json.dump({"config": vars(args), "description": desc, "report": report, "runs": results}, f, indent=1)
     with open(os.path.join(out, "tta.md"), "w") as f:
