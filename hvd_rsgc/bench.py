@@ -1,6 +1,8 @@
 """Benchmarks that print ratios measured side by side in one run (no assertions).
 
     python -m hvd_rsgc.bench compress [--density 0.001] [--repeats 5] [--device cpu|cuda]
+    python -m hvd_rsgc.bench rdpsgd
+    python -m hvd_rsgc.bench tta [--nodes 4] [--links 100mbit,1gbit]    (emulated cluster; root)
 
 For each method: compress (accumulate + select + pack) + decompress (unpack + scatter) of one
 step over a gradient set with ResNet-50's parameter shapes (25.6M elements), as one rank
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -216,6 +219,12 @@ def main(argv=None):
     c.add_argument("--methods", default=None, help="comma-separated subset")
     r = sub.add_parser("rdpsgd", help="RD-PSGD index generation / extraction / bytes")
     r.add_argument("--repeats", type=int, default=5)
+    sub.add_parser("tta", help="time to accuracy on the emulated cluster (python -m hvd_rsgc.bench tta --help)",
+                   add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tta"]:                 # its own options: hvd_rsgc/app/bench_tta.py
+        from .app.bench_tta import main as tta_main
+        return tta_main(argv[1:])
     args = ap.parse_args(argv)
     if args.cmd == "rdpsgd":
         bench_rdpsgd(repeats=args.repeats)

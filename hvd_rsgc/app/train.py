@@ -146,7 +146,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     cfg = cfg or Config()
     d, o, r = cfg.data, cfg.optim, cfg.run
     device = pick_device(r.device, hvd)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
+    # the CPUs this process may run on (taskset, Slurm cpu binding), shared by the local ranks
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, ncpu // max(1, hvd.local_size())))
 
     train_ds, val_ds, classes = build_datasets(d, r.seed)
     nc = len(classes)
