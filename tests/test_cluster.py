@@ -208,10 +208,9 @@ def test_horovodrun_across_nodes(cluster, tmp_path):
 @needs_cluster
 def test_mpirun_across_nodes(cluster):
     code = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
-            "h = c.allgather(socket.gethostname()); print(c.Get_rank(), ','.join(h))")
+            "h = c.allgather(socket.gethostname()); c.Get_rank() == 0 and print('hosts=' + ','.join(h))")
     p = run_in_node1(cluster, ["mpirun", "-np", "2", "-H", "node1:1,node2:1", PY, "-c", code], timeout=120)
-    lines = sorted(p.stdout.split("\n")[:-1])
-    assert lines == ["0 node1,node2", "1 node1,node2"], p.stdout
+    assert "hosts=node1,node2" in p.stdout, p.stdout
 
 
 # ----------------------------------------------------------------------------- faults
