@@ -21,7 +21,7 @@ log() { printf '[container_setup] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 SOCK="${HVD_RSGC_PODMAN_SOCK:-/run/hvd_rsgc/podman.sock}"
 PIDFILE="$(dirname "$SOCK")/podman-service.pid"
-CONF=/etc/containers/containers.conf
+CONF="${CONTAINERS_CONF:-/etc/containers/containers.conf}"   # podman reads CONTAINERS_CONF too
 
 engine() {
     local missing=()
@@ -38,7 +38,7 @@ engine() {
     # Without default ulimits every container fails here with "error setting rlimit type 7:
     # operation not permitted" (the engine tries to raise nofile/nproc beyond what is allowed).
     # Only add what is missing; other settings in an existing file are kept.
-    as_root mkdir -p /etc/containers
+    as_root mkdir -p "$(dirname "$CONF")"
     if [ ! -e "$CONF" ]; then
         log "writing $CONF (default_ulimits, cgroupfs, runc)"
         as_root tee "$CONF" >/dev/null <<'EOF'
