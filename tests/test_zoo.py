@@ -672,7 +672,7 @@ def test_cli_trains_every_new_method(tmp_path):
            "--synthetic_train", "32", "--synthetic_val", "16", "--batch_size", "8"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = {r["compression"]: r for r in json.load(open(tmp_path / "compare" / "compare.json"))}
+    res = {r["compression"]: r for r in json.load(open(tmp_path / "compare" / "compare.json"))["runs"]}
     assert sorted(res) == sorted(NEW)
     for name in ("powersgd", "signsgd", "efsignsgd", "terngrad", "natural"):
         assert res[name]["compression_ratio"] > 3, (name, res[name]["compression_ratio"])
