@@ -184,3 +184,32 @@ def header_words(msgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     head = torch.empty((msgs.shape[0], 4), dtype=torch.uint8, device=msgs.device)
     head.copy_(msgs[:, :4])
     return head.view(dtype)
+
+
+class StochasticElementwise(Method):
+    """Every element sent, rounded with uniforms drawn per (seed, rank, tensor, step) -- so
+    ranks draw independently and a resumed run draws exactly what the uninterrupted one did.
+    Subclasses give ``message_bytes(n)`` and ``pack(g, u)`` (TernGrad, natural compression)."""
+
+    seed = 0
+
+    def message_bytes(self, n: int) -> int:
+        raise NotImplementedError
+
+    def pack(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def units_for(self, layer, density):
+        return layer.numel
+
+    def uniforms(self, layer, device, rank: int) -> torch.Tensor:
+        from .select import seeded_uniform
+        return seeded_uniform(layer.numel, device, self.seed, rank, layer.index, layer.step)
+
+    def empty_message(self, layer, device):
+        return torch.zeros(self.message_bytes(layer.numel), dtype=torch.uint8, device=device)
+
+    def encode(self, layer, g, ctx):
+        u = self.uniforms(layer, g.device, int(ctx.get("rank", 0)))
+        ctx["sent_units"] = layer.numel
+        return self.pack(g, u)

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, header_words
+from .base import StochasticElementwise, header_words
 from .memory import NoMemory
-from .select import seeded_uniform
 
 
 def message_bytes(n: int) -> int:
@@ -90,7 +89,7 @@ def decode_sum(gathered: torch.Tensor, nranks: int, n: int) -> torch.Tensor:
     return decode_values(B, msgs[:, 4:]).sum(0)
 
 
-class Natural(Method):
+class Natural(StochasticElementwise):
     name = "natural"
     communicator = "allgather"
 
@@ -98,18 +97,10 @@ class Natural(Method):
         super().__init__(NoMemory())
         self.seed = int(seed)
 
-    def units_for(self, layer, density):
-        return layer.numel
+    def message_bytes(self, n: int) -> int:
+        return message_bytes(n)
 
-    def uniforms(self, layer, device, rank: int) -> torch.Tensor:
-        return seeded_uniform(layer.numel, device, self.seed, rank, layer.index, layer.step)
-
-    def empty_message(self, layer, device):
-        return torch.zeros(message_bytes(layer.numel), dtype=torch.uint8, device=device)
-
-    def encode(self, layer, g, ctx):
-        u = self.uniforms(layer, g.device, int(ctx.get("rank", 0)))
-        ctx["sent_units"] = layer.numel
+    def pack(self, g, u):
         return pack_message(*natural_round(g, u))
 
     def decode(self, layer, gathered, nranks, ctx):

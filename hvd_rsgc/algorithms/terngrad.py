@@ -26,9 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Method, header_words
+from .base import StochasticElementwise, header_words
 from .memory import NoMemory
-from .select import seeded_uniform
 
 _WEIGHTS = (1, 4, 16, 64)
 
@@ -106,7 +105,7 @@ def decode_sum(gathered: torch.Tensor, nranks: int, n: int) -> torch.Tensor:
     return dequantize(scales, codes).sum(0)
 
 
-class TernGrad(Method):
+class TernGrad(StochasticElementwise):
     name = "terngrad"
     communicator = "allgather"
 
@@ -118,18 +117,10 @@ class TernGrad(Method):
         self.seed = int(seed)
         self.clip_sigma = None if clip_sigma is None else float(clip_sigma)
 
-    def units_for(self, layer, density):
-        return layer.numel
+    def message_bytes(self, n: int) -> int:
+        return message_bytes(n)
 
-    def uniforms(self, layer, device, rank: int) -> torch.Tensor:
-        return seeded_uniform(layer.numel, device, self.seed, rank, layer.index, layer.step)
-
-    def empty_message(self, layer, device):
-        return torch.zeros(message_bytes(layer.numel), dtype=torch.uint8, device=device)
-
-    def encode(self, layer, g, ctx):
-        u = self.uniforms(layer, g.device, int(ctx.get("rank", 0)))
-        ctx["sent_units"] = layer.numel
+    def pack(self, g, u):
         return pack_message(*ternarize(g, u, self.clip_sigma))
 
     def decode(self, layer, gathered, nranks, ctx):
