@@ -10,6 +10,8 @@ Each is a thin binding of an ``algorithms`` method (selection / quantisation), a
 ``index_dtype``  ``torch.int32`` (default) or ``torch.int64`` (the DGC reference's format)
 ``average``      ``True`` for ``op=hvd.Average`` (default), ``False`` for ``op=hvd.Sum``
 ``process_set``  the optimizer's Horovod process set, if not the global one
+``communicator`` sparse methods (rsdgc, dgc, topk): ``"allgather"`` (default),
+                 ``"reduce_scatter"`` (Ok-Topk style, per-rank volume flat in P) or ``"auto"``
 ``nonfinite``    ``"raise"`` (default): every rank raises ``FloatingPointError`` naming the
                  parameter; ``"skip"``: every rank gets NaN gradients for that step and
                  ``step_nonfinite`` is True (skip the optimizer step; state stays consistent)
@@ -78,7 +80,8 @@ class RSDGCCompression(Compressor):
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", communicator: str = "allgather",
+                 reselect: float | None = 1.0):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
                        selection=selection, sample_ratio=sample_ratio, seed=seed,
@@ -88,7 +91,8 @@ class RSDGCCompression(Compressor):
                          warmup_epochs=warmup_epochs, warmup_densities=warmup_densities,
                          steps_per_epoch=steps_per_epoch, momentum=momentum, nesterov=nesterov,
                          clip_norm=clip_norm, min_numel=min_numel, exclude=exclude,
-                         average=average, process_set=process_set, nonfinite=nonfinite)
+                         average=average, process_set=process_set, nonfinite=nonfinite,
+                         communicator=communicator, reselect=reselect)
 
 
 @register("dgc")
@@ -104,7 +108,8 @@ class DGCCompression(Compressor):
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", communicator: str = "allgather",
+                 reselect: float | None = 1.0):
         method = DGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                      sample_ratio=sample_ratio, seed=seed,
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
@@ -112,7 +117,8 @@ class DGCCompression(Compressor):
                          warmup_densities=warmup_densities, steps_per_epoch=steps_per_epoch,
                          momentum=momentum, nesterov=nesterov, clip_norm=clip_norm,
                          min_numel=min_numel, exclude=exclude, average=average,
-                         process_set=process_set, nonfinite=nonfinite)
+                         process_set=process_set, nonfinite=nonfinite,
+                         communicator=communicator, reselect=reselect)
 
 
 @register("topk")
@@ -123,11 +129,13 @@ class TopKCompression(Compressor):
     def __init__(self, model, density: float = 0.001, *, error_feedback: bool = True,
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), average: bool = True, process_set=None,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", communicator: str = "allgather",
+                 reselect: float | None = 1.0):
         method = TopK(ErrorFeedback() if error_feedback else NoMemory(),
                       value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, min_numel=min_numel,
-                         exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite)
+                         exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite,
+                         communicator=communicator, reselect=reselect)
 
 
 @register("randomk")

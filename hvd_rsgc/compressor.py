@@ -17,6 +17,8 @@ import weakref
 
 import torch.optim.optimizer as _optim_module
 
+from .algorithms.base import SparseMethod
+from .algorithms.collective import SparseCollective
 from .engine import Engine
 
 # One global torch.optim step pre-hook for all compressors, registered once. Compressors are
@@ -47,12 +49,21 @@ class Compressor:
         method: the ``algorithms`` method (``None``: every tensor dense).
         average: ``True`` for averaging (``op=hvd.Average``), ``False`` for summing.
         process_set: the Horovod process set the optimizer uses, if not the global one.
+        communicator: sparse methods: ``"allgather"`` (default), ``"reduce_scatter"`` (flat
+            per-rank volume in P, Ok-Topk style) or ``"auto"``; ``reselect``: the owners'
+            budget factor. See :class:`hvd_rsgc.algorithms.collective.SparseCollective`.
         **engine_options: see :class:`hvd_rsgc.engine.Engine`.
     """
 
     def __init__(self, model, *, method, average: bool = True, process_set=None,
+                 communicator: str = "allgather", reselect: float | None = 1.0,
                  **engine_options):
         self.engine = Engine(model, method, owner=type(self).__name__, **engine_options)
+        self.collective = SparseCollective(communicator, reselect)
+        if communicator != "allgather" and not isinstance(method, SparseMethod):
+            raise ValueError(f"communicator={communicator!r}: {type(self).__name__} sends no "
+                             "(index, value) pieces; the reduce-scatter is for the sparse "
+                             "methods (rsdgc, dgc, topk)")
         self.method = method
         self.average = bool(average)
         self.process_set = process_set
@@ -92,7 +103,10 @@ class Compressor:
     def stats(self) -> dict:
         """Bytes submitted to collectives by this rank (last step, total), the dense fp32
         equivalent and ratio, per-layer density/units, compressor memory, skipped steps."""
-        return self.engine.stats()
+        out = self.engine.stats()
+        if self.collective.last:
+            out["collective"] = dict(self.collective.last)
+        return out
 
     def state_dict(self) -> dict:
         """Residuals, momentum buffers, step counters, densities and RNG state of *this rank*

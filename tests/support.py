@@ -11,6 +11,10 @@ import sys
 import time
 
 import pytest
+import torch
+
+from hvd_rsgc.engine import ByteMeter
+from hvd_rsgc.transport import Handle, Transport
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MP = os.path.join(ROOT, "tests", "mp")
@@ -79,3 +83,61 @@ def torchrun(np_, *py_args, timeout=300, cwd=ROOT):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        env=_env(OMP_NUM_THREADS="1"), cwd=cwd)
     return p, time.time() - t0
+
+
+class ThreadTransport(Transport):
+    """``size`` ranks as threads of one process (a shared ``board`` and a
+    ``threading.Barrier(size)``): allreduce sums, allgather concatenates in rank order, alltoall
+    hands rank j the rows every rank addressed to it. Collectives complete at submission (every
+    thread passes the barrier twice), so a test drives pure code over several "ranks" without
+    launching processes."""
+
+    def __init__(self, rank, size, board, barrier):
+        super().__init__(ByteMeter())
+        self.rank, self.size, self.board, self.barrier = rank, size, board, barrier
+
+    def _post(self, name, value):
+        self.board[(name, self.rank)] = value
+        self.barrier.wait()
+        got = [self.board[(name, r)] for r in range(self.size)]
+        self.barrier.wait()
+        return got
+
+    def _allreduce(self, t, name, op):
+        total = sum(self._post(name, t.clone()))
+        return Handle(total / self.size if op == "average" else total)
+
+    def _allgather(self, t, name, key):
+        return Handle(torch.cat(self._post(name, t.clone())))
+
+    def _alltoall(self, t, splits, name, key):
+        parts = self._post(name, (t.clone(), list(splits)))
+        rows, rsplits = [], []
+        for src, sp in parts:
+            lo = sum(sp[:self.rank])
+            rows.append(src[lo:lo + sp[self.rank]])
+            rsplits.append(sp[self.rank])
+        return Handle((torch.cat(rows), rsplits))
+
+
+def run_threads(size, fn):
+    """``fn(rank, transport)`` on ``size`` threads sharing one :class:`ThreadTransport` board;
+    returns {rank: result}; re-raises the first thread's exception."""
+    import threading
+    board, barrier, res, errs = {}, threading.Barrier(size), {}, []
+
+    def main(r):
+        try:
+            res[r] = fn(r, ThreadTransport(r, size, board, barrier))
+        except BaseException as exc:       # noqa: BLE001 - re-raised in the caller
+            errs.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errs:
+        raise errs[0]
+    return res

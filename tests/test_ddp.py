@@ -69,6 +69,17 @@ def test_ddp_four_processes(tmp_path):
             assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
 
 
+def test_ddp_four_processes_reduce_scatter(tmp_path):
+    """communicator="reduce_scatter": one balanced sparse reduce-scatter + allgather per DDP
+    bucket (issue #15); ranks identical, loss falls, meter == torch.distributed's bytes."""
+    for r in run(4, tmp_path, "--scenarios", "train", "--kinds", "rsdgc,topk,dgc", "--steps", "6",
+                 "--options", '{"communicator": "reduce_scatter"}'):
+        for kind, x in r["train"].items():
+            assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
+            assert x["after"] < x["before"], kind
+            assert x["collective"] and x["collective"]["kept_units"] <= x["collective"]["owner_units"]
+
+
 def test_training_cli_backend_ddp_resumes_bit_exactly(tmp_path):
     """``torchrun ... -m hvd_rsgc.train --backend ddp``: a run stopped after 1 of 2 epochs and
     resumed ends with the same model and residuals as the run done in one go."""

@@ -33,9 +33,9 @@ from hvd_rsgc.algorithms.signsgd import SignSGD
 from hvd_rsgc.algorithms.terngrad import TernGrad
 from hvd_rsgc.algorithms.threshold import Threshold
 from hvd_rsgc.engine import ByteMeter
-from hvd_rsgc.transport import Handle, LocalTransport, Transport
+from hvd_rsgc.transport import LocalTransport
 
-from support import ROOT, results
+from support import ROOT, ThreadTransport, results
 
 NEW = ("powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold")
 
@@ -324,21 +324,6 @@ class Recording(LocalTransport):
     def allreduce_async(self, t, name, op="average", key=None):
         self.calls.append((name, t.numel() * t.element_size()))
         return super().allreduce_async(t, name, op, key)
-
-
-class ThreadTransport(Transport):
-    """``size`` ranks as threads of one process: allreduce by summing every rank's tensor."""
-
-    def __init__(self, rank, size, board, barrier):
-        super().__init__(ByteMeter())
-        self.rank, self.size, self.board, self.barrier = rank, size, board, barrier
-
-    def _allreduce(self, t, name, op):
-        self.board[(name, self.rank)] = t.clone()
-        self.barrier.wait()
-        total = sum(self.board[(name, r)] for r in range(self.size))
-        self.barrier.wait()
-        return Handle(total / self.size if op == "average" else total)
 
 
 def proj(P, M):

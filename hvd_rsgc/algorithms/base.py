@@ -160,11 +160,22 @@ class SparseMethod(Method):
         c = index_columns(self.value_dtype, self.index_dtype)
         return torch.zeros(0, layer.layout.unit_size + c, dtype=self.value_dtype, device=device)
 
-    def encode(self, layer, g, ctx):
+    def unit_scores(self, values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Importance of summed units ``(m, S)`` when a reduce-scatter owner re-selects
+        (``collective.py``); ``counts``: real cells per unit (None: all S)."""
+        return values.abs().sum(1)
+
+    def pick(self, layer, g):
+        """Accumulate ``g`` into the residual and select: ``(rows int64 ascending, fp32 values
+        (k, S))``. The residual is not touched yet (``encode`` marks them sent; the
+        reduce-scatter marks only what reached the final set)."""
         g = g.float() if g.dtype != torch.float32 else g
         acc = self.memory.accumulate(layer.memory, layer.layout.source_view(g, self.workspace))
         rows = self.select(layer, acc)
-        values = acc.index_select(0, rows)
+        return rows, acc.index_select(0, rows)
+
+    def encode(self, layer, g, ctx):
+        rows, values = self.pick(layer, g)
         wire = values.to(self.value_dtype) if self.value_dtype != values.dtype else values
         lossy = wire.dtype != torch.float32
         self.memory.mark_sent(layer.memory, rows, wire.float() if lossy else None)

@@ -55,6 +55,9 @@ class RSDGC(SparseMethod):
         scratch = self.workspace.get("nsi", acc.numel(), acc.device, acc.dtype)
         return nsi_scores(acc, self.beta, counts, scratch)
 
+    def unit_scores(self, values, counts):
+        return nsi_scores(values, self.beta, counts)
+
     def select(self, layer, acc):
         s = self.scores(layer, acc)
         if self.selection == "sampled":

@@ -12,7 +12,9 @@ output), in the bucket's parameter order, which is the same on every rank:
    check, clipping) as with Horovod;
 2. dense tensors (1-D, small, excluded; ``dense_dtype`` on the wire) and one health flag per
    parameter travel in ONE allreduce per bucket;
-3. sparse methods' messages (values + indices) are allgathered per tensor, values-allreduce
+3. sparse methods' messages (values + indices) are allgathered per tensor (or, with
+   ``communicator="reduce_scatter"``, go through ONE balanced sparse reduce-scatter + allgather
+   for the bucket: ``algorithms/collective.py``), values-allreduce
    methods (Random-k) allreduce their k values -- all through the ``torch.distributed``
    transport, counted by the byte meter;
 4. the bucket's averaged (or summed) gradient is written into a fresh buffer, the future's value.
@@ -63,7 +65,10 @@ class DDPBinding:
         multi = m is not None and getattr(m, "rounds", "single") == "multi"
         wire_dtype = eng.dense_dtype or buf.dtype
         fb = torch.empty((), dtype=wire_dtype).element_size()      # one flag per parameter
-        dense_parts, flags, works = [], [], []
+        dense_parts, flags, works, rs_items = [], [], [], []
+        rs = (m is not None and not multi and m.communicator == "allgather"
+              and self.comp.collective.uses_reduce_scatter(
+                  n, m, [r.layer for r in eng.table.compressed], eng.schedule.density))
         for i, (e, g) in enumerate(zip(entries, grads)):
             finite, gc = eng.begin(e, g, n)
             flags.append(FLAG_OK if finite else FLAG_NONFINITE)
@@ -78,6 +83,15 @@ class DDPBinding:
                 eng.record(e, fb, g)
                 continue
             ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
+            if rs:
+                if finite:
+                    rows, values = m.pick(e.layer, gc)
+                else:
+                    rows = torch.zeros(0, dtype=torch.int64, device=g.device)
+                    values = torch.zeros(0, e.layer.layout.unit_size, device=g.device)
+                eng.record(e, fb, g, int(rows.numel()))
+                rs_items.append((i, e.layer, rows, values))
+                continue
             if finite:
                 msg = m.encode(e.layer, gc, ctx)
             else:
@@ -108,6 +122,12 @@ class DDPBinding:
         reduced = self.transport.wait(dense_h)
         bad = reduced[-len(entries):] != FLAG_OK
         done = {i: h for i, h, _ in works}
+        rs_out = {}
+        if rs_items:        # one balanced sparse reduce-scatter + allgather for the bucket
+            sums, marks = self.comp.collective.exchange(
+                m, [it[1:] for it in rs_items], self.transport,
+                f"hvd_rsgc.ddp.bucket{bucket.index()}.rs")
+            rs_out = {it[0]: (sm, mk) for it, sm, mk in zip(rs_items, sums, marks)}
         ctxs = {i: c for i, _, c in works}
         d_off = 0
         for i, (e, g) in enumerate(zip(entries, grads)):
@@ -118,6 +138,16 @@ class DDPBinding:
                                else eng.nonfinite_result(e, g))
                 continue
             if multi:
+                continue
+            if i in rs_out:
+                dense, mk = rs_out[i]
+                if bad[i]:
+                    views[i].copy_(eng.nonfinite_result(e, g))
+                    continue
+                mk.apply()
+                if self.comp.average and n > 1:
+                    dense.div_(n)
+                views[i].copy_(dense.to(g.dtype))
                 continue
             res = self.transport.wait(done[i])
             if bad[i] or (m.communicator == "allreduce" and not torch.isfinite(res).all()):

@@ -13,6 +13,11 @@ respects.
 * Values-allreduce methods (Random-k: shared seed, no indices) return their k values to the
   stock allreduce itself; dense tensors (1-D, small, excluded) go through it unchanged
   (``dense_dtype`` on the wire).
+* ``communicator="reduce_scatter"`` (sparse methods): ``compress`` selects without touching
+  the residual and returns the flag; the first ``decompress`` of a step runs the balanced
+  sparse reduce-scatter + allgather (``algorithms/collective.py``) for every sparse tensor of
+  the step, in table order (Horovod alltoall / allgather / allreduce, named), and each
+  ``decompress`` then removes from the residual what of this rank reached the final set.
 * Multi-round methods (LGC) accumulate in ``compress``; the first ``decompress`` of a step runs
   the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
   calls every ``compress()`` of a step before the first ``decompress()``).
@@ -51,6 +56,9 @@ class HorovodBinding:
         self._local_done: dict[int, tuple[int, int]] = {}
         self._multi_cache: dict[str, torch.Tensor] = {}
         self._multi_step = -1
+        self._rs_pending: list = []
+        self._rs_results: dict = {}
+        self._rs_decided = (-1, False)
 
     # -- compress -------------------------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
@@ -69,6 +77,16 @@ class HorovodBinding:
             if finite:
                 m.accumulate(e.layer, g)
             return self._flag(finite, tensor, ctx, e, "multi")
+        if m.communicator == "allgather" and self._reduce_scatter(e.layer.step):
+            if finite:
+                rows, values = m.pick(e.layer, g)
+            else:
+                rows = torch.zeros(0, dtype=torch.int64, device=tensor.device)
+                values = torch.zeros(0, e.layer.layout.unit_size, device=tensor.device)
+            ctx["sent_units"] = int(rows.numel())
+            ctx["pieces"] = (rows, values)
+            self._rs_pending.append(ctx)
+            return self._flag(finite, tensor, ctx, e, "rs")
         if finite:
             msg = m.encode(e.layer, g, ctx)
         else:
@@ -106,6 +124,16 @@ class HorovodBinding:
             if not torch.isfinite(tensor).all():
                 return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
             return self.method.decode(e.layer, tensor, self.transport.size, ctx).to(ctx["dtype"])
+        if kind == "rs":
+            if e.name not in self._rs_results:
+                self._run_reduce_scatter()
+            dense, marks = self._rs_results.pop(e.name)
+            if float(tensor.reshape(-1)[0]) != FLAG_OK:
+                return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
+            marks.apply()
+            if self.comp.average and self.transport.size > 1:
+                dense.div_(self.transport.size)
+            return dense.to(ctx["dtype"])
         if kind == "multi":
             if float(tensor.reshape(-1)[0]) != FLAG_OK:
                 return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
@@ -120,6 +148,24 @@ class HorovodBinding:
         if self.comp.average and n > 1:
             dense.div_(n)
         return dense.to(ctx["dtype"])
+
+    def _reduce_scatter(self, step: int) -> bool:
+        """Whether this step's sparse tensors take the reduce-scatter (decided once a step)."""
+        if self._rs_decided[0] != step:
+            layers = [r.layer for r in self.engine.table.compressed]
+            self._rs_decided = (step, self.comp.collective.uses_reduce_scatter(
+                self.transport.size, self.method, layers, self.engine.schedule.density))
+        return self._rs_decided[1]
+
+    def _run_reduce_scatter(self) -> None:
+        """First decompress() of a step: every compress() of the step has run on every rank
+        (stock synchronize()), so all ranks exchange the same tensors, in table order."""
+        pending = sorted(self._rs_pending, key=lambda c: c["entry"].layer.index)
+        self._rs_pending = []
+        items = [(c["entry"].layer, *c["pieces"]) for c in pending]
+        sums, marks = self.comp.collective.exchange(self.method, items, self.transport,
+                                                    "hvd_rsgc.rs")
+        self._rs_results = {c["name"]: (s, mk) for c, s, mk in zip(pending, sums, marks)}
 
     def _run_multi(self, step: int) -> None:
         self._multi_step = step

@@ -81,11 +81,15 @@ def identical(model):
     return all(torch.equal(o, outs[0]) for o in outs)
 
 
+EXTRA: dict = {}           # --options: extra compressor options for every run
+
+
 def build(kind, bucket_mb=0.01, **extra):
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **extra)
-    comp = hvd_rsgc.make_compression(kind, model, min_numel=MIN_NUMEL, **OPTS[kind], ignore_unknown=True) \
+    comp = hvd_rsgc.make_compression(kind, model, min_numel=MIN_NUMEL, **{**OPTS[kind], **EXTRA},
+                                     ignore_unknown=True) \
         if kind != "plain" else None
     if comp is not None:
         ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
@@ -113,7 +117,7 @@ def train(kind, steps, counter, **extra):
     with torch.no_grad():
         after = F.cross_entropy(model(ex), ey).item()
     st = comp.stats() if comp is not None else {}
-    return {"identical": same, "before": before, "after": after, "wire": wire, "lib": lib,
+    return {"collective": st.get("collective"), "identical": same, "before": before, "after": after, "wire": wire, "lib": lib,
             "dense": st.get("step_dense_bytes"), "flat": flat(model).tolist() if kind in ("plain", "topk1") else None}
 
 
@@ -199,7 +203,9 @@ def main():
                                        "efsignsgd,terngrad,natural,threshold")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
+    ap.add_argument("--options", default="{}", help="JSON: extra compressor options")
     a = ap.parse_args()
+    EXTRA.update(json.loads(a.options))
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     counter = Counter()

@@ -12,6 +12,7 @@ Every rank writes ``<out>/rank<r>.json``; the pytest side makes the assertions. 
 ``die``     rank 1 exits in the middle of training (the launcher must end the job).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -103,10 +104,10 @@ def eval_loss(model, x, y):
     return loss
 
 
-def train(kind, steps, counter, batch=32):
+def train(kind, steps, counter, batch=32, options=None):
     torch.manual_seed(0)                                # same init on every rank
     model = Net()
-    comp = compressor(kind, model)
+    comp = compressor(kind, model, **{k: v for k, v in (options or {}).items() if k != "dump"})
     # 1-bit QSGD (s=1, bucket 512) has variance up to sqrt(512)x the gradient's: smaller lr
     opt = optimizer_for(kind, model, comp, lr=0.01 if kind == "qsgd" else 0.05)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -137,6 +138,9 @@ def train(kind, steps, counter, batch=32):
         "layers": {n: {"density": r["density"], "units": r["units"], "unit_size": r["unit_size"]}
                    for n, r in st["layers"].items()},
         "ratio": st["compression_ratio"],
+        "collective": st.get("collective"),
+        "params_sha": hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest(),
+        "params": flat_params(model).tolist() if options and options.get("dump") else None,
         "memory_finite": all(torch.isfinite(v).all().item()
                              for lay in comp.state_dict()["layers"].values()
                              for v in lay["memory"].values()),
@@ -343,6 +347,7 @@ def main():
     ap.add_argument("--scenarios", default="train,equiv,bpps,missing,nonfinite,momentum")
     ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--options", default="{}", help="JSON: extra compressor options (train)")
     args = ap.parse_args()
     hvd.init()
     torch.set_num_threads(1)
@@ -352,7 +357,8 @@ def main():
     if "die" in scen:
         die()
     if "train" in scen:
-        res["train"] = {k: train(k, args.steps, counter) for k in args.kinds.split(",")}
+        opts = json.loads(args.options)
+        res["train"] = {k: train(k, args.steps, counter, options=opts) for k in args.kinds.split(",")}
     if "equiv" in scen:
         res["equiv"] = equivalence()
     if "bpps" in scen:

@@ -1,0 +1,245 @@
+"""The sparse methods' collective: allgather (every rank receives every other rank's k units)
+or a balanced sparse reduce-scatter + allgather in the style of Ok-Topk (Li & Hoefler,
+PPoPP'22) whose per-rank volume stays flat as ranks are added. Pure tensor code over a
+:class:`~hvd_rsgc.transport.Transport`; see docs/COLLECTIVES.md for the volumes.
+
+``reduce_scatter``, for one group of tensors (all sparse tensors of a Horovod step, or one DDP
+bucket; tensors with different unit sizes form separate groups):
+
+1. every rank's selected units get group-global row numbers (tensor offset + unit row);
+2. **regions**: a histogram of every rank's rows (``bins_per_rank * P`` bins, one small int32
+   allreduce) gives P contiguous row ranges holding about the same number of candidates, the
+   same on every rank -- balanced from this step's own index statistics, so no state is kept;
+3. **alltoall**: each rank sends the units falling in region j to rank j (its owner);
+4. the owner sums what it received (duplicates add) and **re-selects** its share of the
+   step's budget, ``ceil(reselect * K / P)`` units (K: units per step over the group), by the
+   method's own unit score (|v| for element methods, the NSI for RS-DGC);
+   ``reselect=None`` keeps every unit (the result is then exactly the allgather path's sum);
+5. **allgather** of the owners' re-selected units: every rank gets the same (rows, values).
+
+Nothing is lost: a rank removes from its residual only the units of its own that made it into
+the final set (what the owners dropped stays in the senders' residuals, as in Ok-Topk), and
+only once the caller knows the tensor's step is finite (:meth:`Marks.apply`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import pack_sparse, unpack_sparse, scatter_sum
+
+COMMUNICATORS = ("allgather", "reduce_scatter", "auto")
+
+
+class SparseCollective:
+    """Which collective the sparse methods use, and the reduce-scatter itself.
+
+    Args:
+        communicator: ``"allgather"`` (default), ``"reduce_scatter"`` or ``"auto"``: the
+            reduce-scatter where it moves fewer bytes -- at least ``auto_min_ranks`` ranks
+            (allgather receives ``k(P-1)`` units per rank, the reduce-scatter about
+            ``2k(P-1)/P``, plus one more round of latency) and at least ``auto_min_bytes``
+            that an allgather would deliver to each rank per step.
+        reselect: owners keep ``ceil(reselect * K / P)`` units each (``None``: all).
+        bins_per_rank: histogram resolution of the region balancing.
+    """
+
+    def __init__(self, communicator: str = "allgather", reselect: float | None = 1.0,
+                 bins_per_rank: int = 64, auto_min_ranks: int = 4, auto_min_bytes: int = 1 << 16):
+        if communicator not in COMMUNICATORS:
+            raise ValueError(f"communicator must be one of {COMMUNICATORS}, got {communicator!r}")
+        if reselect is not None and (isinstance(reselect, bool) or not isinstance(reselect, (int, float))
+                                     or not reselect > 0):
+            raise ValueError(f"reselect must be a number > 0 or None, got {reselect!r}")
+        if isinstance(bins_per_rank, bool) or not isinstance(bins_per_rank, int) or bins_per_rank < 1:
+            raise ValueError(f"bins_per_rank must be an integer >= 1, got {bins_per_rank!r}")
+        self.communicator = communicator
+        self.reselect = None if reselect is None else float(reselect)
+        self.bins_per_rank = bins_per_rank
+        self.auto_min_ranks = auto_min_ranks
+        self.auto_min_bytes = auto_min_bytes
+        self.last: dict = {}
+        self._counts_cache: dict = {}
+
+    # -- choice ---------------------------------------------------------------------------
+    def uses_reduce_scatter(self, size: int, method, layers, density: float) -> bool:
+        """Same answer on every rank at any point of a step: depends on P, the configured
+        ``density`` (not the per-step dynamic one), the tensors and the method only."""
+        if self.communicator == "allgather" or size < 2:
+            return False
+        if self.communicator == "reduce_scatter":
+            return True
+        if size < self.auto_min_ranks:
+            return False
+        vb = torch.empty((), dtype=method.value_dtype).element_size()
+        ib = torch.empty((), dtype=method.index_dtype).element_size()
+        per_rank = sum(math.ceil(density * st.layout.num_units) * (st.layout.unit_size * vb + ib)
+                       for st in layers)
+        return per_rank * (size - 1) >= self.auto_min_bytes
+
+    # -- the exchange ---------------------------------------------------------------------
+    def exchange(self, method, items, transport, name: str = "hvd_rsgc.rs", key=None):
+        """``items``: ``(layer, rows, values)`` per tensor -- this rank's selected unit rows
+        (int64) and their fp32 values ``(k, S)`` (not yet removed from the residual).
+        Returns ``(sums, marks)``: per item, the dense fp32 *sum* over ranks in the tensor's
+        shape, and a :class:`Marks` to apply once the step is known to be finite. Every rank
+        must call it with the same tensors in the same order."""
+        key = key or name
+        groups: dict[int, list[int]] = {}
+        for i, (st, _, _) in enumerate(items):
+            groups.setdefault(st.layout.unit_size, []).append(i)
+        P, me = transport.size, transport.rank
+        stats = dict(groups=len(groups), sent_units=0, alltoall_sent_rows=0, alltoall_recv_rows=0,
+                     owner_units=0, kept_units=0, final_units=0, allgather_recv_rows=0,
+                     recv_bytes=0, hist_bytes=0)
+        plans = []
+        for S, idx in sorted(groups.items()):
+            plans.append(_Group(self, method, [items[i] for i in idx], idx, S, P, me,
+                                f"{name}.s{S}"))
+        # four rounds, each started for every group before any is waited on
+        hs = [transport.allreduce_async(g.histogram(), g.name + ".hist", "sum", key=key)
+              for g in plans]
+        for g, h in zip(plans, hs):
+            g.set_regions(transport.wait(h))
+            stats["hist_bytes"] += g.hist_bytes
+        hs = [transport.alltoall_async(g.outgoing, g.splits, g.name + ".a2a", key=key) for g in plans]
+        for g, h in zip(plans, hs):
+            g.reduce(*transport.wait(h))
+        hs = [transport.allgather_async(g.kept, g.name + ".ag", key=key) for g in plans]
+        sums: list = [None] * len(items)
+        marks: list = [None] * len(items)
+        for g, h in zip(plans, hs):
+            for i, s, mk in g.finish(transport.wait(h)):
+                sums[i], marks[i] = s, mk
+            for k in stats:
+                if k in g.stats:
+                    stats[k] += g.stats[k]
+        self.last = stats
+        return sums, marks
+
+    def valid_counts(self, layers, device) -> torch.Tensor | None:
+        sig = tuple((st.name, st.layout.num_units) for st in layers) + (str(device),)
+        if sig not in self._counts_cache:
+            parts, any_partial = [], False
+            for st in layers:
+                c = st.layout.valid_counts(device, torch.float32)
+                if c is None:
+                    c = torch.full((st.layout.num_units,), float(st.layout.unit_size), device=device)
+                else:
+                    any_partial = True
+                parts.append(c.reshape(-1))
+            self._counts_cache[sig] = torch.cat(parts) if any_partial else None
+        return self._counts_cache[sig]
+
+
+class Marks:
+    """A tensor's residual update after a reduce-scatter: its own units that reached the final
+    set are removed from the residual (``memory.mark_sent``)."""
+
+    __slots__ = ("method", "layer", "rows", "sent")
+
+    def __init__(self, method, layer, rows, sent):
+        self.method, self.layer, self.rows, self.sent = method, layer, rows, sent
+
+    def apply(self) -> None:
+        self.method.memory.mark_sent(self.layer.memory, self.rows, self.sent)
+
+
+class _Group:
+    """One unit size's tensors through the four rounds (pure bookkeeping between them)."""
+
+    def __init__(self, coll, method, items, positions, S, P, me, name):
+        self.coll, self.method, self.S, self.P, self.me, self.name = coll, method, S, P, me, name
+        self.items, self.positions = items, positions
+        self.layers = [st for st, _, _ in items]
+        sizes = [st.layout.num_units for st in self.layers]
+        self.offsets = [0]
+        for u in sizes:
+            self.offsets.append(self.offsets[-1] + u)
+        self.total = self.offsets[-1]
+        self.index_dtype = torch.int32 if self.total < 2 ** 31 else torch.int64
+        self.budget = sum(st.k for st in self.layers)
+        dev = items[0][2].device
+        self.device = dev
+        rows = [r.to(torch.int64) + off for (_, r, _), off in zip(items, self.offsets)]
+        vals = [v.float().reshape(-1, S) for _, _, v in items]
+        grows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=dev)
+        gvals = torch.cat(vals) if vals else torch.zeros(0, S, device=dev)
+        order = torch.argsort(grows, stable=True)
+        self.rows, self.vals = grows[order], gvals[order]
+        self.wire = self.vals.to(method.value_dtype)
+        self.nbins = coll.bins_per_rank * P
+        self.stats: dict = {"sent_units": int(self.rows.numel())}
+
+    def histogram(self) -> torch.Tensor:
+        b = torch.div(self.rows * self.nbins, self.total, rounding_mode="floor")
+        h = torch.bincount(b, minlength=self.nbins).to(torch.int32)
+        self.hist_bytes = h.numel() * h.element_size()
+        return h
+
+    def set_regions(self, hist: torch.Tensor) -> None:
+        """P contiguous row ranges with about equal candidate counts (identical on all ranks:
+        computed from the allreduced histogram)."""
+        P, nb, U = self.P, self.nbins, self.total
+        cum = torch.cumsum(hist.to(torch.int64), 0)
+        tot = int(cum[-1]) if cum.numel() else 0
+        if tot == 0:
+            inner = torch.tensor([U * j // P for j in range(1, P)], dtype=torch.int64)
+        else:
+            targets = torch.tensor([math.ceil(tot * j / P) for j in range(1, P)], dtype=torch.int64)
+            b = torch.searchsorted(cum.cpu(), targets)                 # first bin reaching it
+            inner = torch.div((b + 1) * U + nb - 1, nb, rounding_mode="floor").clamp_(max=U)
+        self.bounds = torch.cat([torch.zeros(1, dtype=torch.int64), inner,
+                                 torch.tensor([U], dtype=torch.int64)])
+        cuts = torch.searchsorted(self.rows, self.bounds.to(self.rows.device))
+        self.splits = [int(x) for x in torch.diff(cuts).cpu()]
+        self.outgoing = pack_sparse(self.wire, self.rows, self.index_dtype)
+        self.stats["alltoall_sent_rows"] = int(self.rows.numel()) - self.splits[self.me]
+
+    def reduce(self, received: torch.Tensor, rsplits) -> None:
+        """Owner: sum the units received for this rank's region, keep the budget's share."""
+        S = self.S
+        vals, rows = unpack_sparse(received, S, self.index_dtype, self.total)
+        row_bytes = received.shape[1] * received.element_size() if received.dim() == 2 else 0
+        self.stats["alltoall_recv_rows"] = int(rows.numel()) - int(rsplits[self.me])
+        self.stats["recv_bytes"] = self.stats["alltoall_recv_rows"] * row_bytes
+        uniq, inv = torch.unique(rows, sorted=True, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), S, dtype=torch.float32, device=received.device)
+        if rows.numel():
+            sums.index_add_(0, inv, vals.float())
+        self.stats["owner_units"] = int(uniq.numel())
+        keep = uniq.numel() if self.coll.reselect is None else \
+            min(uniq.numel(), math.ceil(self.coll.reselect * self.budget / self.P))
+        if keep < uniq.numel():
+            counts = self.coll.valid_counts(self.layers, received.device)
+            scores = self.method.unit_scores(sums, None if counts is None else counts[uniq])
+            pick = torch.topk(scores, keep, sorted=False).indices.sort().values
+            uniq, sums = uniq[pick], sums[pick]
+        self.stats["kept_units"] = int(uniq.numel())
+        self.kept = pack_sparse(sums.to(self.method.value_dtype), uniq, self.index_dtype)
+
+    def finish(self, gathered: torch.Tensor):
+        frows_vals = unpack_sparse(gathered, self.S, self.index_dtype, self.total)
+        fvals, frows = frows_vals
+        row_bytes = gathered.shape[1] * gathered.element_size()
+        own = self.kept.shape[0]
+        self.stats["allgather_recv_rows"] = int(frows.numel()) - own
+        self.stats["recv_bytes"] += self.stats["allgather_recv_rows"] * row_bytes
+        self.stats["final_units"] = int(frows.numel())
+        cuts = torch.searchsorted(frows, torch.tensor(self.offsets, dtype=torch.int64,
+                                                      device=frows.device)).tolist()
+        mine = torch.isin(self.rows, frows)
+        own_cuts = torch.searchsorted(self.rows, torch.tensor(self.offsets, dtype=torch.int64,
+                                                              device=self.rows.device)).tolist()
+        lossy = self.method.value_dtype != torch.float32
+        out = []
+        for j, (st, pos) in enumerate(zip(self.layers, self.positions)):
+            lo, hi, off = cuts[j], cuts[j + 1], self.offsets[j]
+            dense = scatter_sum(st.layout, fvals[lo:hi], frows[lo:hi] - off, torch.float32)
+            a, b = own_cuts[j], own_cuts[j + 1]
+            m = mine[a:b]
+            rows = self.rows[a:b][m] - off
+            sent = self.wire[a:b][m].float() if lossy else None
+            out.append((pos, dense, Marks(self.method, st, rows, sent)))
+        return out

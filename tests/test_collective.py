@@ -1,0 +1,277 @@
+"""The sparse reduce-scatter (issue #15, ``hvd_rsgc/algorithms/collective.py``).
+
+* P ranks as threads over one board (``support.ThreadTransport``): the result against a plain
+  reference written here (dense sums, regions from a Python histogram, per-owner top-b), ranks
+  identical, residual conservation (what all ranks hold + what was applied = what they had),
+  ``reselect=None`` equal to the allgather path, per-rank volumes within Ok-Topk's bound;
+* under ``horovodrun -np 4`` (``tests/mp/worker.py``): training through the stock optimizer
+  with ``communicator="reduce_scatter"``, parameters bit-identical on every rank, bytes counted
+  at Horovod's alltoall / allgather, and ``reselect=None`` equal to the allgather path.
+"""
+import math
+
+import pytest
+import torch
+
+from hvd_rsgc import RSDGCCompression, TopKCompression, QSGDCompression
+from hvd_rsgc.algorithms.base import make_layer, scatter_sum
+from hvd_rsgc.algorithms.collective import SparseCollective
+from hvd_rsgc.algorithms.memory import ErrorFeedback
+from hvd_rsgc.algorithms.rsdgc import RSDGC
+from hvd_rsgc.algorithms.topk import TopK
+
+from support import results, run_threads
+
+P = 4
+
+
+def grads_for(rank, shapes, step=0):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return [torch.randn(s, generator=g) * (1 + rank) for s in shapes]
+
+
+def run_rs(make_method, shapes, density, reselect, steps=1, size=P):
+    """Every rank: fresh method + layers, ``steps`` exchanges; returns per rank
+    (sums per step, accumulated residual before each step's marks, residual after, stats)."""
+
+    def rank_main(r, tr):
+        m = make_method()
+        layers = [make_layer(m, s, density, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
+        coll = SparseCollective("reduce_scatter", reselect, bins_per_rank=8)
+        out = []
+        for step in range(steps):
+            items = []
+            for st, g in zip(layers, grads_for(r, shapes, step)):
+                rows, vals = m.pick(st, g)
+                items.append((st, rows, vals))
+            acc = [memory_of(st).clone() for st in layers]
+            sums, marks = coll.exchange(m, items, tr, f"rs{step}")
+            for mk in marks:
+                mk.apply()
+            out.append({"sums": sums, "acc": acc, "items": items,
+                        "res": [memory_of(st).clone() for st in layers], "stats": dict(coll.last),
+                        "bytes": tr.meter.totals["bytes"]})
+        return out
+    return run_threads(size, rank_main)
+
+
+def memory_of(st):
+    return st.memory["e"] if "e" in st.memory else st.memory["v"]
+
+
+def reference(items_by_rank, layers, budget_factor, bins_per_rank, score, size=P):
+    """Plain re-computation: group rows, histogram regions, dense per-owner sums, top-b by
+    ``score(summed unit, group-global row)``."""
+    offs = [0]
+    for st in layers:
+        offs.append(offs[-1] + st.layout.num_units)
+    U, S = offs[-1], layers[0].layout.unit_size
+    nb = bins_per_rank * size
+    hist = [0] * nb
+    contrib = {}                                   # global row -> list of (rank, values)
+    for r, items in enumerate(items_by_rank):
+        for j, (_st, rows, vals) in enumerate(items):
+            for row, v in zip(rows.tolist(), vals):
+                gr = row + offs[j]
+                hist[gr * nb // U] += 1
+                contrib.setdefault(gr, []).append((r, v))
+    tot, cum, bounds = sum(hist), 0, [0]
+    targets = [math.ceil(tot * j / size) for j in range(1, size)]
+    cums = []
+    for h in hist:
+        cum += h
+        cums.append(cum)
+    for t in targets:
+        b = next(i for i, c in enumerate(cums) if c >= t)
+        bounds.append(min(U, -(-(b + 1) * U // nb)))
+    bounds.append(U)
+    budget = math.ceil(budget_factor * sum(st.k for st in layers) / size)
+    final = {}
+    for j in range(size):
+        rows = sorted(gr for gr in contrib if bounds[j] <= gr < bounds[j + 1])
+        sums = {}
+        for gr in rows:
+            acc = torch.zeros(S)
+            for _, v in contrib[gr]:                # rank order, as the owner adds them
+                acc += v
+            sums[gr] = acc
+        if len(rows) > budget:
+            sc = torch.stack([score(sums[gr], gr) for gr in rows])
+            keep = sorted(rows[i] for i in torch.topk(sc, budget).indices.tolist())
+        else:
+            keep = rows
+        final.update({gr: sums[gr] for gr in keep})
+    dense = []
+    for j, st in enumerate(layers):
+        u = torch.zeros(st.layout.num_units, S)
+        for gr, v in final.items():
+            if offs[j] <= gr < offs[j + 1]:
+                u[gr - offs[j]] = v
+        dense.append(st.layout.from_units(u))
+    return dense, final, offs
+
+
+SHAPES = [(64, 40), (300,), (8, 16, 3, 3)]         # three element-unit tensors, one group
+
+
+def topk_method():
+    return TopK(ErrorFeedback())
+
+
+def test_reduce_scatter_matches_reference_ranks_identical_and_conserves():
+    density = 0.05
+    res = run_rs(topk_method, SHAPES, density, 1.0)
+    items_by_rank = [res[r][0]["items"] for r in range(P)]
+    layers = [st for st, _, _ in items_by_rank[0]]
+    dense, final, offs = reference(items_by_rank, layers, 1.0, 8, lambda v, gr: v.abs().sum())
+    for r in range(P):
+        for j in range(len(SHAPES)):
+            assert torch.allclose(res[r][0]["sums"][j], dense[j], atol=1e-5), (r, j)
+            assert torch.equal(res[r][0]["sums"][j], res[0][0]["sums"][j])   # bit-identical ranks
+    # the owners re-selected: something was dropped, the final set has about k units
+    k_total = sum(st.k for st in layers)
+    union = len({gr for items in items_by_rank for j, (_, rows, _) in enumerate(items)
+                 for gr in (rows + offs[j]).tolist()})
+    assert len(final) <= P * math.ceil(k_total / P) < union
+    # conservation: sum over ranks of (residual after) + applied sum == sum of accumulated
+    for j in range(len(SHAPES)):
+        before = sum(res[r][0]["acc"][j] for r in range(P))
+        after = sum(res[r][0]["res"][j] for r in range(P))
+        applied = layers[j].layout.to_units(res[0][0]["sums"][j])
+        assert torch.allclose(after + applied, before, atol=1e-5)
+        # a rank's residual is zero exactly at its own rows that reached the final set
+        for r in range(P):
+            rows = items_by_rank[r][j][1]
+            in_final = torch.tensor([int(x) + offs[j] in final for x in rows], dtype=torch.bool)
+            assert not res[r][0]["res"][j][rows[in_final]].any()
+            if (~in_final).any():
+                assert res[r][0]["res"][j][rows[~in_final]].abs().min() > 0
+    # volume: each rank received < 6k(P-1)/P units, and less than the allgather's k(P-1)
+    for r in range(P):
+        st = res[r][0]["stats"]
+        recv = st["alltoall_recv_rows"] + st["allgather_recv_rows"]
+        assert recv <= 6 * k_total * (P - 1) / P
+        assert recv < k_total * (P - 1)
+
+
+def test_reselect_none_equals_the_allgather_path():
+    density = 0.03
+    res = run_rs(topk_method, SHAPES, density, None, steps=2)
+    for step in range(2):
+        items = [res[r][step]["items"] for r in range(P)]
+        for j in range(len(SHAPES)):
+            st = items[0][j][0]
+            vals = torch.cat([items[r][j][2] for r in range(P)])
+            rows = torch.cat([items[r][j][1] for r in range(P)])
+            ref = scatter_sum(st.layout, vals, rows, torch.float32)
+            for r in range(P):
+                assert torch.equal(res[r][step]["sums"][j], ref)
+                # nothing dropped: every row this rank sent is gone from its residual
+                assert not res[r][step]["res"][j][items[r][j][1]].any()
+
+
+def test_two_unit_sizes_rsdgc_nsi_reselection():
+    """RS-DGC: 3x3 kernels (S=9) and 5x5 kernels (S=25) form two groups; owners re-select by
+    the NSI of the summed units (mean |v| and std over the real cells)."""
+    shapes = [(6, 4, 3, 3), (4, 4, 5, 5), (30, 20)]
+    res = run_rs(lambda: RSDGC(ErrorFeedback()), shapes, 0.1, 1.0)
+    assert res[0][0]["stats"]["groups"] == 2
+    by_rank = [res[r][0]["items"] for r in range(P)]
+    for S, idx in ((9, [0, 2]), (25, [1])):
+        items = [[by_rank[r][j] for j in idx] for r in range(P)]
+        layers = [it[0] for it in items[0]]
+        counts = []
+        for st in layers:
+            c = st.layout.valid_counts(None, torch.float32)
+            counts.append(c if c is not None else torch.full((st.layout.num_units,), float(S)))
+
+        allc = torch.cat(counts)
+        beta = 0.5
+
+        def score_row(v, gr, allc=allc, beta=beta):
+            n = allc[gr]
+            mu = v.abs().sum() / n
+            mean = v.sum() / n
+            var = (v * v).sum() / n - mean * mean
+            return beta * mu + (1 - beta) * var.clamp_min(0).sqrt()
+        dense, _, _ = reference(items, layers, 1.0, 8, score_row)
+        for r in range(P):
+            for jj, j in enumerate(idx):
+                assert torch.allclose(res[r][0]["sums"][j], dense[jj], atol=1e-5), (S, j)
+
+
+def test_volume_flat_in_P_and_allgather_grows():
+    """Received units per rank: reduce-scatter stays near 2k(P-1)/P as P grows; the allgather
+    path would receive k(P-1)."""
+    shapes = [(200, 100)]
+    recv = {}
+    for size in (2, 4, 8):
+        res = run_rs(topk_method, shapes, 0.01, 1.0, size=size)
+        k = 200
+        st = res[0][0]["stats"]
+        got = max(res[r][0]["stats"]["alltoall_recv_rows"] + res[r][0]["stats"]["allgather_recv_rows"]
+                  for r in range(size))
+        assert got <= 6 * k * (size - 1) / size, (size, got, st)
+        recv[size] = got
+    assert recv[8] < 2.2 * recv[2]                  # allgather: k(P-1) grows 7x from P=2 to 8
+
+
+def test_auto_and_bad_input():
+    m = topk_method()
+    layers = [make_layer(m, (1000, 200), 0.01)]
+    coll = SparseCollective("auto")
+    assert not coll.uses_reduce_scatter(2, m, layers, 0.01)          # P below auto_min_ranks
+    assert coll.uses_reduce_scatter(8, m, layers, 0.01)              # 2000 units * 8 B * 7 >= 64 KiB
+    assert not coll.uses_reduce_scatter(8, m, layers, 0.0001)        # too few bytes to matter
+    assert not SparseCollective("allgather").uses_reduce_scatter(8, m, layers, 0.01)
+    assert not SparseCollective("reduce_scatter").uses_reduce_scatter(1, m, layers, 0.01)
+    with pytest.raises(ValueError, match="communicator"):
+        SparseCollective("ring")
+    with pytest.raises(ValueError, match="reselect"):
+        SparseCollective("reduce_scatter", reselect=0)
+    model = torch.nn.Linear(64, 64)
+    with pytest.raises(ValueError, match="communicator"):
+        TopKCompression(model, communicator="alltoall")
+    with pytest.raises(TypeError, match="communicator"):       # not an option of QSGD
+        QSGDCompression(model, communicator="reduce_scatter")
+    RSDGCCompression(model, communicator="auto")                     # accepted
+
+
+def test_horovod_np4_reduce_scatter_trains_identically(tmp_path):
+    opts = '{"communicator": "reduce_scatter"}'
+    res = results(P, tmp_path, "--scenarios", "train", "--kinds", "topk,rsdgc,dgc", "--steps", "5",
+                  "--options", opts)
+    for kind in ("topk", "rsdgc", "dgc"):
+        runs = [r["train"][kind] for r in res]
+        assert all(t["identical"] for t in runs), kind                  # bit-identical ranks
+        assert len({t["params_sha"] for t in runs}) == 1
+        assert runs[0]["loss1"] < runs[0]["loss0"], kind
+        for t in runs:
+            c = t["collective"]
+            assert c["groups"] >= 1 and c["kept_units"] <= c["owner_units"]
+            for step in t["steps"][1:]:
+                kinds = set(step["kinds"].values())
+                # the pieces went through Horovod's own alltoall and allgather; the library
+                # counts what goes to other ranks (the intercepted alltoall input also holds
+                # this rank's own region, which never leaves it)
+                assert {"alltoall", "allgather"} <= kinds, kinds
+                wire = sum(step["wire"].values())
+                own = sum(b for n, b in step["wire"].items() if step["kinds"][n] == "alltoall")
+                assert wire - own <= step["lib_step_bytes"] <= wire
+
+
+def test_horovod_np4_reselect_none_equals_allgather(tmp_path):
+    """Without re-selection the reduce-scatter delivers exactly the allgather path's sums; the
+    runs agree to float rounding (Horovod fuses the dense tensors differently from run to run,
+    which changes their ring's summation order: bit-identity holds across ranks, not runs)."""
+    a = results(P, tmp_path / "rs", "--scenarios", "train", "--kinds", "topk,rsdgc", "--steps", "3",
+                "--options", '{"communicator": "reduce_scatter", "reselect": null, "dump": true}')
+    b = results(P, tmp_path / "ag", "--scenarios", "train", "--kinds", "topk,rsdgc", "--steps", "3",
+                "--options", '{"dump": true}')
+    for kind in ("topk", "rsdgc"):
+        pa = torch.tensor(a[0]["train"][kind]["params"])
+        pb = torch.tensor(b[0]["train"][kind]["params"])
+        assert pa.shape == pb.shape
+        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6), (kind, (pa - pb).abs().max())
+        c = a[0]["train"][kind]["collective"]
+        assert c["kept_units"] == c["owner_units"]
