@@ -221,7 +221,13 @@ def main(argv=None):
     r.add_argument("--repeats", type=int, default=5)
     sub.add_parser("tta", help="time to accuracy on the emulated cluster (python -m hvd_rsgc.bench tta --help)",
                    add_help=False)
+    sub.add_parser("collective", help="bytes received per rank and exchange time vs P: dense, sparse "
+                   "allgather, sparse reduce-scatter (python -m hvd_rsgc.bench collective --help)",
+                   add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["collective"]:          # its own options: hvd_rsgc/app/bench_collective.py
+        from .app.bench_collective import main as collective_main
+        return collective_main(argv[1:])
     if argv[:1] == ["tta"]:                 # its own options: hvd_rsgc/app/bench_tta.py
         from .app.bench_tta import main as tta_main
         return tta_main(argv[1:])

@@ -213,8 +213,9 @@ class ByteMeter:
     record -- transports call it for every collective they run."""
 
     def __init__(self):
-        self.totals = {"bytes": 0, "dense_bytes": 0, "steps": 0}
+        self.totals = {"bytes": 0, "dense_bytes": 0, "steps": 0, "received_bytes": 0}
         self.last: dict[str, dict] = {}
+        self.last_received = 0
         self.cur_step = 0
 
     def tensor(self, key: str, step: int, nbytes: int, dense_bytes: int,
@@ -223,6 +224,7 @@ class ByteMeter:
             self.cur_step = step
             self.totals["steps"] += 1
             self.last = {}
+            self.last_received = 0
         self.last[key] = {"step": step, "bytes": nbytes, "dense_bytes": dense_bytes,
                           "sent_units": sent_units}
         self.totals["bytes"] += nbytes
@@ -234,6 +236,11 @@ class ByteMeter:
         rec["bytes"] += nbytes
         self.totals["bytes"] += nbytes
 
+    def add_received(self, nbytes: int) -> None:
+        """Bytes this rank received from other ranks (transports call it; see transport.py)."""
+        self.last_received += nbytes
+        self.totals["received_bytes"] = self.totals.get("received_bytes", 0) + nbytes
+
     def summary(self) -> dict:
         step_bytes = sum(r["bytes"] for r in self.last.values())
         step_dense = sum(r["dense_bytes"] for r in self.last.values())
@@ -241,6 +248,8 @@ class ByteMeter:
         return {"steps": t["steps"], "step_bytes": step_bytes, "step_dense_bytes": step_dense,
                 "step_ratio": step_dense / step_bytes if step_bytes else None,
                 "total_bytes": t["bytes"], "total_dense_bytes": t["dense_bytes"],
+                "step_received_bytes": self.last_received,
+                "total_received_bytes": t.get("received_bytes", 0),
                 "compression_ratio": t["dense_bytes"] / t["bytes"] if t["bytes"] else None}
 
     def state_dict(self) -> dict:

@@ -7,6 +7,10 @@ Every collective takes a stable ``name`` (Horovod pairs operations across ranks 
 is counted in the :class:`~hvd_rsgc.engine.ByteMeter` under ``key`` (default: the name):
 the bytes *this rank submits* -- allreduce and allgather: the tensor it contributes;
 broadcast: the tensor at the root, nothing elsewhere; alltoall: what it sends to other ranks.
+The meter also counts what this rank *receives* (``step_received_bytes``): allgather and
+alltoall measured from the results (other ranks' rows), broadcast the tensor off the root, and
+allreduce as a ring delivers it, ``2(P-1)/P`` of the tensor (a model: the backend's algorithm
+is not visible here).
 
 Async calls return a :class:`Handle`; ``wait(handle)`` returns the result. A blocking form of
 each call is provided. Methods that need several dependent rounds (LGC, PowerSGD) run them
@@ -47,27 +51,46 @@ class Transport:
         allreduce of several tensors)."""
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        nbytes = t.numel() * t.element_size()
         if count:
-            self._count(key or name, t.numel() * t.element_size())
-        return self._allreduce(t, name, op)
+            self._count(key or name, nbytes)
+        n = self.size        # received: what a ring allreduce delivers to each rank, 2(P-1)/P
+        return self._received(self._allreduce(t, name, op), lambda out: 2 * nbytes * (n - 1) // n)
 
     def allgather_async(self, t: torch.Tensor, name: str, key=None) -> Handle:
         """Concatenate every rank's ``t`` along dim 0 (first dimensions may differ)."""
-        self._count(key or name, t.numel() * t.element_size())
-        return self._allgather(t, name, key or name)
+        own = t.numel() * t.element_size()
+        self._count(key or name, own)
+        return self._received(self._allgather(t, name, key or name),
+                              lambda out: out.numel() * out.element_size() - own)
 
     def broadcast_async(self, t: torch.Tensor, root: int, name: str, key=None) -> Handle:
-        self._count(key or name, t.numel() * t.element_size() if self.rank == root else 0)
-        return self._broadcast(t, root, name)
+        nbytes = t.numel() * t.element_size()
+        self._count(key or name, nbytes if self.rank == root else 0)
+        return self._received(self._broadcast(t, root, name),
+                              lambda out: 0 if self.rank == root else nbytes)
 
     def alltoall_async(self, t: torch.Tensor, splits: list[int], name: str, key=None) -> Handle:
         """Send ``t``'s rows ``splits[j]`` to rank j; the result is (rows received in rank order,
         the received splits)."""
         if len(splits) != self.size or sum(splits) != t.shape[0]:
             raise ValueError(f"splits {splits} must have {self.size} entries summing to {t.shape[0]}")
-        row = t[0].numel() * t.element_size() if t.shape[0] else 0
+        row = int(torch.Size(t.shape[1:]).numel()) * t.element_size()
         self._count(key or name, row * (sum(splits) - splits[self.rank]))
-        return self._alltoall(t, splits, name, key or name)
+        me = self.rank
+        return self._received(self._alltoall(t, splits, name, key or name),
+                              lambda out: row * (sum(out[1]) - out[1][me]))
+
+    def _received(self, h: Handle, nbytes) -> Handle:
+        """Count what this rank received once the collective finished (``nbytes(result)``)."""
+        meter, inner = self.meter, h.finish
+
+        def finish(out):
+            res = inner(out) if inner is not None else out
+            if meter is not None:
+                meter.add_received(nbytes(res))
+            return res
+        return Handle(h.pending, finish)
 
     def wait(self, h: Handle):
         out = self._wait(h.pending)
