@@ -2,6 +2,8 @@
 
     python -m hvd_rsgc.bench compress [--density 0.001] [--repeats 5] [--device cpu|cuda]
     python -m hvd_rsgc.bench rdpsgd
+    python -m hvd_rsgc.bench step [--np 4] [--model resnet20]   (horovodrun on this machine)
+    python -m hvd_rsgc.bench collective [--cluster] [--ranks 2,4,8]
     python -m hvd_rsgc.bench tta [--nodes 4] [--links 100mbit,1gbit]    (emulated cluster; root)
 
 For each method: compress (accumulate + select + pack) + decompress (unpack + scatter) of one
@@ -61,10 +63,24 @@ def _time(fn, device, repeats):
     return statistics.median(out)
 
 
+def _once(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _spread(xs) -> str:
+    """median [min-max] of a list of ratios."""
+    return f"{statistics.median(xs):6.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+
 # bench row -> (registered compressor, options); every layer at the same density (RS-DGC's
 # dynamic density would make the rows incomparable)
 METHODS = {
     "rsdgc": ("rsdgc", {"dynamic": False}),
+    "rsdgc-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
     "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
     "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
     "dgc": ("dgc", {}),
@@ -83,8 +99,8 @@ METHODS = {
 
 
 def build_method(row: str, grads, density: float):
-    """The registered compressor of ``row`` over ``grads`` (as parameters); returns its method
-    and the ready layer of each tensor (memory allocated, density and k set)."""
+    """The registered compressor of ``row`` over ``grads`` (as parameters); returns it, its
+    method and the ready layer of each tensor (memory allocated, density and k set)."""
     name, options = METHODS[row]
     params = [(f"t{i}", torch.nn.Parameter(g.clone())) for i, g in enumerate(grads)]
     if "density" in spec(name).options():
@@ -95,10 +111,35 @@ def build_method(row: str, grads, density: float):
         comp.engine.begin(e, g, 1)
         e.layer.step -= 1                   # begin() counted a step; the bench counts its own
         layers.append(e.layer)
-    return comp.method, layers
+    return comp, comp.method, layers
+
+
+def _step_fn(m, layers, big, wire):
+    def step():
+        nbytes = 0
+        if getattr(m, "rounds", "single") == "multi":
+            for lay, g in zip(layers, big):
+                lay.step += 1
+                m.accumulate(lay, g)
+            local = LocalTransport(ByteMeter())
+            m.run(layers, local, True, layers[0].step)
+            nbytes = local.meter.totals["bytes"]
+        else:
+            for lay, g in zip(layers, big):
+                ctx = {}
+                msg = m.encode(lay, g, ctx)
+                nbytes += msg.numel() * msg.element_size()
+                m.decode(lay, msg, 1, ctx)
+                lay.step += 1
+        wire["bytes"] = nbytes
+    return step
 
 
 def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
+    """Round-robin: each round times one abs() pass, exact top-k and every method once, in
+    that order, and every figure is a ratio to *that round's* abs pass; the table gives the
+    median over rounds and the min-max spread, so load that comes and goes shifts a whole
+    round alike instead of one method's figure."""
     device = torch.device(device)
     torch.manual_seed(0)
     shapes = resnet50_shapes()
@@ -108,50 +149,53 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
     total = sum(g.numel() for g in grads)
     dense_bytes = 4 * total
     small_bytes = 4 * sum(g.numel() for g in small)
+    n_big = total - sum(g.numel() for g in small)
     print(f"gradient set: ResNet-50 shapes, {len(shapes)} tensors, {total:,} elements "
-          f"({len(big)} compressed, {total - sum(g.numel() for g in small):,} elements); "
-          f"density {density}; device {device}; median of {repeats}")
+          f"({len(big)} compressed, {n_big:,} elements); density {density}; device {device}; "
+          f"{repeats} rounds, round-robin, torch threads {torch.get_num_threads()}")
 
-    t_abs = _time(lambda: [g.abs() for g in big], device, repeats)
-    t_topk = _time(lambda: [torch.topk(g.view(-1).abs(), ceil_count(density, g.numel()),
-                                       sorted=False) for g in big], device, repeats)
-    rows = [("abs() pass", t_abs, None), ("exact torch.topk", t_topk, None)]
+    def abs_pass():
+        return [g.abs() for g in big]
 
+    def topk():
+        return [torch.topk(g.view(-1).abs(), ceil_count(density, g.numel()), sorted=False) for g in big]
+
+    entries = {"abs() pass": (abs_pass, None, None), "exact torch.topk": (topk, None, None)}
     for name in METHODS:
         if names and name not in names:
             continue
-        m, layers = build_method(name, big, density)
+        comp, m, layers = build_method(name, big, density)
         wire = {"bytes": 0}
+        entries[name] = (_step_fn(m, layers, big, wire), wire, comp)
+    for fn, _, _ in entries.values():           # warm-up: allocations, workspaces, plans
+        fn()
+    times = {k: [] for k in entries}
+    for _ in range(repeats):
+        for k, (fn, _, _) in entries.items():
+            times[k].append(_once(fn, device))
+    absr = times["abs() pass"]
 
-        def step():
-            nbytes = 0
-            if getattr(m, "rounds", "single") == "multi":
-                for lay, g in zip(layers, big):
-                    lay.step += 1
-                    m.accumulate(lay, g)
-                local = LocalTransport(ByteMeter())
-                m.run(layers, local, True, layers[0].step)
-                nbytes = local.meter.totals["bytes"]
-            else:
-                for lay, g in zip(layers, big):
-                    ctx = {}
-                    msg = m.encode(lay, g, ctx)
-                    nbytes += msg.numel() * msg.element_size()
-                    m.decode(lay, msg, 1, ctx)
-                    lay.step += 1
-            wire["bytes"] = nbytes
-        t = _time(step, device, repeats)
-        rows.append((name, t, wire["bytes"] + small_bytes))
-
-    print(f"\n{'method':18s} {'time ms':>9s} {'x abs':>7s} {'topk/x':>7s} "
-          f"{'bytes/step':>12s} {'ratio':>8s}")
-    for name, t, nbytes in rows:
+    print(f"\n{'method':18s} {'ms (median)':>11s} {'x abs: median [min-max]':>25s} "
+          f"{'topk/x':>7s} {'bytes/step':>12s} {'ratio':>8s} {'state words/param':>18s}")
+    rows = []
+    for k, (_, wire, comp) in entries.items():
+        ratios = [t / a for t, a in zip(times[k], absr)]
+        vs_topk = statistics.median([tk / t for tk, t in zip(times["exact torch.topk"], times[k])])
+        nbytes = wire["bytes"] + small_bytes if wire is not None else None
+        mem = comp.engine.memory_bytes()["words_per_parameter"] if comp is not None else None
         b = f"{nbytes:12,d}" if nbytes is not None else " " * 12
         r = f"{dense_bytes / nbytes:8.1f}" if nbytes else " " * 8
-        print(f"{name:18s} {t * 1e3:9.1f} {t / t_abs:7.2f} {t_topk / t:7.2f} {b} {r}")
+        w = f"{mem:18.2f}" if mem is not None else " " * 18
+        print(f"{k:18s} {statistics.median(times[k]) * 1e3:11.1f} {_spread(ratios):>25s} "
+              f"{vs_topk:7.2f} {b} {r} {w}")
+        rows.append({"method": k, "ms": statistics.median(times[k]) * 1e3,
+                     "x_abs": statistics.median(ratios), "x_abs_min": min(ratios),
+                     "x_abs_max": max(ratios), "vs_topk": vs_topk, "bytes": nbytes,
+                     "words_per_param": mem})
     print(f"\ndense fp32: {dense_bytes:,} bytes/step; 1-D tensors (sent dense): {small_bytes:,} bytes")
-    print("x abs = time / one abs() pass over the compressed tensors (lower is better); "
-          "topk/x = how many times faster than exact torch.topk")
+    print("x abs = time / the same round's abs() pass over the compressed tensors (lower is better); "
+          "topk/x = how many times faster than exact torch.topk (median of rounds); state words/param = "
+          "compressor state (residual, momentum, workspaces) per compressed parameter, in fp32 words")
     return rows
 
 
@@ -224,7 +268,12 @@ def main(argv=None):
     sub.add_parser("collective", help="bytes received per rank and exchange time vs P: dense, sparse "
                    "allgather, sparse reduce-scatter (python -m hvd_rsgc.bench collective --help)",
                    add_help=False)
+    sub.add_parser("step", help="training step time per compressor vs the dense Horovod step, "
+                   "horovodrun -np 4 (python -m hvd_rsgc.bench step --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["step"]:                # its own options: hvd_rsgc/app/bench_step.py
+        from .app.bench_step import main as step_main
+        return step_main(argv[1:])
     if argv[:1] == ["collective"]:          # its own options: hvd_rsgc/app/bench_collective.py
         from .app.bench_collective import main as collective_main
         return collective_main(argv[1:])

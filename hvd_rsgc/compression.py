@@ -68,6 +68,8 @@ class RSDGCCompression(Compressor):
     kernel is always one unit); ``neighbourhood=False``, ``beta=1``, ``dynamic=False`` switch the
     three ingredients off (paper Table I); ``update_every``: steps between dynamic density
     recomputations; ``density_floor``: no layer gets less than ``density_floor * density``.
+    ``kernels="compiled"``: NSI scoring fused by ``torch.compile`` (one pass instead of six;
+    ``algorithms/kernels.py``); every rank must use the same setting.
     Use with :class:`hvd_rsgc.DGCSGD` (or SGD without momentum).
     """
 
@@ -81,10 +83,10 @@ class RSDGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0):
+                 reselect: float | None = 1.0, kernels: str = "eager"):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
-                       selection=selection, sample_ratio=sample_ratio, seed=seed,
+                       selection=selection, sample_ratio=sample_ratio, seed=seed, kernels=kernels,
                        value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, dynamic=dynamic,
                          update_every=update_every, density_floor=density_floor,

@@ -601,7 +601,7 @@ def test_bench_rows_for_the_new_methods(monkeypatch, capsys):
     from hvd_rsgc import bench
     shapes = [(16, 8, 3, 3), (16,), (10, 64)]
     monkeypatch.setattr(bench, "resnet50_shapes", lambda: shapes)
-    rows = {name: nbytes for name, _, nbytes in
+    rows = {r["method"]: r["bytes"] for r in
             bench.bench_compress(repeats=1, names=["powersgd-r4", "signsgd", "efsignsgd", "terngrad",
                                                     "natural", "threshold"])}
     big, dense = [(16, 72), (10, 64)], 4 * 16

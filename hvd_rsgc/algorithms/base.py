@@ -87,13 +87,19 @@ def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, n
 
 def scatter_sum(layout: Layout, values: torch.Tensor, rows: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum rows into a zero (U, S) matrix and map back to the tensor's shape. Duplicate rows
-    (different ranks picking the same unit) add. ``index_put_(accumulate=True)`` is
+    """Sum the units' values straight into a zero tensor of the layout's shape (one memset and
+    a k*S-element scatter: no (U, S) matrix, no copy back). Duplicate rows (different ranks
+    picking the same unit) add, in message order. ``index_put_(accumulate=True)`` is
     deterministic on CPU and CUDA, so every rank computes bit-identical sums."""
-    acc = torch.zeros(layout.num_units, layout.unit_size, dtype=torch.float32, device=values.device)
+    out = torch.zeros(layout.numel, dtype=torch.float32, device=values.device)
     if rows.numel():
-        acc.index_put_((rows,), values.float(), accumulate=True)
-    return layout.from_units(acc).to(out_dtype)
+        idx, valid = layout.element_index(rows)
+        vals = values.float().reshape(idx.shape)
+        if valid is not None:
+            idx, vals = idx[valid], vals[valid]
+        out.index_put_((idx.reshape(-1),), vals.reshape(-1), accumulate=True)
+    out = out.view(layout.shape)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 class Method:

@@ -48,6 +48,12 @@ class Layout:
         """Number of real (non-padded) cells per unit, or None when every unit is full."""
         return None
 
+    def element_index(self, rows: torch.Tensor):
+        """Flat element indices ``(k, S)`` in the tensor of the units ``rows`` (cell order of
+        ``to_units``), and a mask of the real cells (None: all real). Decoding scatters straight
+        into the output with these instead of building a ``(U, S)`` matrix and copying it."""
+        return rows.view(-1, 1), None
+
     def describe(self) -> str:
         return f"{self.kind}[{self.num_units}x{self.unit_size}]"
 
@@ -65,6 +71,11 @@ class KernelLayout(Layout):
         co, ci, kh, kw = self.shape
         self.num_units = co * ci
         self.unit_size = kh * kw
+
+
+    def element_index(self, rows):
+        cells = torch.arange(self.unit_size, device=rows.device)
+        return rows.view(-1, 1) * self.unit_size + cells, None
 
 
 class TileLayout(Layout):
@@ -111,6 +122,14 @@ class TileLayout(Layout):
             P[: self.H, self.W:].zero_()
             m = P
         return m.view(self.Hp // s, s, self.Wp // s, s).permute(0, 2, 1, 3)
+
+    def element_index(self, rows):
+        s, tiles_w = self.s, self.Wp // self.s
+        cells = torch.arange(self.unit_size, device=rows.device)
+        r = (rows // tiles_w).view(-1, 1) * s + cells // s
+        c = (rows % tiles_w).view(-1, 1) * s + cells % s
+        idx = r * self.W + c
+        return idx, ((r < self.H) & (c < self.W)) if self.padded else None
 
     def valid_counts(self, device=None, dtype=torch.float32):
         if not self.padded:

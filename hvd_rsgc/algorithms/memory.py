@@ -108,7 +108,7 @@ class MomentumCorrection(NoMemory):
             u.add_(g_units).mul_(m)
             v.add_(u).add_(g_units)
         else:
-            u.mul_(m).add_(g_units)
+            torch.add(g_units, u, alpha=m, out=u)          # u = m*u + g in one pass
             v.add_(u)
         return st["v"]
 

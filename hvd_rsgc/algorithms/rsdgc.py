@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import SparseMethod
+from .kernels import check_kernels, compiled_nsi
 from .layout import make_layout
 from .nsi import nsi_scores, units_for_density
 from .select import SamplePlan, sampled_threshold_indices, topk_indices
@@ -24,8 +25,10 @@ class RSDGC(SparseMethod):
     momentum_correction = True
 
     def __init__(self, memory, beta: float = 0.5, radius: int = 1, neighbourhood: bool = True,
-                 selection: str = "topk", sample_ratio: float = 0.01, seed: int = 0, **kw):
+                 selection: str = "topk", sample_ratio: float = 0.01, seed: int = 0,
+                 kernels: str = "eager", **kw):
         super().__init__(memory, **kw)
+        self.kernels = check_kernels(kernels)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if not isinstance(radius, int) or radius < 0:
@@ -52,6 +55,8 @@ class RSDGC(SparseMethod):
 
     def scores(self, layer, acc):
         counts = layer.layout.valid_counts(acc.device, acc.dtype)
+        if self.kernels == "compiled":
+            return compiled_nsi()(acc, self.beta, counts)
         scratch = self.workspace.get("nsi", acc.numel(), acc.device, acc.dtype)
         return nsi_scores(acc, self.beta, counts, scratch)
 
