@@ -9,7 +9,8 @@
 For each method: compress (accumulate + select + pack) + decompress (unpack + scatter) of one
 step over a gradient set with ResNet-50's parameter shapes (25.6M elements), as one rank
 (decode of its own message), next to exact ``torch.topk`` per tensor and a single ``abs()``
-pass over the same data (the memory-bound floor). Also bytes on the wire per rank per step
+pass over the same data into preallocated outputs (the memory-bandwidth floor: one read and one
+write of every element; methods that return fresh tensors also pay the page faults). Also bytes on the wire per rank per step
 and the compression ratio (1-D tensors sent dense, as in training). Multi-round methods
 (PowerSGD) run their rounds over a 1-process :class:`~hvd_rsgc.transport.LocalTransport`
 whose byte meter gives the bytes. ``density`` applies to the methods that take one.
@@ -154,8 +155,10 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
           f"({len(big)} compressed, {n_big:,} elements); density {density}; device {device}; "
           f"{repeats} rounds, round-robin, torch threads {torch.get_num_threads()}")
 
-    def abs_pass():
-        return [g.abs() for g in big]
+    outs = [torch.empty_like(g) for g in big]
+
+    def abs_pass():                  # into preallocated outputs: read + write, no page faults
+        return [torch.abs(g, out=o) for g, o in zip(big, outs)]
 
     def topk():
         return [torch.topk(g.view(-1).abs(), ceil_count(density, g.numel()), sorted=False) for g in big]

