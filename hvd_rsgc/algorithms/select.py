@@ -29,11 +29,13 @@ def topk_indices(importance: torch.Tensor, k: int) -> torch.Tensor:
     on those only. If fewer than k pass (a sample unlike the vector), the full ``torch.topk``
     runs. Either way the result is the exact top-k set: every entry above the k-th largest
     passes any threshold that at least k entries pass. (Ties at the k-th value may resolve
-    differently from a full ``torch.topk``, whose choice among ties is unspecified anyway.)"""
+    differently from a full ``torch.topk``, whose choice among ties is unspecified anyway.)
+    CPU only: on a GPU ``torch.topk`` is a radix select already, and the candidate count would
+    cost a host sync per tensor (not measured: no GPU was available for this change)."""
     n = importance.numel()
     k = min(k, n)
     stride = k // FILTER_MIN_HITS
-    if stride >= 2 and n >= 1 << 16:
+    if stride >= 2 and n >= 1 << 16 and importance.device.type == "cpu":
         sample = importance[::stride]
         m = sample.numel()
         ks = min(m, math.ceil(2 * m * k / n) + 8)
