@@ -295,3 +295,25 @@ def test_bench_collective_bytes_follow_the_formulas(tmp_path):
         assert abs(r["recv_bytes"] - r["formula_bytes"]) <= 0.03 * r["formula_bytes"], r
     assert rows["Top-k reduce-scatter"]["recv_bytes"] < 0.6 * rows["Top-k allgather"]["recv_bytes"]
     assert (tmp_path / "collective.md").exists()
+
+
+def test_training_cli_communicator_reduce_scatter_np4(tmp_path):
+    """``--communicator reduce_scatter`` through the training CLI (4 ranks, RS-DGC): trains,
+    compresses, and the run records the setting."""
+    import json
+    import os
+    from support import ROOT, run_module
+    synth = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
+    recs = {}
+    for comm in ("reduce_scatter", "allgather"):
+        run_module(4, ["hvd_rsgc.train", "--config", synth, "--out_dir", str(tmp_path), "--run_name", comm,
+                       "--compression", "rsdgc", "--communicator", comm, "--epochs", "2",
+                       "--max_steps_per_epoch", "3", "--progress", "false", "--density", "0.01"], tmp_path)
+        recs[comm] = [json.loads(line) for line in (tmp_path / comm / "metrics.jsonl").read_text().splitlines()]
+    rs = recs["reduce_scatter"]
+    assert len(rs) == 2
+    assert 0 < rs[-1]["bytes_per_worker"] < rs[-1]["dense_bytes_per_worker"] / 5
+    assert "communicator: reduce_scatter" in (tmp_path / "reduce_scatter" / "config.yaml").read_text()
+    # the option took effect: the reduce-scatter's sends (alltoall to the other owners, the
+    # owner's share, the histogram) differ from the allgather's k units per tensor
+    assert rs[-1]["bytes_per_worker"] != recs["allgather"][-1]["bytes_per_worker"]

@@ -109,6 +109,11 @@ class CompressionConfig:
                                                0.0, 1.0)
     nonfinite: str = opt("raise", "non-finite gradient: stop with an error, or skip the step",
                          choices=("raise", "skip"))
+    communicator: str | None = opt(None, "rsdgc/dgc/topk: sparse collective (default allgather; "
+                                   "reduce_scatter: flat in P, docs/COLLECTIVES.md)",
+                                   choices=("allgather", "reduce_scatter", "auto"))
+    kernels: str | None = opt(None, "RS-DGC: eager or torch.compile'd NSI scoring",
+                              choices=("eager", "compiled"))
     compression_options: dict = opt({}, "further keyword options for the compressor class, "
                                         "e.g. {rank: 4}", kind="dict")
 
