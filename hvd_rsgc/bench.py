@@ -82,10 +82,14 @@ def _spread(xs) -> str:
 METHODS = {
     "rsdgc": ("rsdgc", {"dynamic": False}),
     "rsdgc-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
+    "rsdgc-fused": ("rsdgc", {"dynamic": False, "fused": True}),
+    "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "fused": True, "kernels": "compiled"}),
     "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
     "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
     "dgc": ("dgc", {}),
     "topk": ("topk", {}),
+    "topk-fused": ("topk", {"fused": True}),
+    "dgc-fused": ("dgc", {"fused": True}),
     "randomk": ("randomk", {}),
     "qsgd-1bit": ("qsgd", {"levels": 1, "bucket_size": 512}),
     "powersgd-r4": ("powersgd", {"rank": 4}),
@@ -115,7 +119,25 @@ def build_method(row: str, grads, density: float):
     return comp, comp.method, layers
 
 
-def _step_fn(m, layers, big, wire):
+def _step_fn(m, layers, big, wire, comp=None):
+    if comp is not None and comp.fused:           # one message per bucket (of bucket_mb)
+        from .algorithms.bucket import BucketCodec, make_buckets
+        entries = list(comp.engine.table.backward_order())
+        codecs = [BucketCodec(m, [e.layer for e in b]) for b in make_buckets(entries, comp.bucket_bytes)]
+        by_name = {lay.name: g for lay, g in zip(layers, big)}
+
+        def fused_step():
+            nbytes = 0
+            for c in codecs:
+                ctxs = {st.name: {} for st in c.layers}
+                msgs = c.encode({st.name: by_name[st.name] for st in c.layers}, ctxs)
+                nbytes += sum(x.numel() * x.element_size() for x in msgs)
+                c.decode(msgs)
+                for st in c.layers:
+                    st.step += 1
+            wire["bytes"] = nbytes
+        return fused_step
+
     def step():
         nbytes = 0
         if getattr(m, "rounds", "single") == "multi":
@@ -169,7 +191,7 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
             continue
         comp, m, layers = build_method(name, big, density)
         wire = {"bytes": 0}
-        entries[name] = (_step_fn(m, layers, big, wire), wire, comp)
+        entries[name] = (_step_fn(m, layers, big, wire, comp), wire, comp)
     for fn, _, _ in entries.values():           # warm-up: allocations, workspaces, plans
         fn()
     times = {k: [] for k in entries}

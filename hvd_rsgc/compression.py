@@ -83,7 +83,7 @@ class RSDGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, kernels: str = "eager"):
+                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0, kernels: str = "eager"):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
                        selection=selection, sample_ratio=sample_ratio, seed=seed, kernels=kernels,
@@ -94,7 +94,8 @@ class RSDGCCompression(Compressor):
                          steps_per_epoch=steps_per_epoch, momentum=momentum, nesterov=nesterov,
                          clip_norm=clip_norm, min_numel=min_numel, exclude=exclude,
                          average=average, process_set=process_set, nonfinite=nonfinite,
-                         communicator=communicator, reselect=reselect)
+                         communicator=communicator, reselect=reselect,
+                         fused=fused, bucket_mb=bucket_mb)
 
 
 @register("dgc")
@@ -111,7 +112,7 @@ class DGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0):
+                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0):
         method = DGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                      sample_ratio=sample_ratio, seed=seed,
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
@@ -120,7 +121,8 @@ class DGCCompression(Compressor):
                          momentum=momentum, nesterov=nesterov, clip_norm=clip_norm,
                          min_numel=min_numel, exclude=exclude, average=average,
                          process_set=process_set, nonfinite=nonfinite,
-                         communicator=communicator, reselect=reselect)
+                         communicator=communicator, reselect=reselect,
+                         fused=fused, bucket_mb=bucket_mb)
 
 
 @register("topk")
@@ -132,12 +134,13 @@ class TopKCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0):
+                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0):
         method = TopK(ErrorFeedback() if error_feedback else NoMemory(),
                       value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, min_numel=min_numel,
                          exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite,
-                         communicator=communicator, reselect=reselect)
+                         communicator=communicator, reselect=reselect,
+                         fused=fused, bucket_mb=bucket_mb)
 
 
 @register("randomk")

@@ -52,18 +52,30 @@ class Compressor:
         communicator: sparse methods: ``"allgather"`` (default), ``"reduce_scatter"`` (flat
             per-rank volume in P, Ok-Topk style) or ``"auto"``; ``reselect``: the owners'
             budget factor. See :class:`hvd_rsgc.algorithms.collective.SparseCollective`.
+        fused: sparse methods: encode the tensors of a bucket (``bucket_mb`` of gradient, in
+            backward order; DDP: DDP's own buckets) into one message and one collective
+            (``algorithms/bucket.py``); each tensor keeps its own k.
         **engine_options: see :class:`hvd_rsgc.engine.Engine`.
     """
 
     def __init__(self, model, *, method, average: bool = True, process_set=None,
                  communicator: str = "allgather", reselect: float | None = 1.0,
-                 **engine_options):
+                 fused: bool = False, bucket_mb: float = 25.0, **engine_options):
         self.engine = Engine(model, method, owner=type(self).__name__, **engine_options)
         self.collective = SparseCollective(communicator, reselect)
         if communicator != "allgather" and not isinstance(method, SparseMethod):
             raise ValueError(f"communicator={communicator!r}: {type(self).__name__} sends no "
                              "(index, value) pieces; the reduce-scatter is for the sparse "
                              "methods (rsdgc, dgc, topk)")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        if fused and not isinstance(method, SparseMethod):
+            raise ValueError(f"fused=True: {type(self).__name__} has no bucketed path; it is for "
+                             "the sparse methods (rsdgc, dgc, topk)")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        self.fused = fused
+        self.bucket_bytes = int(bucket_mb * 2 ** 20)
         self.method = method
         self.average = bool(average)
         self.process_set = process_set

@@ -105,3 +105,13 @@ def test_training_cli_backend_ddp_resumes_bit_exactly(tmp_path):
             for key, t in lay["memory"].items():
                 assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
     assert a["history"][-1]["compression_ratio"] > 10
+
+
+def test_ddp_four_processes_fused_buckets(tmp_path):
+    """fused=True: one message per DDP bucket (per unit size); ranks identical, loss falls,
+    meter == torch.distributed's bytes."""
+    for r in run(4, tmp_path, "--scenarios", "train", "--kinds", "rsdgc,topk,dgc", "--steps", "6",
+                 "--options", '{"fused": true}'):
+        for kind, x in r["train"].items():
+            assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
+            assert x["after"] < x["before"], kind

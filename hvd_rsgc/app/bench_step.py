@@ -30,6 +30,9 @@ METHODS = {  # label: (registry name, options)
     "DGC": ("dgc", {}),
     "RS-DGC": ("rsdgc", {}),
     "RS-DGC compiled": ("rsdgc", {"kernels": "compiled"}),
+    "RS-DGC fused + compiled": ("rsdgc", {"kernels": "compiled", "fused": True}),
+    "Top-k fused": ("topk", {"fused": True}),
+    "DGC fused": ("dgc", {"fused": True}),
     "QSGD 1-bit": ("qsgd", {}),
 }
 

@@ -14,7 +14,8 @@ output), in the bucket's parameter order, which is the same on every rank:
    parameter travel in ONE allreduce per bucket;
 3. sparse methods' messages (values + indices) are allgathered per tensor (or, with
    ``communicator="reduce_scatter"``, go through ONE balanced sparse reduce-scatter + allgather
-   for the bucket: ``algorithms/collective.py``), values-allreduce
+   for the bucket: ``algorithms/collective.py``; with ``fused=True``, ONE message and one
+   allgather per unit size for the bucket: ``algorithms/bucket.py``), values-allreduce
    methods (Random-k) allreduce their k values -- all through the ``torch.distributed``
    transport, counted by the byte meter;
 4. the bucket's averaged (or summed) gradient is written into a fresh buffer, the future's value.
@@ -48,6 +49,7 @@ class DDPBinding:
         self.method = comp.method
         self.transport = TorchDistTransport(self.engine.meter, group)
         self._pending: list = []                 # multi-round: buckets waiting for the last one
+        self._codecs: dict = {}                  # fused=True: one BucketCodec per DDP bucket
 
     def bucket(self, bucket) -> "torch.futures.Future[torch.Tensor]":
         eng, m = self.engine, self.method
@@ -66,6 +68,8 @@ class DDPBinding:
         wire_dtype = eng.dense_dtype or buf.dtype
         fb = torch.empty((), dtype=wire_dtype).element_size()      # one flag per parameter
         dense_parts, flags, works, rs_items = [], [], [], []
+        fused = (m is not None and not multi and self.comp.fused and m.communicator == "allgather")
+        fz_grads, fz_ctxs, fz_idx = {}, {}, []
         rs = (m is not None and not multi and m.communicator == "allgather"
               and self.comp.collective.uses_reduce_scatter(
                   n, m, [r.layer for r in eng.table.compressed], eng.schedule.density))
@@ -83,6 +87,12 @@ class DDPBinding:
                 eng.record(e, fb, g)
                 continue
             ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
+            if fused and not rs:
+                if finite:
+                    fz_grads[e.name] = gc
+                fz_ctxs[e.name] = ctx
+                fz_idx.append(i)
+                continue
             if rs:
                 if finite:
                     rows, values = m.pick(e.layer, gc)
@@ -107,6 +117,14 @@ class DDPBinding:
             else:
                 h = self.transport.allgather_async(msg, name, key=e.name)
             works.append((i, h, ctx))
+        fz_handles, codec = [], None
+        if fz_idx:             # one message per unit-size group for the whole DDP bucket
+            codec = self._codec(bucket.index(), [entries[i] for i in fz_idx])
+            for msg, g in zip(codec.encode(fz_grads, fz_ctxs), codec.groups):
+                fz_handles.append(self.transport.allgather_async(
+                    msg, f"hvd_rsgc.ddp.bucket{bucket.index()}.s{g.S}", key=f"hvd_rsgc.ddp.bucket{bucket.index()}"))
+            for i in fz_idx:
+                eng.record(entries[i], fb, grads[i], fz_ctxs[entries[i].name].get("sent_units"))
         flat = torch.cat(dense_parts + [torch.tensor(flags, dtype=wire_dtype, device=buf.device)])
         op = "average" if self.comp.average else "sum"
         dense_h = self.transport.allreduce_async(flat, f"hvd_rsgc.ddp.bucket{bucket.index()}", op,
@@ -122,6 +140,7 @@ class DDPBinding:
         reduced = self.transport.wait(dense_h)
         bad = reduced[-len(entries):] != FLAG_OK
         done = {i: h for i, h, _ in works}
+        fz_out = codec.decode([self.transport.wait(h) for h in fz_handles]) if codec is not None else {}
         rs_out = {}
         if rs_items:        # one balanced sparse reduce-scatter + allgather for the bucket
             sums, marks = self.comp.collective.exchange(
@@ -138,6 +157,15 @@ class DDPBinding:
                                else eng.nonfinite_result(e, g))
                 continue
             if multi:
+                continue
+            if e.name in fz_out:
+                if bad[i]:
+                    views[i].copy_(eng.nonfinite_result(e, g))
+                    continue
+                dense = fz_out[e.name]
+                if self.comp.average and n > 1:
+                    dense = dense / n
+                views[i].copy_(dense.to(g.dtype))
                 continue
             if i in rs_out:
                 dense, mk = rs_out[i]
@@ -165,6 +193,14 @@ class DDPBinding:
         if bucket.is_last():
             self._finish_multi()
         return fut
+
+    def _codec(self, index: int, entries):
+        from ..algorithms.bucket import BucketCodec
+        key = (index, tuple(e.name for e in entries))
+        codec = self._codecs.get(key)
+        if codec is None:
+            codec = self._codecs[key] = BucketCodec(self.method, [e.layer for e in entries])
+        return codec
 
     def _finish_multi(self) -> None:
         """Run a multi-round method over every compressed tensor of the step, then complete

@@ -18,6 +18,11 @@ respects.
   sparse reduce-scatter + allgather (``algorithms/collective.py``) for every sparse tensor of
   the step, in table order (Horovod alltoall / allgather / allreduce, named), and each
   ``decompress`` then removes from the residual what of this rank reached the final set.
+* ``fused=True`` (sparse methods): ``compress`` holds each tensor until its bucket (about
+  ``bucket_mb`` of gradient, consecutive in backward order) is complete, then encodes the whole
+  bucket into one message and starts ONE allgather per bucket (``algorithms/bucket.py``);
+  every ``compress`` returns the health flag; ``decompress`` decodes the bucket once (one
+  scatter) and returns each tensor's slice.
 * Multi-round methods (LGC) accumulate in ``compress``; the first ``decompress`` of a step runs
   the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
   calls every ``compress()`` of a step before the first ``decompress()``).
@@ -59,6 +64,8 @@ class HorovodBinding:
         self._rs_pending: list = []
         self._rs_results: dict = {}
         self._rs_decided = (-1, False)
+        self._buckets: list | None = None
+        self._bucket_by_name: dict = {}
 
     # -- compress -------------------------------------------------------------------------
     def compress(self, tensor: torch.Tensor):
@@ -87,6 +94,8 @@ class HorovodBinding:
             ctx["pieces"] = (rows, values)
             self._rs_pending.append(ctx)
             return self._flag(finite, tensor, ctx, e, "rs")
+        if self.comp.fused and m.communicator == "allgather":
+            return self._fused_compress(e, finite, g, tensor, ctx)
         if finite:
             msg = m.encode(e.layer, g, ctx)
         else:
@@ -134,6 +143,8 @@ class HorovodBinding:
             if self.comp.average and self.transport.size > 1:
                 dense.div_(self.transport.size)
             return dense.to(ctx["dtype"])
+        if kind == "fused":
+            return self._fused_decompress(e, tensor, ctx)
         if kind == "multi":
             if float(tensor.reshape(-1)[0]) != FLAG_OK:
                 return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
@@ -147,6 +158,62 @@ class HorovodBinding:
         dense = self.method.decode(e.layer, gathered, n, ctx)
         if self.comp.average and n > 1:
             dense.div_(n)
+        return dense.to(ctx["dtype"])
+
+    # -- fused buckets (fused=True) ------------------------------------------------------
+    def _bucket_of(self, name: str):
+        if self._buckets is None:
+            from ..algorithms.bucket import BucketCodec, make_buckets
+            sparse = [e for e in self.engine.table.backward_order() if e.sparse]
+            self._buckets = []
+            for b, members in enumerate(make_buckets(sparse, self.comp.bucket_bytes)):
+                codec = BucketCodec(self.method, [e.layer for e in members])
+                state = {"id": b, "codec": codec, "members": [e.name for e in members]}
+                self._buckets.append(state)
+                for e in members:
+                    self._bucket_by_name[e.name] = state
+        return self._bucket_by_name[name]
+
+    def _fused_compress(self, e, finite, g, tensor, ctx):
+        """Hold the tensor until its bucket is complete (every member's compress() ran: stock
+        synchronize() calls compress() for every parameter before any decompress()), then
+        encode the bucket and start one allgather per unit-size group, named by the bucket."""
+        b = self._bucket_of(e.name)
+        if b.get("step") != e.layer.step:                  # a new step: fresh bucket state
+            b.update(step=e.layer.step, grads={}, ctxs={}, tensors={}, handles=None, results=None)
+        ctx["kind"], ctx["bucket"] = "fused", b["id"]
+        if finite:
+            b["grads"][e.name] = g
+        b["ctxs"][e.name] = ctx
+        b["tensors"][e.name] = (e, tensor)
+        flag = torch.full((1,), FLAG_OK if finite else FLAG_NONFINITE, dtype=tensor.dtype,
+                          device=tensor.device)
+        if len(b["ctxs"]) == len(b["members"]):
+            msgs = b["codec"].encode(b["grads"], b["ctxs"])
+            key = f"hvd_rsgc.bucket{b['id']}"
+            for name in b["members"]:
+                m_e, t = b["tensors"][name]
+                self.engine.record(m_e, flag.numel() * flag.element_size(), t,
+                                   b["ctxs"][name].get("sent_units"))
+            b["handles"] = [self.transport.allgather_async(msg, name=f"{key}.s{g.S}", key=key)
+                            for msg, g in zip(msgs, b["codec"].groups)]
+            b["grads"], b["tensors"] = {}, {}
+        return flag, ctx
+
+    def _fused_decompress(self, e, tensor, ctx):
+        b = self._buckets[ctx["bucket"]]
+        if b["handles"] is None:
+            raise RuntimeError(f"bucket {b['id']} of '{e.name}' was decompressed before all its tensors "
+                               f"were compressed ({len(b['ctxs'])} of {len(b['members'])}); call "
+                               "optimizer.synchronize() / step() as Horovod does")
+        if b["results"] is None:
+            b["results"] = b["codec"].decode([self.transport.wait(h) for h in b["handles"]])
+        dense = b["results"].pop(e.name)
+        if float(tensor.reshape(-1)[0]) != FLAG_OK:
+            return self.engine.nonfinite_result(e, tensor.to(ctx["dtype"]))
+        n = self.transport.size
+        if self.comp.average and n > 1:
+            dense = dense / n
         return dense.to(ctx["dtype"])
 
     def _reduce_scatter(self, step: int) -> bool:
