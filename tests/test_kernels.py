@@ -194,3 +194,26 @@ def test_fused_horovod_np2_identical_one_allgather_per_bucket(tmp_path):
                 gathers = [n for n in wire if kinds[n] == "allgather"]
                 assert gathers and all(".bucket" in n for n in gathers), gathers
                 assert len(gathers) < len(t["compressed"]), (len(gathers), len(t["compressed"]))
+
+
+def test_fused_np1_through_the_stock_optimizer_equals_per_tensor():
+    """-np 1 (Horovod registers no hooks; the compressor's local pass runs): fused and
+    per-tensor training give bit-identical parameters and the same bytes."""
+    import horovod.torch as hvd
+    import hvd_rsgc
+    hvd.init()
+    res = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 10))
+        comp = hvd_rsgc.RSDGCCompression(m, density=0.05, fused=fused, min_numel=100)
+        opt = hvd.DistributedOptimizer(hvd_rsgc.DGCSGD(m.parameters(), lr=0.1),
+                                       named_parameters=m.named_parameters(), compression=comp)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        res[fused] = (torch.cat([p.detach().flatten() for p in m.parameters()]), comp.stats()["total_bytes"])
+    assert torch.equal(res[False][0], res[True][0]) and res[False][1] == res[True][1]
