@@ -83,7 +83,7 @@ class RSDGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0, kernels: str = "eager"):
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0, kernels: str = "eager"):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
                        selection=selection, sample_ratio=sample_ratio, seed=seed, kernels=kernels,
@@ -112,7 +112,7 @@ class DGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0):
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0):
         method = DGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                      sample_ratio=sample_ratio, seed=seed,
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
@@ -134,7 +134,7 @@ class TopKCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = False, bucket_mb: float = 25.0):
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0):
         method = TopK(ErrorFeedback() if error_feedback else NoMemory(),
                       value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, min_numel=min_numel,

@@ -25,7 +25,8 @@ def np4(tmp_path_factory):
                    "--kinds", "topk,dgc,rsdgc,randomk,qsgd", "--steps", "30")
 
 
-KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc_fp16"]
+KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc_fp16",
+         "topk+fused", "dgc+fused", "rsdgc+fused"]
 
 
 def numel(shape):
@@ -64,8 +65,9 @@ def _num_units(shape, S):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_np2_training_identical_params_loss_falls_sparse_bytes(np2, kind):
+    kind, _, fused = kind.partition("+")
     for rank_res in np2:
-        r = rank_res["train"][kind]
+        r = rank_res["train"][kind + ("+" + fused if fused else "")]
         assert r["identical"], f"{kind}: parameters differ across ranks"
         assert r["memory_finite"]
         # loss falls on the learnable task (1-bit QSGD is noisy: a smaller margin)
@@ -92,6 +94,9 @@ def test_np2_training_identical_params_loss_falls_sparse_bytes(np2, kind):
                     assert f"hvd_rsgc.{name}" not in wire
                     continue
                 assert wire[name] == 4, "placeholder allreduce must be one element"
+                if fused:                                # checked per bucket below
+                    assert f"hvd_rsgc.{name}" not in wire
+                    continue
                 sparse = wire[f"hvd_rsgc.{name}"]
                 if kind == "qsgd":
                     assert sparse == bound
@@ -99,6 +104,15 @@ def test_np2_training_identical_params_loss_falls_sparse_bytes(np2, kind):
                     assert 0 < sparse <= bound, (kind, name, sparse, bound)
                     if not kind.startswith("rsdgc"):     # a dense tensor of zeros: 4n bytes
                         assert sparse < 4 * n / 5, (kind, name, sparse, n)
+            if fused:
+                # one allgather per bucket (per unit size) carries all compressed tensors: the
+                # sum of the per-tensor bounds holds for it, and there are fewer messages
+                buckets = [n for n in wire if n.startswith("hvd_rsgc.bucket")]
+                assert 0 < len(buckets) < len(compressed), buckets
+                total = sum(wire[n] for n in buckets)
+                assert 0 < total <= sum(expected_bound(kind, c, shapes[c], r["layers"][c])
+                                        for c in compressed), (kind, total)
+                continue
             if kind.startswith("rsdgc"):
                 # dynamic per-layer densities: bound the total by the configured global density.
                 # eq. 4-5 keep ~rho*M values in all; + the starvation floor (0.1*rho*N_l) and one

@@ -94,7 +94,7 @@ class HorovodBinding:
             ctx["pieces"] = (rows, values)
             self._rs_pending.append(ctx)
             return self._flag(finite, tensor, ctx, e, "rs")
-        if self.comp.fused and m.communicator == "allgather":
+        if self.comp.fused and m.communicator == "allgather" and e.name in self._fusable():
             return self._fused_compress(e, finite, g, tensor, ctx)
         if finite:
             msg = m.encode(e.layer, g, ctx)
@@ -163,8 +163,16 @@ class HorovodBinding:
     # -- fused buckets (fused=True) ------------------------------------------------------
     def _bucket_of(self, name: str):
         if self._buckets is None:
+            self._build_buckets()
+        return self._bucket_by_name[name]
+
+    def _build_buckets(self) -> None:
+        if self._buckets is None:
             from ..algorithms.bucket import BucketCodec, make_buckets
-            sparse = [e for e in self.engine.table.backward_order() if e.sparse]
+            # parameters with torch.sparse gradients never reach compress() (Horovod sends them
+            # around the compressor): kept out of buckets, they meet the per-tensor refusal
+            skip = set(self.engine.sparse_grad_params)
+            sparse = [e for e in self.engine.table.backward_order() if e.sparse and e.name not in skip]
             self._buckets = []
             for b, members in enumerate(make_buckets(sparse, self.comp.bucket_bytes)):
                 codec = BucketCodec(self.method, [e.layer for e in members])
@@ -172,7 +180,11 @@ class HorovodBinding:
                 self._buckets.append(state)
                 for e in members:
                     self._bucket_by_name[e.name] = state
-        return self._bucket_by_name[name]
+
+    def _fusable(self) -> dict:
+        """Bucket state by parameter name (parameters outside any bucket: per-tensor path)."""
+        self._build_buckets()
+        return self._bucket_by_name
 
     def _fused_compress(self, e, finite, g, tensor, ctx):
         """Hold the tensor until its bucket is complete (every member's compress() ran: stock

@@ -57,6 +57,10 @@ def make_data(seed, n):
 
 
 def compressor(kind, model, density=DENSITY, **kw):
+    """``kind+fused``: the bucketed path explicitly; plain kinds: the compressor's default."""
+    kind, _, suffix = kind.partition("+")
+    if suffix == "fused":
+        kw.setdefault("fused", True)
     common = dict(min_numel=MIN_NUMEL)
     if kind == "none":
         return hvd_rsgc.NoneCompression(model, **kw)
@@ -107,7 +111,12 @@ def eval_loss(model, x, y):
 def train(kind, steps, counter, batch=32, options=None):
     torch.manual_seed(0)                                # same init on every rank
     model = Net()
-    comp = compressor(kind, model, **{k: v for k, v in (options or {}).items() if k != "dump"})
+    opts = {k: v for k, v in (options or {}).items() if k != "dump"}
+    if kind in ("topk", "dgc", "rsdgc", "rsdgc_fp16"):
+        # plain sparse kinds: the per-tensor reference path, whose wire format (one allgather
+        # per tensor) the per-tensor byte checks verify; "+fused" kinds: the bucketed default
+        opts.setdefault("fused", False)
+    comp = compressor(kind, model, **opts)
     # 1-bit QSGD (s=1, bucket 512) has variance up to sqrt(512)x the gradient's: smaller lr
     opt = optimizer_for(kind, model, comp, lr=0.01 if kind == "qsgd" else 0.05)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -345,7 +354,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--scenarios", default="train,equiv,bpps,missing,nonfinite,momentum")
-    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16")
+    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16,"
+                                       "topk+fused,dgc+fused,rsdgc+fused")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--options", default="{}", help="JSON: extra compressor options (train)")
     args = ap.parse_args()
