@@ -52,9 +52,9 @@ class Compressor:
         communicator: sparse methods: ``"allgather"`` (default), ``"reduce_scatter"`` (flat
             per-rank volume in P, Ok-Topk style) or ``"auto"``; ``reselect``: the owners'
             budget factor. See :class:`hvd_rsgc.algorithms.collective.SparseCollective`.
-        fused: sparse methods (default True for rsdgc, dgc, topk): encode the tensors of a bucket (``bucket_mb`` of gradient, in
-            backward order; DDP: DDP's own buckets) into one message and one collective
-            (``algorithms/bucket.py``); each tensor keeps its own k.
+        fused: sparse methods (default True for rsdgc, dgc, topk): encode the tensors of a
+            bucket (``bucket_mb`` of gradient, in backward order; DDP: DDP's own buckets) into
+            one message and one collective (``algorithms/bucket.py``); each tensor keeps its k.
         **engine_options: see :class:`hvd_rsgc.engine.Engine`.
     """
 
