@@ -118,7 +118,9 @@ def make_buckets(entries, cap_bytes: int) -> list[list]:
     """Consecutive sparse entries (backward order) cut into buckets of at most ``cap_bytes`` of
     fp32 gradient (a tensor larger than the cap is a bucket of its own), as Horovod's fusion
     buffer and DDP's ``bucket_cap_mb`` group tensors."""
-    buckets, cur, size = [], [], 0
+    buckets: list[list] = []
+    cur: list = []
+    size = 0
     for e in entries:
         nb = 4 * e.layer.layout.numel
         if cur and size + nb > cap_bytes:
