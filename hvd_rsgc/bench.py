@@ -78,16 +78,17 @@ def _spread(xs) -> str:
 
 
 # bench row -> (registered compressor, options); every layer at the same density (RS-DGC's
-# dynamic density would make the rows incomparable)
+# dynamic density would make the rows incomparable); plain rows: the per-tensor path,
+# "-fused" rows: the bucketed default
 METHODS = {
-    "rsdgc": ("rsdgc", {"dynamic": False}),
-    "rsdgc-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
+    "rsdgc": ("rsdgc", {"dynamic": False, "fused": False}),
+    "rsdgc-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled", "fused": False}),
     "rsdgc-fused": ("rsdgc", {"dynamic": False, "fused": True}),
     "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "fused": True, "kernels": "compiled"}),
-    "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
-    "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
-    "dgc": ("dgc", {}),
-    "topk": ("topk", {}),
+    "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled", "fused": False}),
+    "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True, "fused": False}),
+    "dgc": ("dgc", {"fused": False}),
+    "topk": ("topk", {"fused": False}),
     "topk-fused": ("topk", {"fused": True}),
     "dgc-fused": ("dgc", {"fused": True}),
     "randomk": ("randomk", {}),

@@ -22,14 +22,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS = {  # label: (registry name, options)
+METHODS = {  # label: (registry name, options); "fused": False = the per-tensor path
     "dense fp32": ("none", {}),
     "fp16": ("fp16", {}),
-    "Top-k": ("topk", {}),
+    "Top-k": ("topk", {"fused": False}),
     "Random-k": ("randomk", {}),
-    "DGC": ("dgc", {}),
-    "RS-DGC": ("rsdgc", {}),
-    "RS-DGC compiled": ("rsdgc", {"kernels": "compiled"}),
+    "DGC": ("dgc", {"fused": False}),
+    "RS-DGC": ("rsdgc", {"fused": False}),
+    "RS-DGC compiled": ("rsdgc", {"kernels": "compiled", "fused": False}),
     "RS-DGC fused + compiled": ("rsdgc", {"kernels": "compiled", "fused": True}),
     "Top-k fused": ("topk", {"fused": True}),
     "DGC fused": ("dgc", {"fused": True}),
