@@ -171,10 +171,14 @@ class SparseMethod(Method):
         (``collective.py``); ``counts``: real cells per unit (None: all S)."""
         return values.abs().sum(1)
 
-    def pick(self, layer, g):
+    def pick(self, layer, g, finite: bool = True):
         """Accumulate ``g`` into the residual and select: ``(rows int64 ascending, fp32 values
         (k, S))``. The residual is not touched yet (``encode`` marks them sent; the
-        reduce-scatter marks only what reached the final set)."""
+        reduce-scatter marks only what reached the final set). ``finite=False``: nothing is
+        accumulated and nothing selected (empty rows and values)."""
+        if not finite:
+            return (torch.zeros(0, dtype=torch.int64, device=g.device),
+                    torch.zeros(0, layer.layout.unit_size, device=g.device))
         g = g.float() if g.dtype != torch.float32 else g
         acc = self.memory.accumulate(layer.memory, layer.layout.source_view(g, self.workspace))
         rows = self.select(layer, acc)

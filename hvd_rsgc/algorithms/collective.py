@@ -220,8 +220,7 @@ class _Group:
         self.kept = pack_sparse(sums.to(self.method.value_dtype), uniq, self.index_dtype)
 
     def finish(self, gathered: torch.Tensor):
-        frows_vals = unpack_sparse(gathered, self.S, self.index_dtype, self.total)
-        fvals, frows = frows_vals
+        fvals, frows = unpack_sparse(gathered, self.S, self.index_dtype, self.total)
         row_bytes = gathered.shape[1] * gathered.element_size()
         own = self.kept.shape[0]
         self.stats["allgather_recv_rows"] = int(frows.numel()) - own

@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 
-from .emucluster import ROOT, EmuCluster, unavailable
+from .emucluster import EmuCluster, unavailable
+from .launch import ROOT, horovodrun_env, read_rank, write_rank
 
 METHODS = {  # label: (registry name, options)
     "dense fp32 allreduce": ("none", {}),
@@ -79,9 +80,7 @@ def worker(args) -> None:
         out["methods"][label] = {"time_s": statistics.median(times), "recv_bytes": max(recv),
                                  "sent_bytes": max(sent), "k_units": k_units,
                                  "collective": comp.stats().get("collective")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as f:
-        json.dump(out, f)
+    write_rank(args.out, hvd.rank(), out)
 
 
 def parse_args(argv):
@@ -120,8 +119,6 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     py = sys.executable
     hvdrun = os.path.join(os.path.dirname(py), "horovodrun")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     cluster = None
     if args.cluster:
         why = unavailable()
@@ -144,12 +141,11 @@ def main(argv=None):
                    "--density", str(args.density), "--steps", str(args.steps), "--methods", args.methods]
             print(f"[collective] P={P}: {' '.join(cmd[:6])} ...", flush=True)
             argv_ = cluster.argv("node1", cmd) if cluster else cmd
-            p = subprocess.run(argv_, env=dict(cluster.env, **{k: env[k] for k in (
-                "PYTHONPATH", "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")}) if cluster else env,
+            p = subprocess.run(argv_, env=horovodrun_env(cluster.env if cluster else None),
                 capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
             if p.returncode != 0:
                 sys.exit(f"bench collective: P={P} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
-            per_rank = [json.load(open(os.path.join(run_dir, f"rank{r}.json"))) for r in range(P)]
+            per_rank = [read_rank(run_dir, r) for r in range(P)]
             for label in per_rank[0]["methods"]:
                 ms = [r["methods"][label] for r in per_rank]
                 k = ms[0]["k_units"] or 0

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .launch import horovodrun_env, read_rank, write_rank
 
 METHODS = {  # label: (registry name, options); "fused": False = the per-tensor path
     "dense fp32": ("none", {}),
@@ -83,9 +83,7 @@ def worker(args) -> None:
            "times": {label: slow[i].tolist() for i, label in enumerate(labels)},
            "bytes": {label: runs[label][1].stats()["step_bytes"] for label in labels},
            "words": {label: runs[label][1].engine.memory_bytes()["words_per_parameter"] for label in labels}}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as f:
-        json.dump(out, f)
+    write_rank(args.out, hvd.rank(), out)
 
 
 def parse_args(argv):
@@ -116,12 +114,10 @@ def main(argv=None):
            "--image-size", str(args.image_size), "--batch", str(args.batch),
            "--density", str(args.density), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--methods", args.methods]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(cmd, env=horovodrun_env(), capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         sys.exit(f"bench step failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
-    r0 = json.load(open(os.path.join(out, "rank0.json")))
+    r0 = read_rank(out, 0)
     dense = r0["times"]["dense fp32"] if "dense fp32" in r0["times"] else None
     lines = [f"# Step time under horovodrun -np {args.np} on one machine", "",
              f"{args.model} ({r0['params']:,} parameters) at {args.image_size} px, batch {args.batch} per rank, "

@@ -68,11 +68,12 @@ class DDPBinding:
         wire_dtype = eng.dense_dtype or buf.dtype
         fb = torch.empty((), dtype=wire_dtype).element_size()      # one flag per parameter
         dense_parts, flags, works, rs_items = [], [], [], []
-        fused = (m is not None and not multi and self.comp.fused and m.communicator == "allgather")
-        fz_grads, fz_ctxs, fz_idx = {}, {}, []
         rs = (m is not None and not multi and m.communicator == "allgather"
               and self.comp.collective.uses_reduce_scatter(
                   n, m, [r.layer for r in eng.table.compressed], eng.schedule.density))
+        fused = (m is not None and not multi and not rs and self.comp.fused
+                 and m.communicator == "allgather")
+        fz_grads, fz_ctxs, fz_idx = {}, {}, []
         for i, (e, g) in enumerate(zip(entries, grads)):
             finite, gc = eng.begin(e, g, n)
             flags.append(FLAG_OK if finite else FLAG_NONFINITE)
@@ -87,18 +88,14 @@ class DDPBinding:
                 eng.record(e, fb, g)
                 continue
             ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
-            if fused and not rs:
+            if fused:
                 if finite:
                     fz_grads[e.name] = gc
                 fz_ctxs[e.name] = ctx
                 fz_idx.append(i)
                 continue
             if rs:
-                if finite:
-                    rows, values = m.pick(e.layer, gc)
-                else:
-                    rows = torch.zeros(0, dtype=torch.int64, device=g.device)
-                    values = torch.zeros(0, e.layer.layout.unit_size, device=g.device)
+                rows, values = m.pick(e.layer, gc, finite)
                 eng.record(e, fb, g, int(rows.numel()))
                 rs_items.append((i, e.layer, rows, values))
                 continue

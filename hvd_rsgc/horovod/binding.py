@@ -85,17 +85,15 @@ class HorovodBinding:
                 m.accumulate(e.layer, g)
             return self._flag(finite, tensor, ctx, e, "multi")
         if m.communicator == "allgather" and self._reduce_scatter(e.layer.step):
-            if finite:
-                rows, values = m.pick(e.layer, g)
-            else:
-                rows = torch.zeros(0, dtype=torch.int64, device=tensor.device)
-                values = torch.zeros(0, e.layer.layout.unit_size, device=tensor.device)
+            rows, values = m.pick(e.layer, g, finite)
             ctx["sent_units"] = int(rows.numel())
             ctx["pieces"] = (rows, values)
             self._rs_pending.append(ctx)
             return self._flag(finite, tensor, ctx, e, "rs")
-        if self.comp.fused and m.communicator == "allgather" and e.name in self._fusable():
-            return self._fused_compress(e, finite, g, tensor, ctx)
+        bucket = self._buckets_by_name().get(e.name) if self.comp.fused and m.communicator == "allgather" \
+            else None
+        if bucket is not None:
+            return self._fused_compress(bucket, e, finite, g, tensor, ctx)
         if finite:
             msg = m.encode(e.layer, g, ctx)
         else:
@@ -111,9 +109,13 @@ class HorovodBinding:
         ctx["handle"] = self.transport.allgather_async(msg, name=f"hvd_rsgc.{e.name}", key=e.name)
         return flag
 
-    def _flag(self, finite, tensor, ctx, e, kind):
-        flag = torch.full((1,), FLAG_OK if finite else FLAG_NONFINITE, dtype=tensor.dtype,
+    @staticmethod
+    def _flag_tensor(finite, tensor):
+        return torch.full((1,), FLAG_OK if finite else FLAG_NONFINITE, dtype=tensor.dtype,
                           device=tensor.device)
+
+    def _flag(self, finite, tensor, ctx, e, kind):
+        flag = self._flag_tensor(finite, tensor)
         ctx["kind"] = kind
         self.engine.record(e, flag.numel() * flag.element_size(), tensor, ctx.get("sent_units"))
         return flag, ctx
@@ -161,12 +163,9 @@ class HorovodBinding:
         return dense.to(ctx["dtype"])
 
     # -- fused buckets (fused=True) ------------------------------------------------------
-    def _bucket_of(self, name: str):
-        if self._buckets is None:
-            self._build_buckets()
-        return self._bucket_by_name[name]
-
-    def _build_buckets(self) -> None:
+    def _buckets_by_name(self) -> dict:
+        """Bucket state by parameter name, built on first use (parameters outside any bucket
+        take the per-tensor path)."""
         if self._buckets is None:
             from ..algorithms.bucket import BucketCodec, make_buckets
             # parameters with torch.sparse gradients never reach compress() (Horovod sends them
@@ -180,17 +179,12 @@ class HorovodBinding:
                 self._buckets.append(state)
                 for e in members:
                     self._bucket_by_name[e.name] = state
-
-    def _fusable(self) -> dict:
-        """Bucket state by parameter name (parameters outside any bucket: per-tensor path)."""
-        self._build_buckets()
         return self._bucket_by_name
 
-    def _fused_compress(self, e, finite, g, tensor, ctx):
-        """Hold the tensor until its bucket is complete (every member's compress() ran: stock
-        synchronize() calls compress() for every parameter before any decompress()), then
+    def _fused_compress(self, b, e, finite, g, tensor, ctx):
+        """Hold the tensor until its bucket ``b`` is complete (every member's compress() ran:
+        stock synchronize() calls compress() for every parameter before any decompress()), then
         encode the bucket and start one allgather per unit-size group, named by the bucket."""
-        b = self._bucket_of(e.name)
         if b.get("step") != e.layer.step:                  # a new step: fresh bucket state
             b.update(step=e.layer.step, grads={}, ctxs={}, tensors={}, handles=None, results=None)
         ctx["kind"], ctx["bucket"] = "fused", b["id"]
@@ -198,8 +192,7 @@ class HorovodBinding:
             b["grads"][e.name] = g
         b["ctxs"][e.name] = ctx
         b["tensors"][e.name] = (e, tensor)
-        flag = torch.full((1,), FLAG_OK if finite else FLAG_NONFINITE, dtype=tensor.dtype,
-                          device=tensor.device)
+        flag = self._flag_tensor(finite, tensor)
         if len(b["ctxs"]) == len(b["members"]):
             msgs = b["codec"].encode(b["grads"], b["ctxs"])
             key = f"hvd_rsgc.bucket{b['id']}"

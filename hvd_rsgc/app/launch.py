@@ -1,0 +1,26 @@
+"""What the app's multi-process benchmarks (``bench step``, ``bench collective``) share: the
+environment ``horovodrun`` needs here, and the one JSON file each rank writes for the driver."""
+from __future__ import annotations
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def horovodrun_env(base: dict | None = None) -> dict:
+    """``base`` (default: this process's environment) plus the checkout on ``PYTHONPATH`` and
+    Open MPI's consent to run as root and to oversubscribe cores."""
+    return dict(os.environ if base is None else base, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
+                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+
+
+def write_rank(out_dir: str, rank: int, result: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def read_rank(out_dir: str, rank: int) -> dict:
+    with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+        return json.load(f)
