@@ -57,6 +57,12 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{r}.json"), "w") as f:
         json.dump(res, f)
+    if a.backend == "torch":
+        # every rank done before Gloo is torn down: a rank exiting while a peer's Gloo thread
+        # still talks to it aborted once ("terminate called without an active exception")
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
