@@ -33,24 +33,16 @@ if [ "$LAUNCHER" = auto ]; then
 fi
 
 if [ -n "${CONTAINER:-}" ] && [ "${CONTAINER_RUNTIME:-apptainer}" = podman ]; then
-    # Open MPI's shared-memory transport must not use CMA across the tasks' separate containers
-    export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
-    PODMAN=(--rm --no-healthcheck --network host --ipc host --pid host --user "$(id -u):$(id -g)"
-            --label "hvd_rsgc.slurm_job=${SLURM_JOB_ID:-local}"
-            --volume "$PWD:$PWD" --workdir "$PWD"
-            --env 'SLURM_*' --env 'PMIX_*' --env 'PMI_*' --env 'OMPI_*' --env 'HOROVOD_*'
-            --env 'NCCL_*' --env 'CUDA_VISIBLE_DEVICES' --env PYTHONUNBUFFERED=1)
-    mount_outside_pwd() {   # DIR [:ro]: mounted at the same path unless it is inside the checkout
-        local abs; abs="$(cd "$1" && pwd)"
-        case "$abs/" in "$PWD"/*) ;; *) PODMAN+=(--volume "$abs:$abs${2:-}") ;; esac
-    }
+    # docker/podman-task.sh: one container per task on the node that runs it (host network, IPC
+    # and PID; the checkout, RUN_DIR's parent, DATA_ROOT read-only and a Slurm step's PMIx
+    # directories mounted at the same paths; the launchers' environment passed in)
     mkdir -p "$(dirname "$RUN_DIR")"
-    mount_outside_pwd "$(dirname "$RUN_DIR")"
-    [ -n "${DATA_ROOT:-}" ] && mount_outside_pwd "$DATA_ROOT" :ro
-    # shellcheck disable=SC2206  # PODMAN_OPTS is split into words on purpose
-    PODMAN+=(${PODMAN_OPTS:-})
-    PY=(podman run "${PODMAN[@]}" "$CONTAINER" python)
-    HVDRUN=(podman run "${PODMAN[@]}" "$CONTAINER" horovodrun)
+    export HVD_RSGC_MOUNTS="${HVD_RSGC_MOUNTS:+$HVD_RSGC_MOUNTS:}$(dirname "$RUN_DIR")"
+    [ -n "${DATA_ROOT:-}" ] && export HVD_RSGC_MOUNTS_RO="${HVD_RSGC_MOUNTS_RO:+$HVD_RSGC_MOUNTS_RO:}$DATA_ROOT"
+    export PODMAN_OPTS="--label hvd_rsgc.slurm_job=${SLURM_JOB_ID:-local} ${PODMAN_OPTS:-}"
+    TASK=("$PWD/docker/podman-task.sh" "$CONTAINER")
+    PY=("${TASK[@]}" python)
+    HVDRUN=("${TASK[@]}" horovodrun)
     HVDRUN_PY=(python)          # one container holds horovodrun and all its ranks
 elif [ -n "${CONTAINER:-}" ]; then
     PY=(apptainer exec --nv --bind "$PWD" "$CONTAINER" python)
@@ -88,24 +80,22 @@ if [ "${HVD_RSGC_DRY_RUN:-0}" = 1 ]; then           # print the training argumen
     printf '%s\n' "${ARGS[@]}"
     exit 0
 fi
+START="$(date +%s)"
 if [ "$LAUNCHER" = srun ]; then
     # One task per GPU; Horovod's MPI controller initialised through PMIx.
     SRUN=(srun --mpi=pmix --kill-on-bad-exit=1)
     [ -n "${CONTAINER_IMAGE:-}" ] && SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$PWD:$PWD" --container-workdir="$PWD")
-    if [ "${PODMAN+set}" = set ]; then
-        # each task's container also mounts its step's PMIx server directories (known only inside
-        # the task, hence the wrapper), e.g. /var/spool/slurmd/pmix.<job>.<step>
-        # shellcheck disable=SC2016  # expanded by the task's shell
-        WRAP='v=(); for d in "${PMIX_SERVER_TMPDIR:-}" "${PMIX_SYSTEM_TMPDIR:-}"; do
-                  [ -n "$d" ] && [ -d "$d" ] && [[ " ${v[*]} " != *" $d:$d "* ]] && v+=(--volume "$d:$d"); done
-              exec podman run "${v[@]}" "$@"'
-        "${SRUN[@]}" bash -c "$WRAP" podman-task "${PODMAN[@]}" "$CONTAINER" python -m hvd_rsgc.train "${ARGS[@]}" &
-    else
-        "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
-    fi
+    "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
 else
     "${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${HVDRUN_PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
 fi
 # wait in the background so the USR1 trap runs while training is still going
 wait $! || status=$?
+# srun (Slurm 22.05) exits 0 when a step's tasks could not even be launched (e.g. a PMIx
+# socket path over 107 bytes): a run that ended without writing its summary did not succeed
+if [ "${status:-0}" = 0 ] && { [ ! -f "$RUN_DIR/summary.json" ] || [ "$(stat -c %Y "$RUN_DIR/summary.json")" -lt "$START" ]; }; then
+    echo "[hvd_rsgc] error: $LAUNCHER exited 0 but the training wrote no $RUN_DIR/summary.json;" \
+         "the tasks did not run to the end (see the job's stderr and slurmd's log)" >&2
+    status=1
+fi
 exit "${status:-0}"

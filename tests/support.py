@@ -1,8 +1,10 @@
 """Test support in one place: the repository root, the launchers (real ``horovodrun``,
 ``mpirun``), reading the per-rank JSON the workers under ``tests/mp/`` write, and the
-throw-away local Slurm cluster (``slurm_local.py``)."""
+throw-away local Slurm cluster (``slurm_local.py``), the emulated multi-node cluster a test may
+bring up (``emulated_cluster``), and a transport whose ranks are threads (``run_threads``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +85,41 @@ def torchrun(np_, *py_args, timeout=300, cwd=ROOT):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        env=_env(OMP_NUM_THREADS="1"), cwd=cwd)
     return p, time.time() - t0
+
+
+def claim_cluster_slot():
+    """A cluster identity (prefix, subnet, slurmctld port) that no other live test session on
+    this box uses: slot k is held by an flock on /tmp/hvd_rsgc-test-cluster-k.lock for the whole
+    session (released when the process ends, even if it crashes). Two suites running at the same
+    time (several engineers on one machine) thus never share, or tear down, each other's nodes."""
+    import fcntl
+    for k in range(1, 60):
+        f = open(f"/tmp/hvd_rsgc-test-cluster-{k}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        return f, k
+    pytest.skip("no free test-cluster slot (59 test sessions hold one)")
+
+
+@contextlib.contextmanager
+def emulated_cluster(state_dir: str, n: int = 2, bw: str = "100mbit"):
+    """``scripts/cluster.sh up n`` on a slot of its own (own state directory, interface prefix
+    hrtK-, subnet 10.77.(100+K).0/24 and slurmctld port); ``down`` afterwards, whatever happened."""
+    from hvd_rsgc.app.emucluster import EmuCluster
+    lock, k = claim_cluster_slot()
+    c = EmuCluster(state_dir=state_dir, prefix=f"hrt{k}", net=f"10.77.{100 + k}", port=17900 + 2 * k)
+    try:
+        if c.leftovers():          # left by a crashed session that held this slot before
+            c.down()
+        c.up(n, bw=bw)
+        yield c
+    finally:
+        if c.is_up() or c.leftovers():
+            c.down(check=False)
+        lock.close()
 
 
 class ThreadTransport(Transport):

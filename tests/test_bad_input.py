@@ -207,6 +207,25 @@ def test_launcher_overrides_are_not_glob_expanded_and_may_be_empty(tmp_path):
     assert out[-3:-1] == ["--progress", "false"]
 
 
+def test_launcher_fails_a_job_whose_tasks_never_ran_although_srun_exited_0(tmp_path):
+    """Slurm 22.05's srun exits 0 when it could not launch the step's tasks at all (seen on the
+    emulated cluster: a PMIx socket path over 107 bytes); the job must not end COMPLETED."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\necho 'srun: error: task 0 launch failed' >&2\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    env = dict(os.environ, CONFIG="x.yaml", HVD_RSGC_HOME=ROOT, LAUNCHER="srun", RUN_DIR=str(tmp_path / "run"),
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "wrote no" in p.stderr and "summary.json" in p.stderr, p.stderr
+    # a task that did write its summary (this run) is a success
+    (fake / "srun").write_text(f"#!/bin/sh\nmkdir -p {tmp_path}/run && echo {{}} > {tmp_path}/run/summary.json\n")
+    p = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
 # ----------------------------------------------------------------------------- the CLI
 def _train(args, cwd):
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -19,7 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hvd_rsgc.app.emucluster import SCRIPT, EmuCluster, unavailable  # noqa: E402
+from hvd_rsgc.app.emucluster import SCRIPT, unavailable  # noqa: E402
+from support import emulated_cluster  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 PY = sys.executable
@@ -41,39 +42,12 @@ def test_cluster_script_parses():
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
 
 
-def claim_slot():
-    """A cluster identity (prefix, subnet, slurmctld port) that no other live test session on
-    this box uses: slot k is held by an flock on /tmp/hvd_rsgc-test-cluster-k.lock for the whole
-    session (released when the process ends, even if it crashes). Two suites running at the same
-    time (several engineers on one machine) thus never share, or tear down, each other's nodes."""
-    import fcntl
-    for k in range(1, 60):
-        f = open(f"/tmp/hvd_rsgc-test-cluster-{k}.lock", "w")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            continue
-        return f, k
-    pytest.skip("no free test-cluster slot (59 test sessions hold one)")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    lock, k = claim_slot()
-    c = EmuCluster(state_dir=str(tmp_path_factory.mktemp("emucluster")), prefix=f"hrt{k}",
-                   net=f"10.77.{100 + k}", port=17900 + 2 * k)
-    if c.leftovers():          # left by a crashed session that held this slot before
-        c.down()
     t0 = time.time()
-    c.up(2, bw="100mbit")
-    c.up_seconds = time.time() - t0
-    try:
+    with emulated_cluster(str(tmp_path_factory.mktemp("emucluster")), 2, bw="100mbit") as c:
+        c.up_seconds = time.time() - t0
         yield c
-    finally:
-        if c.is_up() or c.leftovers():
-            c.down(check=False)
-        lock.close()
 
 
 def env_for_ranks():

@@ -8,7 +8,9 @@ host's Horovod wheel brought in through the build context's wheelhouse/. Inside 
 the non-root user: ``horovodrun --check-build``, the healthcheck, the README's demo command with
 ``horovodrun -np 2``, Horovod's MPI controller; a code-only change must rebuild neither the
 dependency layer nor anything below it; slurm/launch.sh with CONTAINER_RUNTIME=podman runs a
-job through srun + PMIx and through horovodrun in the image. Build time, rebuild time and image
+job through srun + PMIx and through horovodrun in the image; on the emulated 2-node cluster
+(scripts/cluster.sh) docker/podman-task.sh puts one container on each node and a horovodrun job,
+an mpirun job and a 2-node sbatch span them. Build time, rebuild time and image
 size are printed and written to runs/container_build.json. Everything the tests create is
 removed again (containers, the image tags, the podman service); the base image stays."""
 import json
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -355,3 +358,79 @@ def test_slurm_launcher_podman_runtime(engine, image, tmp_path, launcher):
         assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
     finally:
         assert cluster.stop(), "a Slurm daemon did not stop"
+
+
+PROBE = r"""
+import json, os, socket, sys
+import torch, horovod.torch as hvd
+hvd.init()
+t = hvd.allreduce(torch.full((4,), float(hvd.rank() + 1)), op=hvd.Sum, name="x")
+json.dump({"rank": hvd.rank(), "size": hvd.size(), "host": socket.gethostname(), "sum": t.tolist(),
+           "in_container": os.path.exists("/run/.containerenv"), "prefix": sys.prefix,
+           "mpi": bool(hvd.mpi_enabled()), "gloo": bool(hvd.gloo_enabled())},
+          open(os.path.join(sys.argv[1], sys.argv[2] + f"-rank{hvd.rank()}.json"), "w"))
+"""
+
+
+@pytest.mark.container
+@pytest.mark.multiproc
+def test_one_container_per_node_on_the_emulated_cluster(engine, image, tmp_path, tmp_path_factory):
+    """docker/podman-task.sh on a 2-node emulated cluster (scripts/cluster.sh): one container per
+    node, (a) a horovodrun job (Gloo, over ssh) and (b) an mpirun job (Horovod's MPI controller)
+    spanning them, (c) a 2-node sbatch of slurm/multinode.sbatch with CONTAINER_RUNTIME=podman
+    (srun + PMIx, one container per task) that trains."""
+    from hvd_rsgc.app.emucluster import unavailable
+    from support import emulated_cluster
+    why = unavailable()
+    if why:
+        pytest.skip(f"emulated cluster cannot run here: {why}")
+    if engine.kind == "docker (daemon)" or engine.podman is None:
+        pytest.skip("one container per node needs the image in podman's storage")
+    (tmp_path / "probe.py").write_text(PROBE)
+    task = [os.path.join(ROOT, "docker", "podman-task.sh"), IMAGE]
+    into = [f"HVD_RSGC_MOUNTS={tmp_path}", f"PODMAN_OPTS=--label {LABEL}"]
+    env = {"PATH": VENV + "/bin:" + os.environ["PATH"], "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    probe = ["python", str(tmp_path / "probe.py"), str(tmp_path)]
+    run_label = f"hvd_rsgc.test_run={uuid.uuid4().hex}"      # this test's containers, no other's
+    # a short state directory: slurmstepd's PMIx socket path must stay under 108 bytes
+    with emulated_cluster(str(tmp_path_factory.mktemp("emuc")), 2, bw="1gbit") as c:
+        runs = {
+            "gloo": [os.path.join(VENV, "bin", "horovodrun"), "-np", "2", "-H", c.hosts(1), "--gloo",
+                     "--start-timeout", "120", "env", *into, *task, *probe, "gloo"],
+            "mpi": ["mpirun", "--allow-run-as-root", "-np", "2", "-H", c.hosts(1), "-x", "HVD_RSGC_MOUNTS",
+                    "-x", "PODMAN_OPTS", *task, *probe, "mpi"],
+        }
+        for kind, argv in runs.items():
+            p = c.run("node1", argv, timeout=300, env=dict(env, **dict(kv.split("=", 1) for kv in into)), cwd=ROOT)
+            assert p.returncode == 0, f"{kind}: {p.stdout[-3000:]}{p.stderr[-3000:]}"
+            res = [json.load(open(tmp_path / f"{kind}-rank{r}.json")) for r in range(2)]
+            assert [r["host"] for r in res] == ["node1", "node2"], res
+            assert all(r["in_container"] and r["prefix"] == "/opt/hvd_rsgc/.venv" for r in res), res
+            assert all(r["sum"] == [3.0] * 4 and r["size"] == 2 for r in res), res
+            assert all(r["mpi"] == (kind == "mpi") for r in res), res
+
+        env = {"CONFIG": os.path.join(ROOT, "examples", "configs", "synthetic.yaml"),
+               "RUN_DIR": str(tmp_path / "run"), "HVD_RSGC_HOME": ROOT, "LAUNCHER": "srun",
+               "CONTAINER_RUNTIME": "podman", "CONTAINER": IMAGE,
+               "PODMAN_OPTS": f"--label {LABEL} --label {run_label}",
+               "OVERRIDES": "--epochs 1 --max_steps_per_epoch 3"}
+        args = ["--nodes=2", "-n", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                f"--output={tmp_path}/job-%j.out", f"--error={tmp_path}/job-%j.err"]
+        job = c.sbatch(os.path.join(ROOT, "slurm", "multinode.sbatch"), args, env, cwd=ROOT)
+        st = c.wait(job, timeout=600)
+        info = c.job(job)
+        out = (tmp_path / f"job-{job}.out").read_text()
+        err = (tmp_path / f"job-{job}.err").read_text()
+        assert st == "COMPLETED", out[-3000:] + err[-3000:]
+        assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
+        assert "launcher=srun tasks=2 nodes=2" in out
+        assert f"StepId={job}.0" in open(os.path.join(c.dir, "log", "slurmd-node2.log")).read()
+        summary = json.load(open(tmp_path / "run" / "summary.json"))
+        assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
+        # both tasks ran in the image: podman recorded one container start per task for this job
+        # (podman ORs filters of one key: run_label alone picks this job's containers)
+        ev = _run([engine.podman, "events", "--stream=false", "--since", "30m", "--filter", f"label={run_label}",
+                   "--filter", "event=start", "--format", "{{.Image}}"], timeout=60)
+        started = ev.stdout.split()
+        assert len(started) == 2 and all(i.endswith("/" + IMAGE) for i in started), ev.stdout
