@@ -10,7 +10,7 @@ import torch
 from hvd_rsgc.app.metrics import confusion_matrix, summarize
 from hvd_rsgc.app.models import build_model
 
-from support import ROOT, run_module  # noqa: E402
+from support import ROOT, mpirun_python, run_module  # noqa: E402
 SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
 
 
@@ -240,6 +240,23 @@ def test_vgg19_adapts_to_input_size():
         build_model("vgg19", 21, 40)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet7", 10)
+
+
+@pytest.mark.multiproc
+def test_compare_runs_rdpsgd_beside_a_compressor_under_mpi(tmp_path):
+    """The decentralized algorithm is a compare method too (one mpirun job, both seeds)."""
+    p, _ = mpirun_python(2, "-m", "hvd_rsgc.compare", "--config", SYNTH, "--out_dir", str(tmp_path),
+                         "--methods", "none,rdpsgd", "--seeds", "0,1", "--epochs", "1",
+                         "--max_steps_per_epoch", "3", "--synthetic_val", "64", timeout=600, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(tmp_path / "compare" / "compare.json"))
+    assert [(r["compression"], r["seed"]) for r in res["runs"]] == [("none", 0), ("none", 1), ("rdpsgd", 0),
+                                                                   ("rdpsgd", 1)]
+    assert [r["algorithm"] for r in res["runs"]] == ["horovod", "horovod", "rdpsgd", "rdpsgd"]
+    rows = {r["method"]: r for r in res["summary"]}
+    assert rows["none"]["compression_ratio"] == pytest.approx(1.0)
+    assert rows["rdpsgd"]["compression_ratio"] > 5            # 10% of the parameters per round
+    assert "| rdpsgd |" in p.stdout
 
 
 def test_compare_aggregates_seeds_mean_and_std():

@@ -4,6 +4,9 @@ the seeds, and writes compare.json / compare.md / accuracy_vs_bytes.png.
 
     horovodrun -np 4 python -m hvd_rsgc.compare --config examples/configs/demo.yaml \\
         --methods none,topk,dgc,qsgd,rsdgc --seeds 0,1,2 [--key value ...]
+
+A method is a registered compressor (allreduce through Horovod) or one of the decentralized
+algorithms rdpsgd / dpsgd (gossip over MPI: launch with horovodrun --mpi or mpirun).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from ..registry import names
 from .config import help_text, load_config, parse_overrides
 from .report import json_safe
 from .train import process_group, run
+
+GOSSIP = ("rdpsgd", "dpsgd")     # decentralized algorithms, no compressor
 
 METRICS = (("final_top1", "top-1"), ("final_aa", "AA"), ("final_kappa", "kappa"))
 
@@ -84,9 +89,9 @@ def main(argv=None):
     ap.add_argument("--name", default="compare")
     args, rest = ap.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in names()]
+    bad = [m for m in methods if m not in names() + GOSSIP]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {names()}")
+        raise SystemExit(f"--methods: unknown {bad}; choose from {names() + GOSSIP}")
     try:
         overrides = parse_overrides(rest)
         base = load_config(args.config, overrides)
@@ -97,11 +102,14 @@ def main(argv=None):
     for m in methods:
         for seed in seeds:
             cfg = load_config(args.config, overrides)
-            cfg.compression.compression = m
+            if m in GOSSIP:
+                cfg.decentral.algorithm, cfg.compression.compression = m, "none"
+            else:
+                cfg.compression.compression = m
             cfg.run.seed = seed
             tag = f"{m}/seed{seed}" if len(seeds) > 1 else m
             cfg.run.run_name, cfg.run.progress = f"{args.name}/{tag}", False
-            results.append({**run(cfg, quiet=True), "seed": seed})
+            results.append({**run(cfg, quiet=True), "compression": m, "seed": seed})
     if process_group(base).rank() != 0:
         return
     rows = aggregate(results)
