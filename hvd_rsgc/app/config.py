@@ -42,7 +42,8 @@ def _dataset_choices():
 @dataclass
 class DataConfig:
     dataset: str = opt("synthetic", "data set", choices=_dataset_choices)
-    data_root: str | None = opt(None, "folder with one sub-folder per class (ucm, nwpu, folder)")
+    data_root: str | None = opt(None, "folder with one sub-folder per class (ucm, nwpu, folder); "
+                                       "indianpines: the built scene folder (default: the cache)")
     train_split: str | None = opt(None, "split file of training images (torchgeo style)")
     val_split: str | None = opt(None, "split file of validation images")
     train_ratio: float = opt(0.8, "seeded stratified split when no split files", 0.0, None)

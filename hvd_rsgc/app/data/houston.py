@@ -27,7 +27,8 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from .patches import PixelPatches, standardize
 
 CLASSES = ("healthy grass", "stressed grass", "synthetic grass", "trees", "soil", "water",
            "residential", "commercial", "road", "highway", "railway", "parking lot 1",
@@ -120,36 +121,17 @@ def load_scene(hsi_path, lidar_path, train_path, test_path, bands: int = BANDS,
     cube = cube.permute(2, 0, 1).contiguous()                        # (B+1, H, W)
     if not torch.isfinite(cube).all():
         raise ValueError("houston_hsi / houston_lidar: the data contain NaN or inf values")
-    mean = cube.mean(dim=(1, 2), keepdim=True)
-    std = cube.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-    return (cube - mean) / std, maps[0], maps[1]
+    return standardize(cube), maps[0], maps[1]
 
 
-class HoustonPatches(Dataset):
+class HoustonPatches(PixelPatches):
     """Patches around the labelled pixels of one label map: items ``(patch (B+1, p, p),
-    class 0..14)``. ``prenormalized``: the loop skips its RGB normalisation."""
-
-    prenormalized = True
-    crop_augment = False          # a shifted window would move the labelled centre pixel
+    class 0..14)``; the models learn the HSI / LiDAR split from ``hsi_bands``."""
 
     def __init__(self, cube: torch.Tensor, labels: torch.Tensor, patch_size: int, classes=CLASSES):
-        if patch_size < 1 or patch_size % 2 == 0:
-            raise ValueError(f"image_size (the patch size) must be odd and >= 1 for houston, got {patch_size}")
-        r = patch_size // 2
-        self.padded = torch.nn.functional.pad(cube[None], (r, r, r, r), mode="reflect")[0] if r else cube
-        self.coords = (labels > 0).nonzero()                      # (N, 2) row-major order
-        self.targets = labels[labels > 0] - 1
-        self.p = patch_size
-        self.classes = list(classes)
+        super().__init__(cube, labels, patch_size, classes, {"hsi_bands": cube.shape[0] - 1},
+                         param="image_size (the patch size) for houston")
         self.bands = cube.shape[0] - 1
-        self.model_kwargs = {"hsi_bands": self.bands}
-
-    def __len__(self) -> int:
-        return int(self.coords.shape[0])
-
-    def __getitem__(self, i):
-        y, x = (int(v) for v in self.coords[i])
-        return self.padded[:, y:y + self.p, x:x + self.p], int(self.targets[i])
 
 
 def build(cfg):

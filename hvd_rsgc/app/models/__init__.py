@@ -2,30 +2,41 @@
 
 ``build_model(name, num_classes, image_size)``: resnet20 / resnet56 / resnet110 (CIFAR-style,
 He et al. 2016), vgg19 (VGG-19 with BatchNorm, classifier adapted to the input size), ccrnet and
-exvit (HSI + LiDAR patch classifiers for houston, ``multimodal.py``), and,
+exvit (HSI + LiDAR patch classifiers for houston, ``multimodal.py``), hsicnn (any multi-band
+per-pixel patches: indianpines, houston; ``spectral.py``), and,
 where torchvision imports, ``tv_<name>`` for any torchvision classification model.
 """
 from .multimodal import CCRNet, ExViT, ccrnet, exvit
+from .spectral import HSICNN, hsicnn
 from .resnet_cifar import ResNetCIFAR, resnet20, resnet56, resnet110
 from .vgg import VGG, vgg19
 
 _BUILTIN = {"resnet20": resnet20, "resnet56": resnet56, "resnet110": resnet110, "vgg19": vgg19}
 _MULTIMODAL = {"ccrnet": ccrnet, "exvit": exvit}          # HSI + LiDAR patches (houston)
-MODELS = tuple(_BUILTIN) + tuple(_MULTIMODAL)
+_SPECTRAL = {"hsicnn": hsicnn}                             # any multi-band pixel patches
+MODELS = tuple(_BUILTIN) + tuple(_MULTIMODAL) + tuple(_SPECTRAL)
 
 
-def build_model(name: str, num_classes: int, image_size: int = 256, hsi_bands: int | None = None):
-    """``hsi_bands``: given by a multimodal data set (houston); those need ccrnet or exvit, and
-    ccrnet / exvit need such a data set."""
+def build_model(name: str, num_classes: int, image_size: int = 256, hsi_bands: int | None = None,
+                in_channels: int | None = None):
+    """``hsi_bands``: given by the HSI + LiDAR data set (houston: hsi_bands + 1 channels);
+    ``in_channels``: given by a multi-band data set without LiDAR (indianpines). ccrnet / exvit
+    need houston; hsicnn takes either; the RGB models take neither."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if name in _SPECTRAL:
+        if hsi_bands is None and in_channels is None:
+            raise ValueError(f"model {name!r} classifies multi-band pixel patches: use dataset "
+                             "indianpines or houston")
+        chans = in_channels if in_channels is not None else hsi_bands + 1
+        return _SPECTRAL[name](num_classes=num_classes, image_size=image_size, in_channels=chans)
     if name in _MULTIMODAL:
         if hsi_bands is None:
             raise ValueError(f"model {name!r} classifies HSI + LiDAR patches: use dataset houston")
         return _MULTIMODAL[name](num_classes=num_classes, image_size=image_size, hsi_bands=hsi_bands)
-    if hsi_bands is not None:
-        raise ValueError(f"model {name!r} takes RGB images; the HSI + LiDAR data set needs one of "
-                         f"{sorted(_MULTIMODAL)}")
+    if hsi_bands is not None or in_channels is not None:
+        fits = sorted(_MULTIMODAL) + sorted(_SPECTRAL) if hsi_bands is not None else sorted(_SPECTRAL)
+        raise ValueError(f"model {name!r} takes RGB images; this multi-band data set needs one of {fits}")
     if name in _BUILTIN:
         return _BUILTIN[name](num_classes=num_classes, image_size=image_size)
     if name.startswith("tv_"):
@@ -37,5 +48,5 @@ def build_model(name: str, num_classes: int, image_size: int = 256, hsi_bands: i
     raise ValueError(f"unknown model {name!r}; choose from {sorted(_BUILTIN)} or tv_<torchvision name>")
 
 
-__all__ = ["build_model", "MODELS", "ResNetCIFAR", "VGG", "CCRNet", "ExViT", "resnet20", "resnet56",
+__all__ = ["build_model", "MODELS", "ResNetCIFAR", "VGG", "CCRNet", "ExViT", "HSICNN", "hsicnn", "resnet20", "resnet56",
            "resnet110", "vgg19", "ccrnet", "exvit"]
