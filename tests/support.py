@@ -122,6 +122,25 @@ def emulated_cluster(state_dir: str, n: int = 2, bw: str = "100mbit"):
         lock.close()
 
 
+def sbatch_across_two_nodes(c, script: str, env: dict, tmp, timeout: float = 240) -> dict:
+    """Submit ``script`` to the emulated cluster ``c`` with one task on each of 2 nodes; assert
+    it COMPLETED on node[1-2] through srun with node2's slurmd running the step; -> the run's
+    summary.json (``env["RUN_DIR"]``)."""
+    args = ["--nodes=2", "-n", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+            f"--output={tmp}/job-%j.out", f"--error={tmp}/job-%j.err"]
+    job = c.sbatch(script, args, env, cwd=ROOT)
+    st = c.wait(job, timeout=timeout)
+    info = c.job(job)
+    out = open(os.path.join(tmp, f"job-{job}.out")).read()
+    err = open(os.path.join(tmp, f"job-{job}.err")).read()
+    assert st == "COMPLETED", out[-3000:] + err[-3000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
+    assert "launcher=srun tasks=2 nodes=2" in out
+    # the step's task really ran on node2 too (its slurmd launched it)
+    assert f"StepId={job}.0" in open(os.path.join(c.dir, "log", "slurmd-node2.log")).read()
+    return json.load(open(os.path.join(env["RUN_DIR"], "summary.json")))
+
+
 class ThreadTransport(Transport):
     """``size`` ranks as threads of one process (a shared ``board`` and a
     ``threading.Barrier(size)``): allreduce sums, allgather concatenates in rank order, alltoall

@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hvd_rsgc.app.emucluster import SCRIPT, unavailable  # noqa: E402
-from support import emulated_cluster  # noqa: E402
+from support import emulated_cluster, sbatch_across_two_nodes  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 PY = sys.executable
@@ -142,20 +142,7 @@ def test_sbatch_across_two_nodes(cluster, tmp_path):
     env = {"CONFIG": SYNTH, "RUN_DIR": str(tmp_path / "run"), "HVD_RSGC_HOME": ROOT,
            "VENV": os.path.dirname(VENV_BIN), "PYTHONPATH": ROOT,
            "OVERRIDES": "--epochs 1 --max_steps_per_epoch 2 --synthetic_val 64"}
-    args = ["--nodes=2", "-n", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-            f"--output={tmp_path}/job-%j.out", f"--error={tmp_path}/job-%j.err"]
-    job = cluster.sbatch(os.path.join(ROOT, "slurm", "nwpu.sbatch"), args, env, cwd=ROOT)
-    st = cluster.wait(job, timeout=240)
-    info = cluster.job(job)
-    out = (tmp_path / f"job-{job}.out").read_text()
-    err = (tmp_path / f"job-{job}.err").read_text()
-    assert st == "COMPLETED", out[-3000:] + err[-3000:]
-    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
-    assert "launcher=srun tasks=2 nodes=2" in out
-    # the step's task really ran on node2 too (its slurmd launched it)
-    log2 = open(os.path.join(cluster.dir, "log", "slurmd-node2.log")).read()
-    assert f"StepId={job}.0" in log2
-    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    summary = sbatch_across_two_nodes(cluster, os.path.join(ROOT, "slurm", "nwpu.sbatch"), env, tmp_path)
     assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
 
 

@@ -380,7 +380,7 @@ def test_one_container_per_node_on_the_emulated_cluster(engine, image, tmp_path,
     spanning them, (c) a 2-node sbatch of slurm/multinode.sbatch with CONTAINER_RUNTIME=podman
     (srun + PMIx, one container per task) that trains."""
     from hvd_rsgc.app.emucluster import unavailable
-    from support import emulated_cluster
+    from support import emulated_cluster, sbatch_across_two_nodes
     why = unavailable()
     if why:
         pytest.skip(f"emulated cluster cannot run here: {why}")
@@ -415,18 +415,8 @@ def test_one_container_per_node_on_the_emulated_cluster(engine, image, tmp_path,
                "CONTAINER_RUNTIME": "podman", "CONTAINER": IMAGE,
                "PODMAN_OPTS": f"--label {LABEL} --label {run_label}",
                "OVERRIDES": "--epochs 1 --max_steps_per_epoch 3"}
-        args = ["--nodes=2", "-n", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                f"--output={tmp_path}/job-%j.out", f"--error={tmp_path}/job-%j.err"]
-        job = c.sbatch(os.path.join(ROOT, "slurm", "multinode.sbatch"), args, env, cwd=ROOT)
-        st = c.wait(job, timeout=600)
-        info = c.job(job)
-        out = (tmp_path / f"job-{job}.out").read_text()
-        err = (tmp_path / f"job-{job}.err").read_text()
-        assert st == "COMPLETED", out[-3000:] + err[-3000:]
-        assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
-        assert "launcher=srun tasks=2 nodes=2" in out
-        assert f"StepId={job}.0" in open(os.path.join(c.dir, "log", "slurmd-node2.log")).read()
-        summary = json.load(open(tmp_path / "run" / "summary.json"))
+        summary = sbatch_across_two_nodes(c, os.path.join(ROOT, "slurm", "multinode.sbatch"), env, tmp_path,
+                                          timeout=600)
         assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
         # both tasks ran in the image: podman recorded one container start per task for this job
         # (podman ORs filters of one key: run_label alone picks this job's containers)
