@@ -32,13 +32,13 @@ OPTS=(--rm --no-healthcheck --network host --ipc host --pid host --user "$(id -u
       --volume "$PWD:$PWD" --workdir "$PWD"
       --env 'SLURM_*' --env 'PMIX_*' --env 'PMI_*' --env 'OMPI_*' --env 'HOROVOD_*'
       --env 'NCCL_*' --env 'CUDA_VISIBLE_DEVICES' --env PYTHONUNBUFFERED=1)
-seen=" $PWD "
+SEEN=("$PWD")
 mount() {               # DIR [:ro]: at the same path, once, unless it lies inside one already mounted
-    local d="$1"
+    local d="$1" m
     [ -n "$d" ] && [ -d "$d" ] || return 0
     d="$(cd "$d" && pwd -P)"
-    for m in $seen; do case "$d/" in "$m"/*) return 0 ;; esac; done
-    seen+="$d "
+    for m in "${SEEN[@]}"; do case "$d/" in "$m"/*) return 0 ;; esac; done
+    SEEN+=("$d")
     OPTS+=(--volume "$d:$d${2:-}")
 }
 IFS=: read -r -a RO <<< "${HVD_RSGC_MOUNTS_RO:-}"

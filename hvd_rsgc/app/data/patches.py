@@ -1,9 +1,11 @@
 """Per-pixel patch samples of a multi-band scene (Houston2013, Indian Pines): a ``p`` x ``p``
 window centred on each labelled pixel, all bands as channels, the scene reflect-padded at its
 borders. The bands come standardised, so the loop's RGB normalisation is skipped
-(``prenormalized``); ``model_kwargs`` tell ``build_model`` the channel layout."""
+(``prenormalized``); ``model_kwargs`` tell ``build_model`` the channel layout. Also what both
+scenes' readers share: one array from a ``.mat`` file, per-band standardisation."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -42,3 +44,31 @@ def standardize(cube: torch.Tensor) -> torch.Tensor:
     mean = cube.mean(dim=(1, 2), keepdim=True)
     std = cube.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
     return (cube - mean) / std
+
+
+def read_mat(path: str, keys, param: str) -> np.ndarray:
+    """One array of a MATLAB ``.mat`` file (v5, or v7.3 = HDF5 with h5py): the first of ``keys``
+    present, else the file's only array; errors name ``param``."""
+    try:
+        import scipy.io
+    except ImportError:
+        raise ValueError(f"{param}: reading {path} needs scipy (pip install 'hvd_rsgc[houston]')") from None
+    try:
+        arrays = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    except (NotImplementedError, ValueError):    # MATLAB v7.3 = HDF5, arrays stored transposed
+        try:
+            import h5py
+        except ImportError:
+            raise ValueError(f"{param}: {path} is a MATLAB v7.3 file; reading it needs h5py") from None
+        if not h5py.is_hdf5(path):
+            raise ValueError(f"{param}: {path} is neither a MATLAB v5 nor a v7.3 (HDF5) .mat file") from None
+        with h5py.File(path, "r") as f:
+            arrays = {k: np.asarray(f[k]).T for k in f.keys() if not k.startswith("#")}
+    arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray) and v.size > 1}
+    for key in keys:
+        if key in arrays:
+            return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise ValueError(f"{param}: {path} holds {sorted(arrays)}; expected one array or one of "
+                     f"{list(keys)}")
