@@ -6,6 +6,9 @@
   layout (elements, kernels, padded and unpadded tiles), duplicates included;
 * ``kernels="compiled"`` (``torch.compile``d NSI) == the eager NSI to float rounding, selects the
   same units, and trains bit-identically across ranks under ``horovodrun -np 2``;
+* the block filter (``AtLeast``: block extremes, then the few blocks that reach the threshold)
+  == ``(|x| >= t).nonzero()`` for every threshold, tails, NaN, signed zeros; Top-k and DGC on
+  signed vectors (``magnitude=True``) == the same selection on ``|x|``;
 * the round-robin bench reports per-round ratios and state words per parameter.
 """
 import torch
@@ -14,7 +17,8 @@ from hvd_rsgc.algorithms.base import scatter_sum
 from hvd_rsgc.algorithms.kernels import compiled_nsi
 from hvd_rsgc.algorithms.layout import make_layout
 from hvd_rsgc.algorithms.nsi import nsi_scores
-from hvd_rsgc.algorithms.select import topk_indices
+from hvd_rsgc.algorithms.select import (BLOCK, AtLeast, SamplePlan, sampled_threshold_indices,
+                                        topk_indices)
 
 from support import results
 
@@ -46,6 +50,35 @@ def test_topk_prefilter_is_exact():
     x = torch.zeros(1 << 20)
     x[::64] = torch.rand((1 << 20) // 64, generator=g)          # only the sampled positions
     assert torch.equal(topk_indices(x, 6400), ref_topk(x, 6400))
+
+
+def test_block_filter_equals_eager_compare():
+    g = torch.Generator().manual_seed(7)
+    for n in (BLOCK * 300, BLOCK * 4000 + 37, 1_000_003):
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (50,), generator=g)] = float("nan")
+        x[:5] = torch.tensor([0.0, -0.0, 3.0, -3.0, float("-inf")])
+        for magnitude in (True, False):
+            f = AtLeast(x, magnitude, expected=0.001)
+            assert f.blocked
+            imp = x.abs() if magnitude else x
+            for t in (3.0, 2.5, 4.0, 100.0, 0.0, -1.0):
+                ref = (imp >= t).nonzero().view(-1)
+                got = f(torch.tensor(t))
+                assert torch.equal(got, ref), (n, magnitude, t)
+    assert not AtLeast(torch.randn(10_000), True, expected=0.5).blocked       # dense survivors
+
+
+def test_magnitude_selection_equals_selection_on_abs():
+    g = torch.Generator().manual_seed(8)
+    for n, k in [(1 << 16, 64), (2_359_296, 2360), (1_000_003, 1001), (300, 3)]:
+        x = torch.randn(n, generator=g)
+        assert torch.equal(topk_indices(x, k, magnitude=True), ref_topk(x.abs(), k)), (n, k)
+        for density in (0.001, 0.01, 0.3):
+            plan = SamplePlan.make(n, density)
+            a = sampled_threshold_indices(x, plan, torch.Generator().manual_seed(1), magnitude=True)
+            b = sampled_threshold_indices(x.abs(), plan, torch.Generator().manual_seed(1))
+            assert torch.equal(a, b), (n, density)
 
 
 def old_scatter(layout, values, rows):

@@ -28,4 +28,5 @@ class DGC(SparseMethod):
         layer.plan = SamplePlan.make(layer.numel, layer.density, self.sample_ratio)
 
     def select(self, layer, acc):
-        return sampled_threshold_indices(acc.view(-1).abs(), layer.plan, self.generator)
+        return sampled_threshold_indices(acc.view(-1), layer.plan, self.generator,
+                                         magnitude=True)

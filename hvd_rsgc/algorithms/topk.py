@@ -10,4 +10,4 @@ class TopK(SparseMethod):
     name = "topk"
 
     def select(self, layer, acc):
-        return topk_indices(acc.view(-1).abs(), layer.k)
+        return topk_indices(acc.view(-1), layer.k, magnitude=True)
