@@ -27,7 +27,10 @@ from .algorithms.base import LayerState
 from .algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
 from .algorithms.memory import DenseMomentum, all_finite, clip_local
 
-STATE_FORMAT = "hvd_rsgc.compression/1"
+STATE_FORMAT = "hvd_rsgc.compression/2"
+# format 1 kept tile residuals (RS-DGC's 1x1 convolutions, linear layers) as the (U, S) unit
+# matrix; format 2 keeps them as the padded matrix (layout.py). Loading 1 converts them.
+LEGACY_STATE_FORMATS = ("hvd_rsgc.compression/1",)
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -419,7 +422,8 @@ class Engine:
                 "rng": self.method.rng_state() if self.method is not None else {}}
 
     def load_state_dict(self, state: dict, owner: str) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        legacy = isinstance(state, dict) and state.get("format") in LEGACY_STATE_FORMATS
+        if not isinstance(state, dict) or (state.get("format") != STATE_FORMAT and not legacy):
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a hvd_rsgc compression state (format {got!r}, expected "
                              f"{STATE_FORMAT!r})")
@@ -433,6 +437,10 @@ class Engine:
                              f"unexpected {extra[:5]}")
         for e in self.table:
             rec, st = saved[e.name], e.layer
+            if legacy and st.layout is not None:
+                rec = {**rec, "memory": {k: st.layout.from_legacy(v) if isinstance(v, torch.Tensor)
+                                         and v.shape == (st.layout.num_units, st.layout.unit_size)
+                                         else v for k, v in rec["memory"].items()}}
             for key, val in rec["memory"].items():
                 want = st.memory.get(key)
                 if want is not None and want.shape != val.shape:

@@ -97,6 +97,36 @@ def test_state_dict_roundtrip_resumes_bit_exactly(make):
         assert torch.equal(a, b)
 
 
+def test_state_format_1_tile_residuals_load_into_the_padded_matrix():
+    """Format 1 kept tile residuals (the Linear layer here) as the (U, S) unit matrix; loading
+    such a state gives exactly the residual that format 2 saved."""
+    from hvd_rsgc.algorithms.layout import TileLayout
+    torch.manual_seed(0)
+    model = Net()
+    comp = RSDGCCompression(model, density=0.05, min_numel=0)
+    opt = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    run(model, opt, batches(3))
+    state = copy.deepcopy(comp.state_dict())
+    assert state["format"] == "hvd_rsgc.compression/2"
+    tiles = {e.name: e.layer.layout for e in comp.engine.table
+             if isinstance(e.layer.layout, TileLayout)}
+    assert "fc.weight" in tiles and state["layers"]["fc.weight"]["memory"]["v"].abs().sum() > 0
+    legacy = copy.deepcopy(state)
+    legacy["format"] = "hvd_rsgc.compression/1"
+    for name, lay in tiles.items():
+        mem = legacy["layers"][name]["memory"]
+        for k in mem:
+            mem[k] = lay.units_of(mem[k]).clone()
+            assert tuple(mem[k].shape) == (lay.num_units, lay.unit_size) != lay.storage_shape
+    comp2 = RSDGCCompression(Net(), density=0.05, min_numel=0)
+    comp2.load_state_dict(legacy)
+    got = comp2.state_dict()["layers"]
+    for name, rec in state["layers"].items():
+        for k, val in rec["memory"].items():
+            assert torch.equal(got[name]["memory"][k], val), (name, k)
+
+
 def test_load_state_dict_rejects_foreign_and_mismatched_state():
     comp = RSDGCCompression(Net(), density=0.01)
     with pytest.raises(ValueError, match="not a hvd_rsgc compression state"):

@@ -9,13 +9,19 @@
 * the block filter (``AtLeast``: block extremes, then the few blocks that reach the threshold)
   == ``(|x| >= t).nonzero()`` for every threshold, tails, NaN, signed zeros; Top-k and DGC on
   signed vectors (``magnitude=True``) == the same selection on ``|x|``;
+* tile residuals kept as the padded matrix (natural order) == the (U, S) unit-matrix reference
+  for several RS-DGC steps (rows, values, residual, momentum), padded and unpadded tiles,
+  eager and compiled NSI; the NSI of the tile view == the NSI of the unit matrix;
 * the round-robin bench reports per-round ratios and state words per parameter.
 """
 import torch
 
 from hvd_rsgc.algorithms.base import scatter_sum
 from hvd_rsgc.algorithms.kernels import compiled_nsi
-from hvd_rsgc.algorithms.layout import make_layout
+from hvd_rsgc.algorithms.base import make_layer, unpack_sparse
+from hvd_rsgc.algorithms.layout import TileLayout, make_layout
+from hvd_rsgc.algorithms.memory import MomentumCorrection
+from hvd_rsgc.algorithms.rsdgc import RSDGC
 from hvd_rsgc.algorithms.nsi import nsi_scores
 from hvd_rsgc.algorithms.select import (BLOCK, AtLeast, SamplePlan, sampled_threshold_indices,
                                         topk_indices)
@@ -114,6 +120,55 @@ def test_compiled_nsi_equals_eager():
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (U, S, beta, (a - b).abs().max())
         a, b = nsi_scores(v, 0.5, None), fn(v, 0.5, None)
         assert torch.equal(topk_indices(a, U // 10), topk_indices(b, U // 10))
+
+
+def test_nsi_of_tile_view_equals_unit_matrix():
+    g = torch.Generator().manual_seed(9)
+    for shape in [(12, 9), (13, 20), (64, 256, 1, 1), (5, 128)]:
+        L = make_layout(torch.Size(shape), True, 1)
+        assert isinstance(L, TileLayout)
+        buf = torch.zeros(L.storage_shape)
+        L.target_view(buf).copy_(L.source_view(torch.randn(shape, generator=g), None))
+        units = L.units_of(buf)
+        counts = L.valid_counts()
+        for beta in (0.5, 1.0, 0.0):
+            ref = nsi_scores(units, beta, counts)
+            assert torch.allclose(nsi_scores(L.score_view(buf), beta, counts), ref, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(compiled_nsi()(L.score_view(buf), beta, counts), ref,
+                                  rtol=1e-4, atol=1e-6), (shape, beta)
+
+
+def test_tile_storage_equals_unit_matrix_reference():
+    """RS-DGC steps with the residual in natural (padded) order == the same steps computed on
+    the (U, S) unit matrix: the same rows, values, residual and momentum."""
+    g = torch.Generator().manual_seed(10)
+    for shape, density in [(((64, 256, 1, 1)), 0.01), ((13, 20), 0.1), ((1000, 2048), 0.001)]:
+        for kernels in ("eager", "compiled"):
+            method = RSDGC(MomentumCorrection(0.9), beta=0.5, kernels=kernels)
+            st = make_layer(method, shape, density)
+            L = st.layout
+            assert isinstance(L, TileLayout) and tuple(st.memory["v"].shape) == L.storage_shape
+            u = torch.zeros(L.num_units, L.unit_size)
+            v = torch.zeros_like(u)
+            counts = L.valid_counts()
+            for step in range(3):
+                grad = torch.randn(shape, generator=g)
+                torch.add(L.to_units(grad), u, alpha=0.9, out=u)
+                v.add_(u)
+                want = ref_topk(nsi_scores(v, 0.5, counts), st.k)
+                vals, rows = unpack_sparse(method.encode(st, grad, {}), L.unit_size, torch.int32,
+                                           L.num_units)
+                assert torch.equal(rows, want), (shape, kernels, step)
+                assert torch.allclose(vals, v[want], rtol=1e-6, atol=1e-7)
+                v[want] = 0.0
+                u[want] = 0.0
+                assert torch.allclose(L.units_of(st.memory["v"]), v, rtol=1e-6, atol=1e-7)
+                assert torch.equal(L.units_of(st.memory["u"]) == 0, u == 0)
+                assert torch.allclose(L.units_of(st.memory["u"]), u, rtol=1e-6, atol=1e-7)
+                # padded cells of the storage are never written
+                pad = torch.ones(L.storage_shape, dtype=torch.bool)
+                L.target_view(pad).fill_(False)
+                assert not st.memory["v"][pad].any() and not st.memory["u"][pad].any()
 
 
 def test_compiled_kernels_bit_identical_ranks_np2(tmp_path):

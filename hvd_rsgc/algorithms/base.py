@@ -142,8 +142,7 @@ class Method:
         """Called when ``layer.density`` changed (recompute cached plans)."""
 
     def init_memory(self, layer: LayerState, device) -> None:
-        layer.memory = self.memory.init((layer.layout.num_units, layer.layout.unit_size),
-                                        device, torch.float32)
+        layer.memory = self.memory.init(layer.layout.storage_shape, device, torch.float32)
 
     def empty_message(self, layer: LayerState, device) -> torch.Tensor:
         raise NotImplementedError
@@ -159,7 +158,8 @@ class SparseMethod(Method):
     """Select units of the accumulated gradient, send (values, unit index) by allgather."""
 
     def select(self, layer: LayerState, acc: torch.Tensor) -> torch.Tensor:
-        """acc (U, S) -> selected unit rows, int64 ascending."""
+        """acc (the residual in the layout's storage form) -> selected unit rows, int64
+        ascending."""
         raise NotImplementedError
 
     def empty_message(self, layer, device):
@@ -172,23 +172,28 @@ class SparseMethod(Method):
         return values.abs().sum(1)
 
     def pick(self, layer, g, finite: bool = True):
-        """Accumulate ``g`` into the residual and select: ``(rows int64 ascending, fp32 values
-        (k, S))``. The residual is not touched yet (``encode`` marks them sent; the
+        """Accumulate ``g`` into the residual (in the layout's storage form) and select: ``(rows
+        int64 ascending, fp32 values (k, S))``. The residual is not touched yet (``encode`` marks them sent; the
         reduce-scatter marks only what reached the final set). ``finite=False``: nothing is
         accumulated and nothing selected (empty rows and values)."""
         if not finite:
             return (torch.zeros(0, dtype=torch.int64, device=g.device),
                     torch.zeros(0, layer.layout.unit_size, device=g.device))
         g = g.float() if g.dtype != torch.float32 else g
-        acc = self.memory.accumulate(layer.memory, layer.layout.source_view(g, self.workspace))
+        lay = layer.layout
+        if self.memory.error_feedback:
+            acc = self.memory.accumulate(layer.memory, lay.source_view(g, self.workspace),
+                                         lay.target_view)
+        else:
+            acc = lay.storage(g, self.workspace)
         rows = self.select(layer, acc)
-        return rows, acc.index_select(0, rows)
+        return rows, lay.gather_units(acc, rows)
 
     def encode(self, layer, g, ctx):
         rows, values = self.pick(layer, g)
         wire = values.to(self.value_dtype) if self.value_dtype != values.dtype else values
         lossy = wire.dtype != torch.float32
-        self.memory.mark_sent(layer.memory, rows, wire.float() if lossy else None)
+        self.memory.mark_sent(layer.memory, rows, wire.float() if lossy else None, layer.layout)
         ctx["sent_units"] = int(rows.numel())
         return pack_sparse(wire, rows, self.index_dtype)
 

@@ -63,7 +63,8 @@ class BucketCodec:
                     continue
                 r, v = m.pick(st, grad)
                 wire = v.to(m.value_dtype) if m.value_dtype != v.dtype else v
-                m.memory.mark_sent(st.memory, r, wire.float() if wire.dtype != torch.float32 else None)
+                m.memory.mark_sent(st.memory, r, wire.float() if wire.dtype != torch.float32 else None,
+                                  st.layout)
                 ctxs[st.name]["sent_units"] = int(r.numel())
                 vals.append(wire)
                 rows.append(r + off)

@@ -143,7 +143,7 @@ class Marks:
         self.method, self.layer, self.rows, self.sent = method, layer, rows, sent
 
     def apply(self) -> None:
-        self.method.memory.mark_sent(self.layer.memory, self.rows, self.sent)
+        self.method.memory.mark_sent(self.layer.memory, self.rows, self.sent, self.layer.layout)
 
 
 class _Group:

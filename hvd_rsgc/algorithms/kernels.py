@@ -19,10 +19,18 @@ KERNELS = ("eager", "compiled")
 
 
 def _nsi(units: torch.Tensor, beta: float, counts: torch.Tensor | None) -> torch.Tensor:
-    n = units.shape[1] if counts is None else counts
-    mu = units.abs().sum(1) / n
-    mean = units.sum(1) / n
-    var = ((units * units).sum(1) / n - mean * mean).clamp_min(0.0)
+    """``units``: (U, S) rows, or an (a, s, b, s) tile view (``nsi.py``)."""
+    if units.dim() == 2:
+        n = units.shape[1] if counts is None else counts
+        mu = units.abs().sum(1) / n
+        mean = units.sum(1) / n
+        sq = (units * units).sum(1) / n
+    else:
+        n = units.shape[1] * units.shape[3] if counts is None else counts
+        mu = units.abs().sum((1, 3)).view(-1) / n
+        mean = units.sum((1, 3)).view(-1) / n
+        sq = (units * units).sum((1, 3)).view(-1) / n
+    var = (sq - mean * mean).clamp_min(0.0)
     return beta * mu + (1.0 - beta) * var.sqrt()
 
 

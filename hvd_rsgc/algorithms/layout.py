@@ -11,7 +11,17 @@ Random-k) use one element per unit. RS-DGC uses Chebyshev neighbourhoods (see ``
   cells are excluded from the statistics and never written back.
 
 Every layout maps a tensor to a 2-D ``(U, S)`` "unit matrix" and back. Residual buffers are
-kept in unit layout so selecting, sending and zeroing a unit is plain row indexing.
+kept in the layout's *storage* form (``storage_shape``), and every access by unit goes through
+the layout (``target_view`` to accumulate into, ``gather_units`` / ``fill_units_`` /
+``sub_units_`` by unit row, ``units_of`` for the whole ``(U, S)`` matrix):
+
+* element and kernel layouts store the unit matrix itself (units are contiguous rows);
+* tiles store the zero-padded ``(Hp, Wp)`` matrix in its natural order: the gradient is added
+  row by row (a tile-ordered buffer needs a stride-3 gather that cost ~7x the accumulation of
+  contiguous rows on a CPU), the NSI reduces the ``(Hp/s, s, Wp/s, s)`` view, and a unit's
+  cells are reached through their storage indices. Padded cells are never accumulated into,
+  so they stay zero.
+
 All functions are pure tensor code (no Horovod).
 """
 from __future__ import annotations
@@ -39,10 +49,49 @@ class Layout:
         """``(U, S)`` -> tensor of ``shape`` (padded cells dropped)."""
         return u.reshape(self.shape)
 
+    # -- the residual's storage ----------------------------------------------------------
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        """Shape of a residual buffer of this layout."""
+        return (self.num_units, self.unit_size)
+
     def source_view(self, x: torch.Tensor, workspace: "Workspace") -> torch.Tensor:
-        """A view of ``x`` in unit order that can be added into a contiguous ``(U, S)`` buffer
-        reshaped to the same shape (no allocation on the hot path)."""
+        """A view of ``x`` shaped like ``target_view(buffer)``, to be added into it (no
+        allocation on the hot path)."""
         return x.reshape(self.num_units, self.unit_size)
+
+    def target_view(self, buf: torch.Tensor) -> torch.Tensor:
+        """The part of a storage buffer that ``source_view(x)`` adds into."""
+        return buf.view(self.num_units, self.unit_size)
+
+    def storage(self, x: torch.Tensor, workspace: "Workspace") -> torch.Tensor:
+        """``x`` in storage form when nothing is kept (no residual): a view where possible."""
+        return x.reshape(self.num_units, self.unit_size)
+
+    def gather_units(self, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The values ``(k, S)`` of units ``rows`` of a storage buffer (padded cells zero)."""
+        return buf.view(self.num_units, self.unit_size).index_select(0, rows)
+
+    def fill_units_(self, buf: torch.Tensor, rows: torch.Tensor, value: float = 0.0) -> None:
+        buf.view(self.num_units, self.unit_size).index_fill_(0, rows, value)
+
+    def sub_units_(self, buf: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """``buf[units rows] -= values`` (duplicate rows subtract twice)."""
+        buf.view(self.num_units, self.unit_size).index_add_(
+            0, rows, values.reshape(-1, self.unit_size), alpha=-1.0)
+
+    def units_of(self, buf: torch.Tensor) -> torch.Tensor:
+        """A storage buffer as the ``(U, S)`` unit matrix (a view where the layout allows)."""
+        return buf.view(self.num_units, self.unit_size)
+
+    def score_view(self, buf: torch.Tensor) -> torch.Tensor:
+        """What the NSI reduces: ``(U, S)``, or ``(a, s, b, s)`` for tiles (``nsi.py``)."""
+        return buf.view(self.num_units, self.unit_size)
+
+    def from_legacy(self, buf: torch.Tensor) -> torch.Tensor:
+        """A residual buffer saved by compression state format 1 (unit matrix) in storage
+        form: the same for every layout but tiles."""
+        return buf
 
     def valid_counts(self, device=None, dtype=torch.float32) -> torch.Tensor | None:
         """Number of real (non-padded) cells per unit, or None when every unit is full."""
@@ -111,23 +160,64 @@ class TileLayout(Layout):
             m = m[: self.H, : self.W]
         return m.reshape(self.shape)
 
-    def source_view(self, x, workspace):
-        """(Hp/s, Wp/s, s, s) strided view of x staged in a zero-padded (Hp, Wp) workspace."""
-        s = self.s
-        m = x.reshape(self.H, self.W)
-        if self.padded:
-            P = workspace.get("tile", self.Hp * self.Wp, x.device, x.dtype).view(self.Hp, self.Wp)
-            P[: self.H, : self.W].copy_(m)
-            P[self.H:, :].zero_()
-            P[: self.H, self.W:].zero_()
-            m = P
-        return m.view(self.Hp // s, s, self.Wp // s, s).permute(0, 2, 1, 3)
+    @property
+    def storage_shape(self):
+        return (self.Hp, self.Wp)
 
-    def element_index(self, rows):
+    def source_view(self, x, workspace):
+        return x.reshape(self.H, self.W)
+
+    def target_view(self, buf):
+        return buf.view(self.Hp, self.Wp)[: self.H, : self.W]
+
+    def storage(self, x, workspace):
+        """x as a zero-padded (Hp, Wp) matrix (staged in a workspace when padding is needed)."""
+        m = x.reshape(self.H, self.W)
+        if not self.padded:
+            return m
+        P = workspace.get("tile", self.Hp * self.Wp, x.device, x.dtype).view(self.Hp, self.Wp)
+        P[: self.H, : self.W].copy_(m)
+        P[self.H:, :].zero_()
+        P[: self.H, self.W:].zero_()
+        return P
+
+    def _cells(self, rows):
+        """(row, column) in the padded matrix of every cell of units ``rows``: (k, S) each."""
         s, tiles_w = self.s, self.Wp // self.s
         cells = torch.arange(self.unit_size, device=rows.device)
         r = (rows // tiles_w).view(-1, 1) * s + cells // s
         c = (rows % tiles_w).view(-1, 1) * s + cells % s
+        return r, c
+
+    def _storage_index(self, rows):
+        r, c = self._cells(rows)
+        return (r * self.Wp + c).view(-1)
+
+    def gather_units(self, buf, rows):
+        return buf.view(-1).index_select(0, self._storage_index(rows)).view(-1, self.unit_size)
+
+    def fill_units_(self, buf, rows, value=0.0):
+        buf.view(-1).index_fill_(0, self._storage_index(rows), value)
+
+    def sub_units_(self, buf, rows, values):
+        buf.view(-1).index_add_(0, self._storage_index(rows), values.reshape(-1), alpha=-1.0)
+
+    def units_of(self, buf):
+        s = self.s
+        return (buf.view(self.Hp // s, s, self.Wp // s, s).permute(0, 2, 1, 3)
+                .reshape(self.num_units, self.unit_size))
+
+    def score_view(self, buf):
+        s = self.s
+        return buf.view(self.Hp // s, s, self.Wp // s, s)
+
+    def from_legacy(self, buf):
+        s = self.s
+        return (buf.reshape(self.Hp // s, self.Wp // s, s, s).permute(0, 2, 1, 3)
+                .reshape(self.Hp, self.Wp).contiguous())
+
+    def element_index(self, rows):
+        r, c = self._cells(rows)
         idx = r * self.W + c
         return idx, ((r < self.H) & (c < self.W)) if self.padded else None
 

@@ -7,8 +7,10 @@
   zeroed; lossy codecs hand back what was sent).
 * :class:`NoMemory` — nothing kept (plain compression, or error feedback switched off).
 
-Buffers live in the layer's unit layout ``(U, S)`` so that "what was sent" is a set of rows.
-Conservation (tested): after ``accumulate`` + ``mark_sent``, ``sent + residual`` equals the
+Buffers live in the layer's storage form (``Layout.storage_shape``): ``accumulate`` adds into
+``target(buffer)`` (the layout's ``target_view``; default: the buffer viewed like the input),
+and "what was sent" is a set of unit rows, reached through the layout (``mark_sent(...,
+layout=)``; default: rows of a 2-D buffer). Conservation (tested): after ``accumulate`` + ``mark_sent``, ``sent + residual`` equals the
 accumulated input exactly.
 """
 from __future__ import annotations
@@ -53,12 +55,18 @@ class NoMemory:
     def init(self, shape, device, dtype) -> dict:
         return {}
 
-    def accumulate(self, st: dict, g_units: torch.Tensor) -> torch.Tensor:
-        """``g_units``: (U, S) or a (a, b, s, s) strided view in unit order -> (U, S) buffer."""
+    def accumulate(self, st: dict, g_units: torch.Tensor, target=None) -> torch.Tensor:
+        """Add ``g_units`` into ``target(buffer)`` and return the whole buffer. Nothing is kept
+        here: ``g_units`` comes back as it is (the method gives it in storage form)."""
         return _as_2d(g_units)
 
-    def mark_sent(self, st: dict, rows: torch.Tensor, sent: torch.Tensor | None = None) -> None:
+    def mark_sent(self, st: dict, rows: torch.Tensor, sent: torch.Tensor | None = None,
+                  layout=None) -> None:
         pass
+
+
+def _region(buf: torch.Tensor, g: torch.Tensor, target) -> torch.Tensor:
+    return target(buf) if target is not None else buf.view(g.shape)
 
 
 class ErrorFeedback(NoMemory):
@@ -67,14 +75,15 @@ class ErrorFeedback(NoMemory):
     def init(self, shape, device, dtype) -> dict:
         return {"e": torch.zeros(shape, device=device, dtype=dtype)}
 
-    def accumulate(self, st, g_units):
+    def accumulate(self, st, g_units, target=None):
         e = st["e"]
-        e.view(g_units.shape).add_(g_units)
+        _region(e, g_units, target).add_(g_units)
         return e
 
-    def mark_sent(self, st, rows, sent=None):
+    def mark_sent(self, st, rows, sent=None, layout=None):
         """``rows``: unit indices that were sent (None: the whole tensor was sent through a
-        lossy codec). ``sent``: the decoded values actually sent for those rows (None: exact)."""
+        lossy codec). ``sent``: the decoded values actually sent for those rows (None: exact).
+        ``layout``: how unit rows map into the buffer (None: rows of the 2-D buffer)."""
         e = st["e"]
         if rows is None:
             if sent is None:
@@ -82,9 +91,18 @@ class ErrorFeedback(NoMemory):
             else:
                 e.sub_(sent.reshape(e.shape))
         elif sent is None:
-            e.index_fill_(0, rows, 0.0)
+            _fill(e, rows, layout)
+        elif layout is not None:
+            layout.sub_units_(e, rows, sent)
         else:
             e.index_add_(0, rows, sent.reshape(-1, e.shape[1]), alpha=-1.0)
+
+
+def _fill(buf: torch.Tensor, rows: torch.Tensor, layout) -> None:
+    if layout is not None:
+        layout.fill_units_(buf, rows, 0.0)
+    else:
+        buf.index_fill_(0, rows, 0.0)
 
 
 class MomentumCorrection(NoMemory):
@@ -101,8 +119,8 @@ class MomentumCorrection(NoMemory):
         return {"u": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype)}
 
-    def accumulate(self, st, g_units):
-        u, v = st["u"].view(g_units.shape), st["v"].view(g_units.shape)
+    def accumulate(self, st, g_units, target=None):
+        u, v = _region(st["u"], g_units, target), _region(st["v"], g_units, target)
         m = self.momentum
         if self.nesterov:
             u.add_(g_units).mul_(m)
@@ -112,10 +130,10 @@ class MomentumCorrection(NoMemory):
             v.add_(u)
         return st["v"]
 
-    def mark_sent(self, st, rows, sent=None):
-        st["v"].index_fill_(0, rows, 0.0)
+    def mark_sent(self, st, rows, sent=None, layout=None):
+        _fill(st["v"], rows, layout)
         if self.masking:
-            st["u"].index_fill_(0, rows, 0.0)
+            _fill(st["u"], rows, layout)
 
 
 class DenseMomentum:

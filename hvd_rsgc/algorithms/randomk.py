@@ -34,7 +34,7 @@ class RandomK(Method):
             values = values * (layer.numel / layer.k)
         wire = values.to(self.value_dtype)
         self.memory.mark_sent(layer.memory, rows,
-                              wire.float() if wire.dtype != torch.float32 else None)
+                              wire.float() if wire.dtype != torch.float32 else None, layer.layout)
         ctx["rows"] = rows
         ctx["sent_units"] = int(rows.numel())
         return wire

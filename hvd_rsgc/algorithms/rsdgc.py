@@ -55,10 +55,11 @@ class RSDGC(SparseMethod):
 
     def scores(self, layer, acc):
         counts = layer.layout.valid_counts(acc.device, acc.dtype)
+        units = layer.layout.score_view(acc)
         if self.kernels == "compiled":
-            return compiled_nsi()(acc, self.beta, counts)
+            return compiled_nsi()(units, self.beta, counts)
         scratch = self.workspace.get("nsi", acc.numel(), acc.device, acc.dtype)
-        return nsi_scores(acc, self.beta, counts, scratch)
+        return nsi_scores(units, self.beta, counts, scratch)
 
     def unit_scores(self, values, counts):
         return nsi_scores(values, self.beta, counts)
