@@ -144,6 +144,8 @@ class TileLayout(Layout):
         self.unit_size = s * s
         self.padded = (self.Hp, self.Wp) != (self.H, self.W)
         self._counts: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
+        self._memo = None
 
     def to_units(self, x: torch.Tensor) -> torch.Tensor:
         m = x.reshape(self.H, self.W)
@@ -190,8 +192,22 @@ class TileLayout(Layout):
         return r, c
 
     def _storage_index(self, rows):
-        r, c = self._cells(rows)
-        return (r * self.Wp + c).view(-1)
+        """Flat storage index of every cell of units ``rows`` ((k*S,)): a unit's top-left
+        corner plus the cells' fixed offsets. The last result is kept: one step gathers,
+        then zeroes u and v of the same rows."""
+        memo = self._memo
+        if memo is not None and memo[0] is rows:
+            return memo[1]
+        s, tiles_w = self.s, self.Wp // self.s
+        off = self._offsets
+        if off is None or off.device != rows.device:
+            cells = torch.arange(self.unit_size, device=rows.device)
+            off = self._offsets = (cells // s) * self.Wp + cells % s
+        corner = torch.div(rows, tiles_w, rounding_mode="floor").mul_(s * self.Wp) \
+            .add_(rows.remainder(tiles_w).mul_(s))
+        idx = (corner.view(-1, 1) + off).view(-1)
+        self._memo = (rows, idx)
+        return idx
 
     def gather_units(self, buf, rows):
         return buf.view(-1).index_select(0, self._storage_index(rows)).view(-1, self.unit_size)
