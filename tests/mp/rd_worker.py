@@ -91,6 +91,21 @@ def dense_dpsgd(steps=15, lr=0.1):
     return {"flat": flat(model).tolist()}
 
 
+def ring_average():
+    """ring_sum against the fp64 sum of every rank's vector (gathered), for lengths that do
+    and do not split evenly (and shorter than the ring); the result's bits on every rank."""
+    torch.manual_seed(0)
+    rd = RDPSGD(net(), sparsity_ratio=0.5, timeout=20)
+    out = []
+    for n in (1000, 1001, 3, 100_003):
+        v = torch.randn(n, generator=torch.Generator().manual_seed(50 + rank))
+        ref = sum(torch.from_numpy(a).double() for a in comm.allgather(v.numpy().copy()))
+        got = rd.ring_sum(v.clone())
+        out.append({"n": n, "err": float((got.double() - ref).abs().max()),
+                    "bits": int(got.view(torch.int32).long().sum())})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -115,6 +130,7 @@ def main():
         # lr = 0: only mixing; different random init per rank -> consensus must shrink
         res["mix_only"] = train(0.5, steps=30, lr=0.0, seed_init=rank)
         res["sync4"] = train(0.5, steps=8, sync_every=4)
+        res["ring"] = ring_average()
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
