@@ -145,7 +145,7 @@ class TileLayout(Layout):
         self.padded = (self.Hp, self.Wp) != (self.H, self.W)
         self._counts: torch.Tensor | None = None
         self._offsets: torch.Tensor | None = None
-        self._memo = None
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to_units(self, x: torch.Tensor) -> torch.Tensor:
         m = x.reshape(self.H, self.W)
