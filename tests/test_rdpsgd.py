@@ -137,6 +137,30 @@ def test_ring_average_is_the_sum_identical_on_every_rank(np4):
 
 
 @pytestmark_mp
+def test_mpi_process_group_matches_mpi(np4):
+    """The group decentralized runs use instead of Horovod: sums, averages, broadcasts."""
+    gs = [r["group"] for r in np4]
+    n = len(gs)
+    for r, g in enumerate(gs):
+        assert (g["rank"], g["size"], g["local"]) == (r, n, [r, n])     # one box: all local
+        assert g["sum"] == [sum(range(1, n + 1)), 0.25 * sum(range(n))]
+        assert g["avg"] == pytest.approx([(n + 1) / 2, 0.25 * (n - 1) / 2], rel=1e-6)
+        assert g["isum"] == [sum(range(n)), 7 * n] and g["input_kept"]
+        assert g["object"] == {"r": 1} and g["gathered"] == [10 * i for i in range(n)]
+        # rank 0's parameters, BatchNorm buffers and momentum on every rank, bit for bit
+        assert g["params"] == gs[0]["params"] and g["buffers"] == gs[0]["buffers"]
+        assert g["momentum"] == gs[0]["momentum"]
+    assert gs[1]["momentum"] != [0.0] * len(gs[1]["momentum"])
+
+
+@pytestmark_mp
+def test_decentralized_training_does_not_start_horovod(np4):
+    """RD-PSGD's training run never imports Horovod (no controller thread beside the exchange)."""
+    for r in np4:
+        assert r["train"] == {"horovod_loaded": False, "epochs": 1}
+
+
+@pytestmark_mp
 def test_masks_identical_on_both_ends(np4):
     assert len({tuple(r["rd"]["mask_hashes"]) for r in np4}) == 1
     assert all(r["paper"]["masks_ok"] for r in np4)

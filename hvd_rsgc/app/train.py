@@ -96,10 +96,14 @@ def evaluate(model, dataset, cfg, hvd, num_classes):
 
 def process_group(cfg):
     """Horovod (``horovod.torch``) or, with ``--backend ddp``, a torch.distributed group with
-    the same calls."""
+    the same calls; decentralized runs (RD-PSGD, D-PSGD) an MPI group (no Horovod thread
+    beside their own MPI exchange)."""
     if cfg is not None and cfg.decentral.backend == "ddp":
         from ..ddp.process import TorchProcessGroup
         return TorchProcessGroup()
+    if cfg is not None and cfg.decentral.algorithm in ("rdpsgd", "dpsgd"):
+        from ..mpi.process import MPIProcessGroup
+        return MPIProcessGroup()
     return horovod_torch()
 
 

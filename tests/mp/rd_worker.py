@@ -106,6 +106,51 @@ def ring_average():
     return out
 
 
+def process_group():
+    """MPIProcessGroup (what decentralized training runs on instead of Horovod): each call
+    against the same operation done with mpi4py directly."""
+    from hvd_rsgc.mpi.process import MPIProcessGroup
+    g = MPIProcessGroup()
+    g.init()
+    out = {"rank": g.rank(), "size": g.size(), "local": [g.local_rank(), g.local_size()]}
+    v = torch.tensor([rank + 1.0, 0.25 * rank], dtype=torch.float64)
+    out["sum"] = g.allreduce(v, op=g.Sum).tolist()
+    out["avg"] = g.allreduce(v.float(), op=g.Average).tolist()
+    out["isum"] = g.allreduce(torch.tensor([rank, 7]), op=g.Sum).tolist()
+    out["input_kept"] = v.tolist() == [rank + 1.0, 0.25 * rank]
+    torch.manual_seed(100 + rank)                      # a different model and momentum per rank
+    model = nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = data(rank, 32)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    g.broadcast_parameters(model.state_dict(), root_rank=0)
+    g.broadcast_optimizer_state(opt, root_rank=0)
+    out["params"] = flat(model).tolist()
+    out["buffers"] = [b.tolist() for b in model.buffers()]
+    out["momentum"] = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1)
+                                 for p in model.parameters()]).tolist()
+    out["object"] = g.broadcast_object({"r": rank}, root_rank=1)
+    out["gathered"] = g.allgather_object(rank * 10)
+    g.barrier()
+    return out
+
+
+def train_cli_in_process(out_dir):
+    """One short RD-PSGD run of the training application in this process: Horovod must not
+    have been imported (its background thread would compete with the MPI exchange)."""
+    from hvd_rsgc.app.config import load_config
+    from hvd_rsgc.app.train import run
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                   "examples", "configs", "synthetic.yaml"),
+                      {"algorithm": "rdpsgd", "sparsity_ratio": 0.5, "epochs": 1,
+                       "max_steps_per_epoch": 2, "out_dir": out_dir, "run_name": "inproc",
+                       "progress": False})
+    summary = run(cfg, quiet=True)
+    return {"horovod_loaded": any(m == "horovod" or m.startswith("horovod.") for m in sys.modules),
+            "epochs": summary["epochs"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -131,6 +176,8 @@ def main():
         res["mix_only"] = train(0.5, steps=30, lr=0.0, seed_init=rank)
         res["sync4"] = train(0.5, steps=8, sync_every=4)
         res["ring"] = ring_average()
+        res["group"] = process_group()
+        res["train"] = train_cli_in_process(a.out)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
