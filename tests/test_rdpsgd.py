@@ -154,6 +154,17 @@ def test_mpi_process_group_matches_mpi(np4):
 
 
 @pytestmark_mp
+def test_batchnorm_statistics_pooled_over_ranks(np4):
+    """The average model's BatchNorm statistics: re-estimated on each rank's batches (1..4 of
+    them, different data), pooled by batch count, identical everywhere; dropout stays off."""
+    for r in np4:
+        b = r["bn"]
+        assert b["ok"] and b["rng_untouched"] and b["training"] and b["momentum"] == 0.3
+        assert b["mean_err"] < 1e-5 and b["var_err"] < 1e-5 * b["var_scale"]
+        assert b["stats"] == np4[0]["bn"]["stats"]
+
+
+@pytestmark_mp
 def test_decentralized_training_does_not_start_horovod(np4):
     """RD-PSGD's training run never imports Horovod (no controller thread beside the exchange)."""
     for r in np4:
@@ -193,6 +204,34 @@ def test_dead_neighbour_ends_job_within_timeout(tmp_path):
     assert "no answer from" in p.stdout + p.stderr
 
 
+class _OneProcess:
+    """The process-group calls ``evaluate`` makes, for one process."""
+    Sum = Average = "sum"
+
+    def rank(self):
+        return 0
+
+    def size(self):
+        return 1
+
+    def allreduce(self, t, op=None, name=None):
+        return t.clone()
+
+
+def _evaluate_saved(state, rec):
+    from hvd_rsgc.app.config import load_config
+    from hvd_rsgc.app.data import build_datasets
+    from hvd_rsgc.app.models import build_model
+    from hvd_rsgc.app.train import evaluate
+    from hvd_rsgc.app.metrics import summarize
+    cfg = load_config(os.path.join(ROOT, "examples", "configs", "synthetic.yaml"))
+    _, val, classes = build_datasets(cfg.data, cfg.run.seed)
+    model = build_model(cfg.optim.model, len(classes), cfg.data.image_size)
+    model.load_state_dict(state)
+    cm, _ = evaluate(model, val, cfg, _OneProcess(), len(classes))
+    return summarize(cm)["oa"]
+
+
 @pytestmark_mp
 def test_training_cli_rdpsgd_under_mpirun(tmp_path):
     p, _ = mpirun_python(4, "-m", "hvd_rsgc.train", "--config",
@@ -205,9 +244,22 @@ def test_training_cli_rdpsgd_under_mpirun(tmp_path):
     assert rec["consensus_distance"] is not None and rec["consensus_distance"] > 0
     # p = 0.2 of the parameters to 2 neighbours per round: about 5x fewer bytes than dense
     assert 3.5 < rec["compression_ratio"] < 7
+    shards = []
     for r in range(4):                                   # every rank's own model in its shard
         sh = torch.load(tmp_path / "rd" / "checkpoints" / f"epoch0000.rank{r:03d}.pt", weights_only=True)
         assert "model" in sh and sh["rdpsgd"]["rounds"] == 4
+        shards.append(sh["model"])
+    # the main checkpoint holds the model that was evaluated: the average of the ranks' models
+    # with BatchNorm statistics re-estimated for it (not the ranks' averaged statistics)
+    main = torch.load(tmp_path / "rd" / "checkpoints" / "epoch0000.pt", weights_only=True)["model"]
+    params = [k for k in main if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for k in params:
+        avg = sum(sh[k].double() for sh in shards) / 4
+        assert torch.allclose(main[k].double(), avg, atol=1e-6), k
+    assert shards[0][params[0]].ne(shards[1][params[0]]).any()        # the ranks did differ
+    var = [k for k in main if k.endswith("running_var")]
+    assert var and all(not torch.allclose(main[k], shards[0][k]) for k in var[:3])
+    assert _evaluate_saved(main, rec) == pytest.approx(rec["top1"], abs=1.01 / 256)  # batching: +-1 image
 
 
 @pytestmark_mp

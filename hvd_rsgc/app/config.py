@@ -131,6 +131,10 @@ class DecentralConfig:
     send_indices: bool = opt(False, "RD-PSGD: send the 8-bit gap index stream")
     rd_timeout: float = opt(120, "RD-PSGD: seconds before a silent neighbour aborts the job",
                             minimum=0.0)
+    bn_batches: int = opt(4, "RD-PSGD / D-PSGD: training batches per rank that re-estimate "
+                             "BatchNorm statistics for the average model before it is "
+                             "evaluated and saved (0: average the ranks' running statistics)",
+                          minimum=0)
 
 
 @dataclass

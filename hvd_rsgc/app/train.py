@@ -11,6 +11,7 @@ installed) and a summary. ``--help`` lists every config key.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -67,6 +68,16 @@ def average_buffers(model, hvd):
     for name, b in model.named_buffers():
         if b.dtype.is_floating_point:
             b.copy_(hvd.allreduce(b, op=hvd.Average, name=f"hvd_rsgc.buffer.{name}"))
+
+
+def train_inputs(dataset, indices, batch_size, cfg, device, batches):
+    """Up to ``batches`` normalised input batches of this rank's training images, in the order
+    ``indices``, without augmentation (re-estimating BatchNorm statistics)."""
+    from .data.augment import normalize
+    for s in range(0, min(len(indices), batches * batch_size), batch_size):
+        x = torch.stack([dataset[i][0] for i in indices[s:s + batch_size]]).to(device)
+        yield x.float() if getattr(dataset, "prenormalized", False) else \
+            normalize(x.float(), cfg.data.mean, cfg.data.std)
 
 
 def evaluate(model, dataset, cfg, hvd, num_classes):
@@ -236,7 +247,8 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         average_buffers(model, hvd)
         tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64),
                            op=hvd.Sum, name="hvd_rsgc.train.stats")
-        with strategy.evaluation_model() as consensus:
+        with strategy.evaluation_model(functools.partial(
+                train_inputs, train_ds, list(sampler), o.batch_size, cfg, device)) as consensus:
             cm, val_loss = evaluate(model, val_ds, cfg, hvd, nc)
         m = summarize(cm)
         ep_bytes, ep_dense, skipped = strategy.epoch_bytes()
@@ -263,7 +275,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             report.epoch(rec, o.epochs)
             ckpt.save_main(run_dir, epoch, {
                 "format": ckpt.CKPT_FORMAT, "epoch": epoch, "config": flat,
-                "model": model.state_dict(), "optimizer": strategy.opt.state_dict(),
+                "model": strategy.exported_state(), "optimizer": strategy.opt.state_dict(),
                 "history": history, "classes": classes, "world_size": world}, r.keep_checkpoints)
         hvd.barrier()
     return report.finish(history, classes, flat)

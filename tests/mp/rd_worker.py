@@ -136,6 +136,38 @@ def process_group():
     return out
 
 
+def batchnorm_pooled():
+    """recompute_batchnorm over ranks bringing different data and different numbers of
+    batches, against a float64 reference from the raw features: per rank the mean of its
+    batch means and of its batch variances, pooled with each rank weighted by its batches."""
+    from hvd_rsgc.app.strategies import recompute_batchnorm
+    from hvd_rsgc.mpi.process import MPIProcessGroup
+    g = MPIProcessGroup()
+    g.init()
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, momentum=0.3), nn.Dropout(0.5),
+                          nn.Linear(5, 3))
+    gen = torch.Generator().manual_seed(30 + rank)
+    xs = [torch.randn(8, 6, generator=gen) * (1 + rank) + rank for _ in range(rank + 1)]
+    rng = torch.get_rng_state()
+    ok = recompute_batchnorm(model, iter(xs), g)
+    with torch.no_grad():
+        h = [model[0](x).double() for x in xs]
+    mine = (len(h), torch.stack([a.mean(0) for a in h]).mean(0).tolist(),
+            torch.stack([a.var(0) for a in h]).mean(0).tolist())
+    every = comm.allgather(mine)
+    n = sum(e[0] for e in every)
+    mean = sum(e[0] * torch.tensor(e[1], dtype=torch.float64) for e in every) / n
+    second = sum(e[0] * (torch.tensor(e[2], dtype=torch.float64) + torch.tensor(e[1], dtype=torch.float64) ** 2)
+                 for e in every) / n
+    bn = model[1]
+    return {"ok": ok, "mean_err": float((bn.running_mean.double() - mean).abs().max()),
+            "var_err": float((bn.running_var.double() - (second - mean ** 2)).abs().max()),
+            "var_scale": float((second - mean ** 2).abs().max()),
+            "rng_untouched": torch.equal(rng, torch.get_rng_state()), "training": model.training,
+            "momentum": bn.momentum, "stats": bn.running_mean.tolist() + bn.running_var.tolist()}
+
+
 def train_cli_in_process(out_dir):
     """One short RD-PSGD run of the training application in this process: Horovod must not
     have been imported (its background thread would compete with the MPI exchange)."""
@@ -177,6 +209,7 @@ def main():
         res["sync4"] = train(0.5, steps=8, sync_every=4)
         res["ring"] = ring_average()
         res["group"] = process_group()
+        res["bn"] = batchnorm_pooled()
         res["train"] = train_cli_in_process(a.out)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
