@@ -69,6 +69,51 @@ def test_resume_is_bit_exact(tmp_path):
                      "epoch0003.pt", "epoch0003.rank000.pt", "epoch0003.rank001.pt"]
 
 
+@pytest.mark.multiproc
+def test_bn_batches_reestimate_statistics_before_evaluation(tmp_path):
+    """--bn_batches 2 under horovodrun -np 2: the saved (= evaluated) model's BatchNorm
+    statistics against a reference taken from each rank's first 2 training batches of the
+    epoch (batch statistics through the network, pooled over both ranks by hand)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from hvd_rsgc.app.config import load_config
+    from hvd_rsgc.app.data import build_datasets
+    from hvd_rsgc.app.data.augment import normalize
+    horovodrun(2, ["hvd_rsgc.train", "--config", SYNTH, "--out_dir", str(tmp_path), "--run_name", "bn",
+                   "--epochs", "1", "--max_steps_per_epoch", "2", "--compression", "none",
+                   "--bn_batches", "2", "--progress", "false"], tmp_path)
+    main = torch.load(tmp_path / "bn" / "checkpoints" / "epoch0000.pt", weights_only=True)
+    cfg = load_config(SYNTH)
+    train_ds, _, classes = build_datasets(cfg.data, cfg.run.seed)
+    model = build_model(cfg.optim.model, len(classes), cfg.data.image_size)
+    model.load_state_dict(main["model"])
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = {i: [] for i in range(len(bns))}
+    for i, m in enumerate(bns):
+        m.register_forward_pre_hook(lambda mod, inp, i=i: seen[i].append(
+            (inp[0].double().mean((0, 2, 3)), inp[0].double().var((0, 2, 3)))))
+    model.train()                                       # batch statistics all the way through
+    per_rank = []
+    for r in range(2):
+        sampler = DistributedSampler(train_ds, num_replicas=2, rank=r, shuffle=True, seed=0,
+                                     drop_last=True)
+        idx = list(sampler)[:2 * 16]
+        for i in seen:
+            seen[i].clear()
+        with torch.no_grad():
+            for s in range(0, 32, 16):
+                x = torch.stack([train_ds[j][0] for j in idx[s:s + 16]]).float()
+                model(normalize(x, cfg.data.mean, cfg.data.std))
+        per_rank.append({i: (torch.stack([a for a, _ in v]).mean(0), torch.stack([b for _, b in v]).mean(0))
+                         for i, v in seen.items()})
+    for i, m in enumerate(bns):
+        mean = (per_rank[0][i][0] + per_rank[1][i][0]) / 2
+        var = sum(v + mu ** 2 for mu, v in (per_rank[0][i], per_rank[1][i])) / 2 - mean ** 2
+        name = [k for k, mod in model.named_modules() if mod is m][0]
+        assert torch.allclose(main["model"][name + ".running_mean"].double(), mean, rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(main["model"][name + ".running_var"].double(), var, rtol=1e-4, atol=1e-5), name
+
+
 def test_metrics_against_hand_computation():
     # true \\ pred   0  1  2
     cm = torch.tensor([[5, 1, 0],

@@ -65,6 +65,10 @@ def parse_args(argv):
     ap.add_argument("--compression_warmup_epochs", default="2",
                     help="DGC's density warm-up (0.25, 0.0625, ... per epoch) for DGC / RS-DGC")
     ap.add_argument("--sparsity_ratio", default="0.1", help="RD-PSGD's p")
+    ap.add_argument("--bn_batches", default="4",
+                    help="training batches per rank that re-estimate BatchNorm statistics before "
+                         "each evaluation, for every method alike (RD-PSGD's average model needs "
+                         "them; the others get the same treatment so that all are measured the same way)")
     ap.add_argument("--extra", default="", help="more training overrides for every run, e.g. '--seed 1'")
     ap.add_argument("--target", default="dense-final",
                     help="dense-final | dense-best | an accuracy in [0, 1]")
@@ -99,7 +103,7 @@ def train_overrides(args, method):
           "--lr", str(args.lr), "--lr_warmup_epochs", str(args.lr_warmup_epochs),
           "--lr_schedule", "cosine", "--augment", str(args.augment), "--density", str(args.density),
           "--sparsity_ratio", str(args.sparsity_ratio), "--progress", "false",
-          "--keep_checkpoints", "1", "--workers", "0"]
+          "--keep_checkpoints", "1", "--workers", "0", "--bn_batches", str(args.bn_batches)]
     if method in ("dgc", "rsdgc"):
         ov += ["--compression_warmup_epochs", str(args.compression_warmup_epochs)]
     if args.max_steps_per_epoch:
@@ -329,7 +333,8 @@ def main(argv=None):
             f"{args.epochs_sparse} epochs (DGC, RS-DGC, Top-k, RD-PSGD)"
             + (f" of {args.max_steps_per_epoch} steps" if args.max_steps_per_epoch else "")
             + f"; density {args.density} with {args.compression_warmup_epochs} warm-up epochs (DGC, RS-DGC), "
-            f"RD-PSGD p={args.sparsity_ratio}"
+            f"RD-PSGD p={args.sparsity_ratio}; BatchNorm statistics re-estimated from "
+            f"{args.bn_batches} batches per rank before each evaluation"
             + (f"; extra: {args.extra}" if args.extra else "") + f"; target: {args.target}"
             + ("" if args.no_stop else f"; runs stop at the target or after {args.cap} x the dense "
                "run's time to target") + ".")

@@ -145,6 +145,10 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)
     progress: bool = opt(True, "progress bar on rank 0")
     stop_after: int | None = opt(None, "stop after this many epochs in this invocation", minimum=1)
+    bn_batches: int | None = opt(None, "training batches per rank that re-estimate BatchNorm "
+                                       "statistics before the model is evaluated and saved "
+                                       "(0: running statistics; default 4 for rdpsgd/dpsgd, whose "
+                                       "average model has none of its own, else 0)", minimum=0)
     device: str = opt("auto", "auto (cuda:<local rank> when available), cpu, cuda")
 
 

@@ -99,9 +99,19 @@ class AllreduceStrategy:
         return (st["total_bytes"] - self._bytes0, st["total_dense_bytes"] - self._dense0,
                 st["skipped_steps"] - self._skipped0)
 
+    bn_default = 0          # running statistics, as PyTorch keeps them
+
+    def bn_batches(self) -> int:
+        n = self.cfg.run.bn_batches
+        return self.bn_default if n is None else n
+
     @contextlib.contextmanager
     def evaluation_model(self, batches=None):
-        """The model to evaluate is the trained one (identical on every rank)."""
+        """The model to evaluate is the trained one (identical on every rank); with
+        ``bn_batches`` its BatchNorm statistics are re-estimated first (kept: training does
+        not read them, and the checkpoint then holds what was evaluated)."""
+        if batches is not None and self.bn_batches():
+            recompute_batchnorm(self.model, batches(self.bn_batches()), self.hvd)
         yield None
 
     def exported_state(self) -> dict:
@@ -155,6 +165,8 @@ class DDPStrategy(AllreduceStrategy):
 
 class GossipStrategy:
     name = "rdpsgd"
+    bn_default = 4          # the average model has no statistics of its own
+    bn_batches = AllreduceStrategy.bn_batches
 
     def __init__(self, cfg, model, hvd):
         import hvd_rsgc
@@ -202,8 +214,8 @@ class GossipStrategy:
         with torch.no_grad():
             for p, a in zip(self.model.parameters(), avg):
                 p.copy_(a.to(p.device))
-        if batches is not None and self.cfg.decentral.bn_batches:
-            recompute_batchnorm(self.model, batches(self.cfg.decentral.bn_batches), self.hvd)
+        if batches is not None and self.bn_batches():
+            recompute_batchnorm(self.model, batches(self.bn_batches()), self.hvd)
         self.exported = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:
             yield self.consensus
