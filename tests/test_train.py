@@ -208,6 +208,16 @@ def test_checkpoint_safety(tmp_path):
         load_checkpoint(str(tmp_path / "evil.pt"))
 
 
+def test_none_is_a_name_for_free_text_and_unset_elsewhere():
+    """`--run_name none` names the run "none" (bench tta's dense run); where a value has
+    choices or a number type, none/null unset it."""
+    from hvd_rsgc.app.config import load_config
+    cfg = load_config(None, {"run_name": "none", "communicator": "none", "max_steps_per_epoch": "null",
+                             "data_root": "null"})
+    assert cfg.run.run_name == "none" and cfg.compression.communicator is None
+    assert cfg.optim.max_steps_per_epoch is None and cfg.data.data_root is None
+
+
 def test_config_errors(tmp_path):
     from hvd_rsgc.app.config import load_config, parse_overrides
 

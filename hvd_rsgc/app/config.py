@@ -192,7 +192,10 @@ def coerce(key: str, value: Any, where: str = "command line"):
     def bad(why):
         return ValueError(f"{key}: {why}, got {value!r} (in {where})")
 
-    if isinstance(value, str) and value.strip().lower() in _NONE and (optional or kind):
+    # a free-form name or path (str, no choices) keeps "none": `--run_name none` names a run
+    # "none" (the time-to-accuracy benchmark's dense run) instead of a timestamped one
+    nones = _NONE if kind or f.metadata.get("choices") or "str" not in t else ("null", "~", "")
+    if isinstance(value, str) and value.strip().lower() in nones and (optional or kind):
         if optional:
             return None
     if value is None:
