@@ -131,10 +131,6 @@ class DecentralConfig:
     send_indices: bool = opt(False, "RD-PSGD: send the 8-bit gap index stream")
     rd_timeout: float = opt(120, "RD-PSGD: seconds before a silent neighbour aborts the job",
                             minimum=0.0)
-    bn_batches: int = opt(4, "RD-PSGD / D-PSGD: training batches per rank that re-estimate "
-                             "BatchNorm statistics for the average model before it is "
-                             "evaluated and saved (0: average the ranks' running statistics)",
-                          minimum=0)
 
 
 @dataclass
@@ -165,6 +161,8 @@ def _fields():
 
 
 KEYS = {f.name: (sec, f) for sec, f in _fields()}
+# keys are flat (--name, YAML, checkpoints): a name in two sections would shadow one of them
+assert len(KEYS) == sum(1 for _ in _fields()), "a config key is declared in two sections"
 
 
 def _choices(f):

@@ -185,6 +185,7 @@ class GossipStrategy:
                          seed=cfg.run.seed, timeout=d.rd_timeout)
         self.opt = _sgd(model, cfg.optim)
         self.consensus = None
+        self.exported: dict | None = None       # the evaluated average model
 
     def begin_epoch(self, epoch: int) -> None:
         self._bytes0, self._rounds0 = self.rd.bytes_sent, self.rd.rounds
@@ -224,7 +225,7 @@ class GossipStrategy:
 
     def exported_state(self) -> dict:
         """The average model as evaluated (the local models are in the shards)."""
-        return getattr(self, "exported", None) or self.model.state_dict()
+        return self.exported if self.exported is not None else self.model.state_dict()
 
     def broadcast_initial(self, resumed: bool) -> None:
         if not resumed:          # decentralized nodes keep their own models on resume

@@ -70,18 +70,22 @@ def average_buffers(model, hvd):
             b.copy_(hvd.allreduce(b, op=hvd.Average, name=f"hvd_rsgc.buffer.{name}"))
 
 
-def train_inputs(dataset, indices, batch_size, cfg, device, batches):
-    """Up to ``batches`` normalised input batches of this rank's training images, in the order
-    ``indices``, without augmentation (re-estimating BatchNorm statistics)."""
+def model_input(x, dataset, cfg):
+    """A stacked batch of ``dataset``'s images as the model takes it (no augmentation)."""
     from .data.augment import normalize
+    return x.float() if getattr(dataset, "prenormalized", False) else \
+        normalize(x, cfg.data.mean, cfg.data.std)
+
+
+def train_inputs(dataset, indices, batch_size, cfg, device, batches):
+    """Up to ``batches`` input batches of this rank's training images, in the order
+    ``indices``, without augmentation (re-estimating BatchNorm statistics)."""
     for s in range(0, min(len(indices), batches * batch_size), batch_size):
         x = torch.stack([dataset[i][0] for i in indices[s:s + batch_size]]).to(device)
-        yield x.float() if getattr(dataset, "prenormalized", False) else \
-            normalize(x.float(), cfg.data.mean, cfg.data.std)
+        yield model_input(x, dataset, cfg)
 
 
 def evaluate(model, dataset, cfg, hvd, num_classes):
-    from .data.augment import normalize
     from .metrics import confusion_matrix
     model.eval()
     idx = list(range(hvd.rank(), len(dataset), hvd.size()))         # no padding duplicates
@@ -92,9 +96,7 @@ def evaluate(model, dataset, cfg, hvd, num_classes):
     with torch.no_grad():
         for s in range(0, len(idx), bs):
             items = [dataset[i] for i in idx[s:s + bs]]
-            x = torch.stack([t[0] for t in items]).to(dev)
-            x = x.float() if getattr(dataset, "prenormalized", False) else \
-                normalize(x, cfg.data.mean, cfg.data.std)
+            x = model_input(torch.stack([t[0] for t in items]).to(dev), dataset, cfg)
             y = torch.tensor([t[1] for t in items], device=dev)
             out = model(x)
             loss_sum += F.cross_entropy(out, y, reduction="sum").double().cpu()

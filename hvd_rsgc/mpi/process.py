@@ -24,8 +24,8 @@ class MPIProcessGroup:
         self._local = None
 
     def init(self) -> None:
+        from mpi4py import MPI
         if self._comm is None:
-            from mpi4py import MPI
             self._comm = MPI.COMM_WORLD
             launched = int(os.environ.get("HOROVOD_SIZE", "0") or 0)
             if launched > self._comm.Get_size():        # horovodrun --gloo: no MPI world
@@ -34,7 +34,6 @@ class MPIProcessGroup:
                                  f"{self._comm.Get_size()} process(es), the launcher started "
                                  f"{launched})")
         if self._local is None:
-            from mpi4py import MPI
             self._local = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self._comm.Get_rank())
 
     @property
