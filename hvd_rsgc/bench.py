@@ -78,19 +78,22 @@ def _spread(xs) -> str:
 
 
 # bench row -> (registered compressor, options); every layer at the same density (RS-DGC's
-# dynamic density would make the rows incomparable); plain rows: the per-tensor path,
-# "-fused" rows: the bucketed default
+# dynamic density would make the rows incomparable). Plain names: the default (buckets +
+# kernels="auto", i.e. native on a CPU with a C compiler); "-eager": the per-tensor reference
+# path; "-fused-eager" / "-fused-compiled": buckets with the other kernels.
 METHODS = {
-    "rsdgc": ("rsdgc", {"dynamic": False, "fused": False}),
-    "rsdgc-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled", "fused": False}),
-    "rsdgc-fused": ("rsdgc", {"dynamic": False, "fused": True}),
-    "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "fused": True, "kernels": "compiled"}),
-    "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled", "fused": False}),
-    "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True, "fused": False}),
-    "dgc": ("dgc", {"fused": False}),
-    "topk": ("topk", {"fused": False}),
-    "topk-fused": ("topk", {"fused": True}),
-    "dgc-fused": ("dgc", {"fused": True}),
+    "rsdgc": ("rsdgc", {"dynamic": False}),
+    "rsdgc-eager": ("rsdgc", {"dynamic": False, "kernels": "eager", "fused": False}),
+    "rsdgc-fused-eager": ("rsdgc", {"dynamic": False, "kernels": "eager"}),
+    "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
+    "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
+    "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
+    "dgc": ("dgc", {}),
+    "dgc-eager": ("dgc", {"kernels": "eager", "fused": False}),
+    "dgc-fused-eager": ("dgc", {"kernels": "eager"}),
+    "topk": ("topk", {}),
+    "topk-eager": ("topk", {"kernels": "eager", "fused": False}),
+    "topk-fused-eager": ("topk", {"kernels": "eager"}),
     "randomk": ("randomk", {}),
     "qsgd-1bit": ("qsgd", {"levels": 1, "bucket_size": 512}),
     "powersgd-r4": ("powersgd", {"rank": 4}),

@@ -12,6 +12,10 @@ Each is a thin binding of an ``algorithms`` method (selection / quantisation), a
 ``process_set``  the optimizer's Horovod process set, if not the global one
 ``communicator`` sparse methods (rsdgc, dgc, topk): ``"allgather"`` (default),
                  ``"reduce_scatter"`` (Ok-Topk style, per-rank volume flat in P) or ``"auto"``
+``kernels``      sparse methods (rsdgc, dgc, topk): ``"auto"`` (default: the fused C kernels of
+                 ``algorithms/native.py`` for CPU tensors where a C compiler is found, else
+                 eager), ``"native"`` or ``"eager"``; decoding is the same code either way, so
+                 ranks stay bit-identical whichever each one uses
 ``nonfinite``    ``"raise"`` (default): every rank raises ``FloatingPointError`` naming the
                  parameter; ``"skip"``: every rank gets NaN gradients for that step and
                  ``step_nonfinite`` is True (skip the optimizer step; state stays consistent)
@@ -68,8 +72,10 @@ class RSDGCCompression(Compressor):
     kernel is always one unit); ``neighbourhood=False``, ``beta=1``, ``dynamic=False`` switch the
     three ingredients off (paper Table I); ``update_every``: steps between dynamic density
     recomputations; ``density_floor``: no layer gets less than ``density_floor * density``.
-    ``kernels="compiled"``: NSI scoring fused by ``torch.compile`` (one pass instead of six;
-    ``algorithms/kernels.py``); every rank must use the same setting.
+    ``kernels``: ``"auto"`` (default: ``"native"`` on CPU where a C compiler builds the kernels,
+    else ``"eager"``), ``"native"`` (residual update + NSI in one C pass per tensor,
+    ``algorithms/native.py``), ``"eager"`` (one PyTorch op per step) or ``"compiled"`` (NSI
+    by ``torch.compile``, ``algorithms/kernels.py``).
     Use with :class:`hvd_rsgc.DGCSGD` (or SGD without momentum).
     """
 
@@ -83,7 +89,7 @@ class RSDGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0, kernels: str = "eager"):
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0, kernels: str = "auto"):
         method = RSDGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
                        beta=beta, radius=radius, neighbourhood=neighbourhood,
                        selection=selection, sample_ratio=sample_ratio, seed=seed, kernels=kernels,
@@ -112,9 +118,10 @@ class DGCCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0):
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0,
+                 kernels: str = "auto"):
         method = DGC(_momentum_memory(momentum, nesterov, momentum_masking, error_feedback),
-                     sample_ratio=sample_ratio, seed=seed,
+                     sample_ratio=sample_ratio, seed=seed, kernels=kernels,
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, warmup_epochs=warmup_epochs,
                          warmup_densities=warmup_densities, steps_per_epoch=steps_per_epoch,
@@ -134,8 +141,9 @@ class TopKCompression(Compressor):
                  fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
-                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0):
-        method = TopK(ErrorFeedback() if error_feedback else NoMemory(),
+                 reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0,
+                 kernels: str = "auto"):
+        method = TopK(ErrorFeedback() if error_feedback else NoMemory(), kernels=kernels,
                       value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, min_numel=min_numel,
                          exclude=exclude, average=average, process_set=process_set, nonfinite=nonfinite,

@@ -155,12 +155,44 @@ class Method:
 
 
 class SparseMethod(Method):
-    """Select units of the accumulated gradient, send (values, unit index) by allgather."""
+    """Select units of the accumulated gradient, send (values, unit index) by allgather.
 
-    def select(self, layer: LayerState, acc: torch.Tensor) -> torch.Tensor:
+    ``kernels``: ``"eager"`` (one PyTorch kernel per operation), ``"native"`` (the residual
+    update fused with what selection reads, one C loop per tensor: ``native.py``; CPU fp32,
+    other tensors take the eager route) or ``"auto"`` (native where it builds)."""
+
+    KERNELS: tuple[str, ...] = ("auto", "eager", "native")
+
+    def __init__(self, memory, kernels: str = "eager", **kw):
+        super().__init__(memory, **kw)
+        from . import native
+        if kernels not in self.KERNELS:
+            raise ValueError(f"kernels must be one of {self.KERNELS}, got {kernels!r}")
+        self.kernels = native.resolve(kernels)
+
+    def select(self, layer: LayerState, acc: torch.Tensor, pre=None) -> torch.Tensor:
         """acc (the residual in the layout's storage form) -> selected unit rows, int64
-        ascending."""
+        ascending. ``pre``: what ``native_pass`` computed alongside the update (None: eager)."""
         raise NotImplementedError
+
+    def native_pass(self, layer: LayerState, g: torch.Tensor):
+        """Native route: update the residual with ``g`` and compute what ``select`` reads, in one
+        pass. Default (element units): the block extremes of the threshold filter
+        (``select.AtLeast``) when it will read them. Returns ``(acc, pre)``."""
+        from . import native
+        from .select import BLOCK, blocked
+        n = layer.layout.numel
+        if blocked(n, self.filter_expected(layer), g.device):
+            nb = n // BLOCK
+            hi = self.workspace.get("hi", nb, g.device)
+            lo = self.workspace.get("lo", nb, g.device)
+            acc = native.accumulate_extremes(self.memory, layer, g, BLOCK, hi, lo)
+            return acc, (hi, lo)
+        return native.accumulate_extremes(self.memory, layer, g, BLOCK, None, None), None
+
+    def filter_expected(self, layer: LayerState) -> float | None:
+        """The fraction of entries ``select``'s threshold filter expects to pass (None: none)."""
+        return None
 
     def empty_message(self, layer, device):
         c = index_columns(self.value_dtype, self.index_dtype)
@@ -181,6 +213,10 @@ class SparseMethod(Method):
                     torch.zeros(0, layer.layout.unit_size, device=g.device))
         g = g.float() if g.dtype != torch.float32 else g
         lay = layer.layout
+        if self.kernels == "native" and _native_supports(self.memory, lay, g):
+            acc, pre = self.native_pass(layer, g)
+            rows = self.select(layer, acc, pre)
+            return rows, lay.gather_units(acc, rows)
         if self.memory.error_feedback:
             acc = self.memory.accumulate(layer.memory, lay.source_view(g, self.workspace),
                                          lay.target_view)
@@ -201,6 +237,14 @@ class SparseMethod(Method):
         values, rows = unpack_sparse(gathered, layer.layout.unit_size, self.index_dtype,
                                      layer.layout.num_units)
         return scatter_sum(layer.layout, values, rows, torch.float32)
+
+
+def _native_supports(memory, layout, g) -> bool:
+    from . import native
+    if not native.applies(memory, g):
+        return False
+    # without a residual a padded tile layout needs its zero-padded copy (eager ``storage``)
+    return memory.error_feedback or not getattr(layout, "padded", False)
 
 
 def header_words(msgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

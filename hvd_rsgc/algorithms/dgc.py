@@ -27,6 +27,10 @@ class DGC(SparseMethod):
     def on_density(self, layer):
         layer.plan = SamplePlan.make(layer.numel, layer.density, self.sample_ratio)
 
-    def select(self, layer, acc):
+    def filter_expected(self, layer):
+        return layer.plan.density if layer.plan.num_selects < layer.numel else None
+
+    def select(self, layer, acc, pre=None):
         return sampled_threshold_indices(acc.view(-1), layer.plan, self.generator,
-                                         magnitude=True)
+                                         magnitude=True, extremes=pre,
+                                         native=self.kernels == "native")

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import torch
 
-KERNELS = ("eager", "compiled")
-
-
 def _nsi(units: torch.Tensor, beta: float, counts: torch.Tensor | None) -> torch.Tensor:
     """``units``: (U, S) rows, or an (a, s, b, s) tile view (``nsi.py``)."""
     if units.dim() == 2:
@@ -42,9 +39,3 @@ def compiled_nsi():
     if fn is None:
         fn = _COMPILED["nsi"] = torch.compile(_nsi, dynamic=True)
     return fn
-
-
-def check_kernels(kernels: str) -> str:
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return kernels

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .base import SparseMethod
-from .kernels import check_kernels, compiled_nsi
+from . import native
+from .kernels import compiled_nsi
 from .layout import make_layout
 from .nsi import nsi_scores, units_for_density
 from .select import SamplePlan, sampled_threshold_indices, topk_indices
@@ -23,12 +24,12 @@ from .select import SamplePlan, sampled_threshold_indices, topk_indices
 class RSDGC(SparseMethod):
     name = "rsdgc"
     momentum_correction = True
+    KERNELS = ("auto", "eager", "compiled", "native")
 
     def __init__(self, memory, beta: float = 0.5, radius: int = 1, neighbourhood: bool = True,
                  selection: str = "topk", sample_ratio: float = 0.01, seed: int = 0,
                  kernels: str = "eager", **kw):
-        super().__init__(memory, **kw)
-        self.kernels = check_kernels(kernels)
+        super().__init__(memory, kernels=kernels, **kw)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if not isinstance(radius, int) or radius < 0:
@@ -64,8 +65,13 @@ class RSDGC(SparseMethod):
     def unit_scores(self, values, counts):
         return nsi_scores(values, self.beta, counts)
 
-    def select(self, layer, acc):
-        s = self.scores(layer, acc)
+    def native_pass(self, layer, g):
+        out = self.workspace.get("scores", layer.layout.num_units, g.device)
+        return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
+
+    def select(self, layer, acc, pre=None):
+        s = self.scores(layer, acc) if pre is None else pre
+        nat = self.kernels == "native"
         if self.selection == "sampled":
-            return sampled_threshold_indices(s, layer.plan, self.generator)
-        return topk_indices(s, layer.k)
+            return sampled_threshold_indices(s, layer.plan, self.generator, native=nat)
+        return topk_indices(s, layer.k, native=nat)

@@ -22,6 +22,21 @@ BLOCK = 64
 BLOCK_MAX_FRACTION = 1.0 / 128
 
 
+def blocked(n: int, expected: float | None, device) -> bool:
+    """Whether :class:`AtLeast` reads block extremes for ``n`` entries of which a fraction
+    ``expected`` is expected to pass (None: no filter runs)."""
+    return (expected is not None and torch.device(device).type == "cpu"
+            and expected <= BLOCK_MAX_FRACTION and n // BLOCK >= 256)
+
+
+def topk_expected(n: int, k: int, device) -> float | None:
+    """The passing fraction the exact top-k pre-filter expects (None: no pre-filter)."""
+    k = min(k, n)
+    if k // FILTER_MIN_HITS >= 2 and n >= 1 << 16 and torch.device(device).type == "cpu":
+        return 2.0 * k / n
+    return None
+
+
 class AtLeast:
     """Indices ``i`` (int64, ascending) with ``|x_i| >= t`` (``magnitude=True``) or
     ``x_i >= t``, exactly what ``((x.abs() if magnitude else x) >= t).nonzero()`` gives, for
@@ -37,17 +52,27 @@ class AtLeast:
     reuses the block extremes. Elsewhere (GPU, dense survivors, short vectors): the eager
     route. NaN never passes either way."""
 
-    def __init__(self, x: torch.Tensor, magnitude: bool, expected: float = 1.0):
+    def __init__(self, x: torch.Tensor, magnitude: bool, expected: float = 1.0,
+                 extremes: tuple | None = None, native: bool = False):
         self.x, self.magnitude = x.reshape(-1), magnitude
         n = self.x.numel()
         self.nb = n // BLOCK
-        self.blocked = (x.device.type == "cpu" and expected <= BLOCK_MAX_FRACTION
-                        and self.nb >= 256)
+        self.blocked = blocked(n, expected, x.device)
+        # native (``native.py``): extremes in one pass, compaction in one loop, fp32 only
+        self.native = native and self.blocked and x.dtype == torch.float32
         if self.blocked:
             w = self.x[: self.nb * BLOCK].view(self.nb, BLOCK)
             self.w = w
-            self.hi = w.amax(1)
-            self.lo = w.amin(1) if magnitude else None
+            if extremes is not None:        # computed with the residual update (native.py)
+                self.hi, self.lo = extremes[0][: self.nb], (extremes[1][: self.nb] if magnitude else None)
+            elif self.native:
+                from . import native as nat
+                self.hi = torch.empty(self.nb)
+                self.lo = torch.empty(self.nb) if magnitude else None
+                nat.extremes(self.x, BLOCK, magnitude, self.hi, self.lo)
+            else:
+                self.hi = w.amax(1)
+                self.lo = w.amin(1) if magnitude else None
 
     def values(self, idx: torch.Tensor) -> torch.Tensor:
         """Importance (|x| or x) of the entries ``idx``."""
@@ -64,6 +89,9 @@ class AtLeast:
     def __call__(self, t) -> torch.Tensor:
         if not self.blocked:
             return (self.importance() >= t).nonzero().view(-1)
+        if self.native:
+            from . import native as nat
+            return nat.at_least(self.x, self.hi, self.lo, BLOCK, t, self.magnitude)
         keep = ~(self.hi < t)               # a block holding a NaN has NaN extremes: kept
         if self.magnitude:
             keep |= self.lo <= -t
@@ -79,7 +107,8 @@ class AtLeast:
         return idx
 
 
-def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False) -> torch.Tensor:
+def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False,
+                 extremes: tuple | None = None, native: bool = False) -> torch.Tensor:
     """Indices of the k largest entries of a 1-D importance vector (exact), sorted ascending
     so that messages are deterministic and cache-friendly. ``magnitude=True``: the importance
     is ``|importance|`` (never materialised on the pre-filtered route).
@@ -94,12 +123,14 @@ def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False) -> t
     entries pass. (Ties at the k-th value may resolve differently from a full ``torch.topk``,
     whose choice among ties is unspecified anyway.) CPU only: on a GPU ``torch.topk`` is a
     radix select already, and the candidate count would cost a host sync per tensor (not
-    measured: no GPU was available for this change)."""
+    measured: no GPU was available for this change). ``extremes``: the block extremes of
+    ``importance`` when already computed (``native.py``); ``native``: the filter's passes in C."""
     n = importance.numel()
     k = min(k, n)
     stride = k // FILTER_MIN_HITS
-    if stride >= 2 and n >= 1 << 16 and importance.device.type == "cpu":
-        filt = AtLeast(importance, magnitude, expected=2.0 * k / n)
+    expected = topk_expected(n, k, importance.device)
+    if expected is not None:
+        filt = AtLeast(importance, magnitude, expected=expected, extremes=extremes, native=native)
         sample = filt.sample(0, stride)
         m = sample.numel()
         ks = min(m, math.ceil(2 * m * k / n) + 8)
@@ -149,7 +180,8 @@ class SamplePlan:
 
 def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
                               generator: torch.Generator | None = None,
-                              magnitude: bool = False) -> torch.Tensor:
+                              magnitude: bool = False, extremes: tuple | None = None,
+                              native: bool = False) -> torch.Tensor:
     """DGC selection: threshold from a strided sample, then re-adjust (at most 10 rounds):
     too many (> 1.3x) -> exact top-k among the selected; too few (< 0.8x) -> threshold *= 0.8.
     Returns at most ``plan.num_selects`` indices (ascending). ``magnitude=True``: the
@@ -158,7 +190,7 @@ def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
     n = plan.n
     if plan.num_selects >= n:
         return torch.arange(n, device=importance.device)
-    filt = AtLeast(importance, magnitude, expected=plan.density)
+    filt = AtLeast(importance, magnitude, expected=plan.density, extremes=extremes, native=native)
     if plan.stride == 1:
         samples = filt.importance()
     else:

@@ -36,5 +36,5 @@ class Threshold(SparseMethod):
     def units_for(self, layer, density):
         return layer.numel
 
-    def select(self, layer, acc):
+    def select(self, layer, acc, pre=None):
         return (acc.view(-1).abs() > self.threshold).nonzero().view(-1)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .base import SparseMethod
-from .select import topk_indices
+from .select import topk_expected, topk_indices
 
 
 class TopK(SparseMethod):
     name = "topk"
 
-    def select(self, layer, acc):
-        return topk_indices(acc.view(-1), layer.k, magnitude=True)
+    def filter_expected(self, layer):
+        return topk_expected(layer.numel, layer.k, "cpu")
+
+    def select(self, layer, acc, pre=None):
+        return topk_indices(acc.view(-1), layer.k, magnitude=True, extremes=pre,
+                            native=self.kernels == "native")

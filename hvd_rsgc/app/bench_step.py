@@ -22,17 +22,18 @@ import time
 
 from .launch import horovodrun_env, read_rank, write_rank
 
-METHODS = {  # label: (registry name, options); "fused": False = the per-tensor path
+METHODS = {  # label: (registry name, options); plain sparse labels: the default (buckets,
+    # kernels="auto": native on a CPU with a C compiler); "per tensor, eager": the reference path
     "dense fp32": ("none", {}),
     "fp16": ("fp16", {}),
-    "Top-k": ("topk", {"fused": False}),
+    "Top-k": ("topk", {}),
+    "Top-k per tensor, eager": ("topk", {"fused": False, "kernels": "eager"}),
     "Random-k": ("randomk", {}),
-    "DGC": ("dgc", {"fused": False}),
-    "RS-DGC": ("rsdgc", {"fused": False}),
-    "RS-DGC compiled": ("rsdgc", {"kernels": "compiled", "fused": False}),
-    "RS-DGC fused + compiled": ("rsdgc", {"kernels": "compiled", "fused": True}),
-    "Top-k fused": ("topk", {"fused": True}),
-    "DGC fused": ("dgc", {"fused": True}),
+    "DGC": ("dgc", {}),
+    "DGC per tensor, eager": ("dgc", {"fused": False, "kernels": "eager"}),
+    "RS-DGC": ("rsdgc", {}),
+    "RS-DGC per tensor, eager": ("rsdgc", {"fused": False, "kernels": "eager"}),
+    "RS-DGC buckets + compiled": ("rsdgc", {"kernels": "compiled"}),
     "QSGD 1-bit": ("qsgd", {}),
 }
 

@@ -1,0 +1,425 @@
+"""Native CPU kernels (``kernels="native"``): the residual update and what selection reads,
+fused into ONE pass over memory, written in C and loaded with ``ctypes``.
+
+The eager route makes one PyTorch kernel per operation: ``u = m*u + g`` and ``v += u`` (two
+passes), then the NSI (``|v|``, ``v*v`` and three unit sums: six more), or the block extremes
+that the threshold filter reads (``select.AtLeast``: two more). Each pass streams the whole
+tensor through memory. Here one loop per tensor reads ``g``, ``u``, ``v`` once and writes
+``u``, ``v`` and the small per-unit output (NSI scores, or the max / min of each block of
+``select.BLOCK`` entries) while the values are still in registers -- five streams, the floor
+of a momentum-corrected residual (``python -m hvd_rsgc.bench compress``).
+
+Loops for every memory a sparse method uses (none, error feedback ``e += g``, momentum
+correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + g``):
+
+* ``hr_units``: contiguous units of S cells (element and kernel layouts) -> NSI per unit;
+* ``hr_tiles``: the padded ``(Hp, Wp)`` storage of tile layouts (``layout.TileLayout``): the
+  gradient ``(H, W)`` is added row by row while the column sums of the tile-row are taken,
+  then each tile sums its columns; padded cells are never written and do not count;
+* ``hr_blocks``: one flat vector -> max and min of every block (NaN propagates, as ``amax``);
+* ``hr_atleast``: the threshold filter's compaction -- the indices at or above a threshold,
+  reading only the blocks whose extremes reach it (``select.AtLeast``).
+
+Arithmetic: IEEE single precision, no FMA contraction (``-ffp-contract=off``), vectorised
+across units and never within one unit's sum, so the clone chosen at load for each x86-64
+level computes the same bits. The results equal the eager route to float rounding, not bit
+for bit (PyTorch's vector ``add`` uses an FMA for ``g + m*u``): a rank's kernels change only
+which units it sends, by rounding; decoding the gathered messages does not depend on them,
+so parameters stay bit-identical across ranks whichever kernels each rank uses (tested).
+
+The library is built once per machine into ``$HVD_RSGC_CACHE`` (default
+``~/.cache/hvd_rsgc``) with ``$CC`` (default ``cc``; a few seconds; ranks starting together
+wait on a file lock) and reused; without a compiler ``"native"`` raises and ``"auto"`` falls
+back to eager with one warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { MEM_NONE = 0, MEM_EF = 1, MEM_MOMENTUM = 2, MEM_NESTEROV = 3 };
+#define LANES 16
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+/* the residual update of entries [a, b): straight loops the compiler vectorises */
+static inline void update(int mem, float m, const float *restrict g, float *restrict u,
+                          float *restrict v, int64_t a, int64_t b) {
+  switch (mem) {
+  case MEM_EF:
+    for (int64_t j = a; j < b; ++j) v[j] = v[j] + g[j];
+    break;
+  case MEM_MOMENTUM:
+    for (int64_t j = a; j < b; ++j) { float uu = g[j] + m * u[j]; u[j] = uu; v[j] = v[j] + uu; }
+    break;
+  case MEM_NESTEROV:
+    for (int64_t j = a; j < b; ++j) { float uu = (u[j] + g[j]) * m; u[j] = uu; v[j] = (v[j] + uu) + g[j]; }
+    break;
+  default:
+    break;
+  }
+}
+
+static inline float nsi(float sa, float s1, float s2, float n, float beta) {
+  float mu = sa / n, mean = s1 / n, var = s2 / n - mean * mean;
+  if (var < 0.f) var = 0.f;                               /* clamp_min(0); NaN stays NaN */
+  return beta * mu + (1.f - beta) * sqrtf(var);
+}
+
+/* NSI of units [i0, i0 + cnt) of S contiguous cells of x; lanes run over units, so every
+   unit's sums are taken in cell order (the same bits whatever the vector width) */
+static inline void nsi_rows(const float *restrict x, int64_t i0, int64_t cnt, int64_t S,
+                            float beta, float *restrict score) {
+  float sa[LANES], s1[LANES], s2[LANES];
+  for (int64_t k = 0; k < LANES; ++k) { sa[k] = 0.f; s1[k] = 0.f; s2[k] = 0.f; }
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t k = 0; k < cnt; ++k) {
+      float y = x[(i0 + k) * S + j];
+      sa[k] += fabsf(y); s1[k] += y; s2[k] += y * y;
+    }
+  for (int64_t k = 0; k < cnt; ++k) score[i0 + k] = nsi(sa[k], s1[k], s2[k], (float)S, beta);
+}
+
+/* U units of S contiguous cells: update, then the NSI of every unit */
+CLONES void hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, int mem,
+                     float m, float *score, float beta, int nt) {
+  const float *x = mem == MEM_NONE ? g : v;
+  const int64_t nchunks = (U + LANES - 1) / LANES;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t i0 = c * LANES, cnt = U - i0 < LANES ? U - i0 : LANES;
+    update(mem, m, g, u, v, i0 * S, (i0 + cnt) * S);
+    nsi_rows(x, i0, cnt, S, beta, score);
+  }
+}
+
+/* the update of one entry j, leaving the accumulated value in y */
+#define STEP_EF   { y = v[j] + g[j]; v[j] = y; }
+#define STEP_MOM  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
+#define STEP_NES  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
+#define STEP_NONE { y = g[j]; }
+/* one row of W entries: update, and add |y|, y, y*y into the column sums (first row: set) */
+#define ROW(STEP)                                                                           \
+  for (int64_t c = 0; c < W; ++c) {                                                         \
+    const int64_t j = c; float y;                                                           \
+    STEP                                                                                    \
+    float ya = fabsf(y), y2 = y * y;                                                        \
+    ca[c] = first ? ya : ca[c] + ya; c1[c] = first ? y : c1[c] + y;                         \
+    c2[c] = first ? y2 : c2[c] + y2;                                                        \
+  }
+
+/* g (H, W) into u, v (Hp, Wp): the rows a*s .. a*s+s-1 are updated while their column sums
+   (over the tile-row) are taken, then each tile sums its s columns: the NSI of the tiles in
+   row-major order. Padded cells are not written and do not count. Per tile, cells are summed
+   rows first, then columns: one fixed order. */
+CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, int64_t W,
+                     int64_t Hp, int64_t Wp, int64_t s, int mem, float m,
+                     float *restrict score, float beta, int nt) {
+  const int64_t A = Hp / s, B = Wp / s;
+  int failed = 0;
+  #pragma omp parallel num_threads(nt)
+  {
+    float *ca = (float *)malloc(3 * (size_t)W * sizeof(float));
+    float *c1 = ca + W, *c2 = ca + 2 * W;
+    if (!ca) failed = 1;
+    #pragma omp for schedule(static)
+    for (int64_t a = 0; a < A; ++a) {
+      if (!ca) continue;
+      const int64_t r0 = a * s, rn = H - r0 < s ? H - r0 : s;
+      for (int64_t r = r0; r < r0 + rn; ++r) {
+        const float *restrict g = gm + r * W;
+        float *u = um + r * Wp, *v = vm + r * Wp;
+        const int first = r == r0;
+        switch (mem) {
+        case MEM_EF: ROW(STEP_EF) break;
+        case MEM_MOMENTUM: ROW(STEP_MOM) break;
+        case MEM_NESTEROV: ROW(STEP_NES) break;
+        default: ROW(STEP_NONE) break;
+        }
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t c0 = b * s, cn = W - c0 < s ? W - c0 : s;
+        float sa = ca[c0], s1 = c1[c0], s2 = c2[c0];
+        for (int64_t q = 1; q < cn; ++q) { sa += ca[c0 + q]; s1 += c1[c0 + q]; s2 += c2[c0 + q]; }
+        score[a * B + b] = nsi(sa, s1, s2, (float)(rn * cn), beta);
+      }
+    }
+    free(ca);
+  }
+  return failed;                     /* 1: out of memory (nothing scored) */
+}
+
+/* blocks [b0, b1) of `block` entries: update and extremes in one loop, lanes over entries */
+#define BLOCKS(STEP)                                                                        \
+  for (int64_t b = b0; b < b1; ++b) {                                                       \
+    float h[LANES], l[LANES]; int bad[LANES];                                               \
+    for (int64_t k = 0; k < LANES; ++k) { h[k] = -INFINITY; l[k] = INFINITY; bad[k] = 0; }  \
+    for (int64_t j0 = b * block; j0 < (b + 1) * block; j0 += LANES)                         \
+      for (int64_t k = 0; k < LANES; ++k) {                                                 \
+        const int64_t j = j0 + k; float y;                                                  \
+        STEP                                                                                \
+        h[k] = y > h[k] ? y : h[k]; l[k] = y < l[k] ? y : l[k]; bad[k] |= y != y;           \
+      }                                                                                     \
+    float hh = h[0], ll = l[0]; int nan = bad[0];                                           \
+    for (int64_t k = 1; k < LANES; ++k) {                                                   \
+      hh = h[k] > hh ? h[k] : hh; ll = l[k] < ll ? l[k] : ll; nan |= bad[k];                \
+    }                                                                                       \
+    hi[b] = nan ? NAN : hh;                                                                 \
+    if (lo) lo[b] = nan ? NAN : ll;                                                         \
+  }
+
+/* n entries: update, and the max / min of each of the n / block full blocks of the
+   accumulated vector (block: a multiple of LANES; a block holding a NaN gets NaN, as
+   amax / amin; hi = NULL: the update only) */
+CLONES void hr_blocks(const float *restrict g, float *u, float *v, int64_t n, int mem,
+                      float m, float *restrict hi, float *restrict lo, int64_t block, int nt) {
+  const int64_t nb = hi ? n / block : 0;
+  const int64_t per = 64;                      /* blocks per task */
+  const int64_t ntask = (nb + per - 1) / per;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t b0 = t * per, b1 = (t + 1) * per < nb ? (t + 1) * per : nb;
+    switch (mem) {
+    case MEM_EF: BLOCKS(STEP_EF) break;
+    case MEM_MOMENTUM: BLOCKS(STEP_MOM) break;
+    case MEM_NESTEROV: BLOCKS(STEP_NES) break;
+    default: BLOCKS(STEP_NONE) break;
+    }
+  }
+  /* entries past the full blocks: update only, in parallel chunks */
+  const int64_t start = nb * block, rest = n - start, chunk = 1 << 14;
+  const int64_t nc = (rest + chunk - 1) / chunk;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < nc; ++c) {
+    int64_t a = start + c * chunk, e = a + chunk < n ? a + chunk : n;
+    update(mem, m, g, u, v, a, e);
+  }
+}
+
+/* indices (ascending) of the entries of x (n) with x >= t, or |x| >= t with `magnitude`,
+   reading only the blocks whose extremes (hi, lo: max / min of each of the n / block full
+   blocks) can reach t, and every entry past the last full block. NaN never passes; a block
+   with a NaN extreme is read. out needs room for every entry read: if cap is smaller,
+   nothing is written and -(the room needed) is returned; else the number that pass. */
+int64_t hr_atleast(const float *restrict x, int64_t n, const float *restrict hi,
+                   const float *restrict lo, int64_t block, float t, int magnitude,
+                   int64_t *restrict out, int64_t cap) {
+  const int64_t nb = n / block;
+  int64_t kept = 0;
+  for (int64_t b = 0; b < nb; ++b)
+    kept += !(hi[b] < t) || (magnitude && lo[b] <= -t);
+  const int64_t need = kept * block + (n - nb * block);
+  if (need > cap) return -need;
+  int64_t cnt = 0;                   /* branch-free: write every index read, keep the passing */
+  for (int64_t b = 0; b < nb; ++b) {
+    if (hi[b] < t && !(magnitude && lo[b] <= -t)) continue;
+    for (int64_t j = b * block; j < (b + 1) * block; ++j) {
+      float y = magnitude ? fabsf(x[j]) : x[j];
+      out[cnt] = j; cnt += y >= t;
+    }
+  }
+  for (int64_t j = nb * block; j < n; ++j) {
+    float y = magnitude ? fabsf(x[j]) : x[j];
+    out[cnt] = j; cnt += y >= t;
+  }
+  return cnt;
+}
+"""
+
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+
+_LIB = None
+_ERROR: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HVD_RSGC_CACHE") or Path.home() / ".cache" / "hvd_rsgc")
+
+
+def _build(path: Path) -> None:
+    """Compile ``SOURCE`` into ``path`` (a private name in the cache directory)."""
+    cc = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "hvd_rsgc_native.c"
+        src.write_text(SOURCE)
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(path), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernels (built on first use, then cached). Raises ``RuntimeError`` naming
+    the compiler's message when they cannot be built."""
+    global _LIB, _ERROR
+    if _LIB is not None:
+        return _LIB
+    if _ERROR is not None:
+        raise RuntimeError(_ERROR)
+    key = hashlib.sha1((SOURCE + " ".join(FLAGS) + platform.machine()
+                        + os.environ.get("CC", "cc")).encode()).hexdigest()[:16]
+    d = cache_dir()
+    path = d / f"native-{key}.so"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with open(d / f"native-{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)           # one rank builds, the others wait
+                if not path.exists():
+                    tmp = d / f".native-{key}-{os.getpid()}.so"
+                    _build(tmp)
+                    os.replace(tmp, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _ERROR = f"hvd_rsgc native kernels unavailable: {exc}"
+        raise RuntimeError(_ERROR) from exc
+    f, i64, i32, p = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.hr_units.argtypes = [p, p, p, i64, i64, i32, f, p, f, i32]
+    lib.hr_tiles.argtypes = [p, p, p, i64, i64, i64, i64, i64, i32, f, p, f, i32]
+    lib.hr_atleast.argtypes = [p, i64, p, p, i64, f, i32, p, i64]
+    lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
+    for fn in (lib.hr_units, lib.hr_blocks):
+        fn.restype = None
+    lib.hr_tiles.restype = i32
+    lib.hr_atleast.restype = i64
+    _LIB = lib
+    return lib
+
+
+def available() -> bool:
+    try:
+        library()
+        return True
+    except RuntimeError:
+        return False
+
+
+_WARNED = False
+
+
+def resolve(kernels: str) -> str:
+    """``"auto"`` -> ``"native"`` when the kernels build here, else ``"eager"`` (one warning)."""
+    global _WARNED
+    if kernels != "auto":
+        if kernels == "native":
+            library()
+        return kernels
+    if available():
+        return "native"
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(f"{_ERROR}; kernels='auto' uses the eager kernels", stacklevel=3)
+    return "eager"
+
+
+def _mem_kind(memory) -> tuple[int, float] | None:
+    from .memory import ErrorFeedback, MomentumCorrection, NoMemory
+    if type(memory) is MomentumCorrection:
+        return (3 if memory.nesterov else 2), memory.momentum
+    if type(memory) is ErrorFeedback:
+        return 1, 0.0
+    if type(memory) is NoMemory:
+        return 0, 0.0
+    return None
+
+
+def applies(memory, g: torch.Tensor) -> bool:
+    return g.device.type == "cpu" and g.dtype == torch.float32 and _mem_kind(memory) is not None
+
+
+def _buffers(memory, st: dict, g: torch.Tensor):
+    km = _mem_kind(memory)
+    if km is None:
+        raise TypeError(f"native kernels do not cover the memory {type(memory).__name__}")
+    kind, m = km
+    if kind >= 2:
+        u, v = st["u"], st["v"]
+    elif kind == 1:
+        u = v = st["e"]
+    else:
+        u = v = g
+    return kind, m, u, v
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def accumulate_scores(memory, layer, g: torch.Tensor, beta: float, out: torch.Tensor):
+    """Residual update of ``layer`` with gradient ``g`` and the NSI of every unit into ``out``
+    ((U,) fp32). Returns the accumulated buffer in storage form (``g`` itself without memory)."""
+    lib = library()
+    g = g.contiguous()
+    lay = layer.layout
+    kind, m, u, v = _buffers(memory, layer.memory, g)
+    if lay.kind == "tile":
+        if kind == 0 and lay.padded:
+            raise ValueError("native tiles without a residual need an unpadded layout")
+        if lib.hr_tiles(g.data_ptr(), u.data_ptr(), v.data_ptr(), lay.H, lay.W, lay.Hp, lay.Wp,
+                        lay.s, kind, m, out.data_ptr(), beta, _threads()):
+            raise MemoryError(f"native NSI of {layer.name}: no memory for {3 * lay.W} column sums")
+        return v if kind else g.view(lay.H, lay.W)
+    lib.hr_units(g.data_ptr(), u.data_ptr(), v.data_ptr(), lay.num_units, lay.unit_size, kind,
+                 m, out.data_ptr(), beta, _threads())
+    return (v if kind else g).view(lay.num_units, lay.unit_size)
+
+
+def accumulate_extremes(memory, layer, g: torch.Tensor, block: int,
+                        hi: torch.Tensor | None, lo: torch.Tensor | None):
+    """Residual update of an element-layout ``layer`` and the max (and, with ``lo``, min)
+    of every full block of ``block`` entries of the accumulated vector into ``hi`` / ``lo``
+    (``hi=None``: the update only). Returns the accumulated buffer in storage form."""
+    lib = library()
+    g = g.contiguous()
+    kind, m, u, v = _buffers(memory, layer.memory, g)
+    n = layer.layout.numel
+    if hi is None:
+        block = n + 1                   # no full block: the update only
+    lib.hr_blocks(g.data_ptr(), u.data_ptr(), v.data_ptr(), n, kind, m,
+                  hi.data_ptr() if hi is not None else None,
+                  lo.data_ptr() if lo is not None else None, block, _threads())
+    return (v if kind else g).view(layer.layout.num_units, layer.layout.unit_size)
+
+
+def extremes(x: torch.Tensor, block: int, magnitude: bool, hi: torch.Tensor,
+             lo: torch.Tensor | None) -> None:
+    """Max (and min) of every full block of ``block`` entries of the fp32 vector ``x``, in one
+    read-only pass (the eager route: ``amax`` and ``amin``, two)."""
+    x = x.contiguous()
+    library().hr_blocks(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.numel(), 0, 0.0,
+                        hi.data_ptr(), lo.data_ptr() if (magnitude and lo is not None) else None,
+                        block, _threads())
+
+
+def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: int, t: float,
+             magnitude: bool) -> torch.Tensor:
+    """Ascending int64 indices of the entries with ``x >= t`` (``|x| >= t``), reading only the
+    blocks whose extremes reach ``t`` (``select.AtLeast``'s compaction in one serial pass)."""
+    lib = library()
+    x = x.contiguous()
+    args = (x.data_ptr(), x.numel(), hi.data_ptr(), lo.data_ptr() if lo is not None else None,
+            block, float(t), int(magnitude))
+    need = -lib.hr_atleast(*args, None, 0)          # the room: entries of the blocks read
+    if need <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    out = torch.empty(need, dtype=torch.int64)     # only the first (passing) pages are touched
+    cnt = lib.hr_atleast(*args, out.data_ptr(), need)
+    return out[:cnt].clone()

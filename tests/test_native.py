@@ -1,0 +1,220 @@
+"""The native CPU kernels (``algorithms/native.py``, ``kernels="native"`` / ``"auto"``) against
+the eager route and references written here:
+
+* every sparse method (RS-DGC, DGC, Top-k) x every memory (momentum correction, Nesterov,
+  error feedback, none) x every layout (3x3 / 5x5 kernels, padded and unpadded tiles,
+  elements): the same rows over several steps, values and residuals equal to float rounding
+  (bit for bit where no FMA is involved: Nesterov, error feedback, no memory); padded cells of
+  the storage never written;
+* the NSI scores of the fused loop == the NSI of the (U, S) unit matrix, edge tiles included;
+* block extremes == ``amax`` / ``amin`` and the compaction == ``(|x| >= t).nonzero()`` with
+  NaN, infinities, signed zeros and tails;
+* buckets with native kernels == the per-tensor path with native kernels, bit for bit;
+* ``"auto"`` without a compiler falls back to eager with a warning, ``"native"`` then raises
+  naming the compiler; ranks starting together build the library once.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hvd_rsgc.algorithms import native
+from hvd_rsgc.algorithms.base import make_layer, unpack_sparse
+from hvd_rsgc.algorithms.dgc import DGC
+from hvd_rsgc.algorithms.layout import make_layout
+from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
+from hvd_rsgc.algorithms.nsi import nsi_scores
+from hvd_rsgc.algorithms.rsdgc import RSDGC
+from hvd_rsgc.algorithms.select import BLOCK, AtLeast
+from hvd_rsgc.algorithms.topk import TopK
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler")
+
+MEMORIES = {
+    "momentum": lambda: MomentumCorrection(0.9),
+    "nesterov": lambda: MomentumCorrection(0.9, nesterov=True),
+    "ef": ErrorFeedback,
+    "none": NoMemory,
+}
+EXACT = ("nesterov", "ef", "none")      # no a + m*b, so no FMA in PyTorch's vector add
+SHAPES = [((64, 32, 3, 3), 0.01), ((8, 4, 5, 5), 0.05), ((13, 20), 0.1), ((2, 5), 0.5),
+          ((300, 600), 0.002), ((512, 1024, 1, 1), 0.001), ((200_000,), 0.001)]
+
+
+def _methods(memory, kernels):
+    mem = MEMORIES[memory]()
+    return {"rsdgc": RSDGC(mem, beta=0.5, kernels=kernels),
+            "rsdgc-beta1": RSDGC(MEMORIES[memory](), beta=1.0, kernels=kernels),
+            "dgc": DGC(MEMORIES[memory](), seed=2, kernels=kernels),
+            "topk": TopK(MEMORIES[memory](), kernels=kernels)}
+
+
+@pytest.mark.parametrize("memory", list(MEMORIES))
+def test_native_equals_eager(memory):
+    g = torch.Generator().manual_seed(11)
+    eager, nat = _methods(memory, "eager"), _methods(memory, "native")
+    assert all(m.kernels == "native" for m in nat.values())
+    for name in eager:
+        for shape, density in SHAPES:
+            a, b = eager[name], nat[name]
+            sa, sb = make_layer(a, shape, density), make_layer(b, shape, density)
+            L = sa.layout
+            for step in range(3):
+                grad = torch.randn(shape, generator=g)
+                va, ra = unpack_sparse(a.encode(sa, grad, {}), L.unit_size, torch.int32, L.num_units)
+                vb, rb = unpack_sparse(b.encode(sb, grad, {}), L.unit_size, torch.int32, L.num_units)
+                where = (name, memory, shape, step)
+                assert torch.equal(ra, rb), where
+                for key in sa.memory:
+                    x, y = sa.memory[key], sb.memory[key]
+                    if memory in EXACT:
+                        assert torch.equal(x, y), where
+                    else:
+                        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), where
+                assert torch.allclose(va, vb, rtol=1e-5, atol=1e-6), where
+                if L.kind == "tile" and sb.memory:                 # padded cells never written
+                    pad = torch.ones(L.storage_shape, dtype=torch.bool)
+                    L.target_view(pad).fill_(False)
+                    assert not any(t[pad].any() for t in sb.memory.values()), where
+
+
+def test_native_scores_equal_unit_matrix_nsi():
+    g = torch.Generator().manual_seed(12)
+    for shape in [(64, 32, 3, 3), (13, 20), (2, 5), (300, 600), (7, 3, 5, 5), (1, 40)]:
+        L = make_layout(torch.Size(shape), True, 1)
+        for memory in ("momentum", "ef"):
+            for beta in (0.5, 1.0, 0.0):
+                m = RSDGC(MEMORIES[memory](), beta=beta, kernels="native")
+                st = make_layer(m, shape, 0.1)
+                for _ in range(2):
+                    out = torch.full((L.num_units,), float("nan"))
+                    acc = native.accumulate_scores(m.memory, st, torch.randn(shape, generator=g), beta, out)
+                    ref = nsi_scores(L.units_of(acc), beta, L.valid_counts())
+                    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), (shape, memory, beta)
+
+
+def test_native_extremes_and_compaction_equal_eager():
+    g = torch.Generator().manual_seed(13)
+    for n in (BLOCK * 300, BLOCK * 4000 + 37, 1_000_003):
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (50,), generator=g)] = float("nan")
+        x[:6] = torch.tensor([0.0, -0.0, 3.0, -3.0, float("-inf"), float("inf")])
+        nb = n // BLOCK
+        hi, lo = torch.empty(nb), torch.empty(nb)
+        native.extremes(x, BLOCK, True, hi, lo)
+        w = x[: nb * BLOCK].view(nb, BLOCK)
+        assert torch.allclose(hi, w.amax(1), equal_nan=True, rtol=0, atol=0)
+        assert torch.allclose(lo, w.amin(1), equal_nan=True, rtol=0, atol=0)
+        for magnitude in (True, False):
+            f = AtLeast(x, magnitude, expected=0.001, native=True)
+            assert f.blocked and f.native
+            imp = x.abs() if magnitude else x
+            for t in (3.0, 2.5, 4.0, 100.0, 0.0, -1.0, float("inf")):
+                ref = (imp >= t).nonzero().view(-1)
+                got = f(torch.tensor(t))
+                assert got.dtype == torch.int64 and torch.equal(got, ref), (n, magnitude, t)
+
+
+def test_native_update_then_extremes_of_the_residual():
+    """DGC's pre-pass: the extremes handed to the filter are those of the updated residual."""
+    m = DGC(MomentumCorrection(0.9), kernels="native")
+    st = make_layer(m, (1 << 18,), 0.001)
+    g = torch.Generator().manual_seed(14)
+    for _ in range(3):
+        acc, pre = m.native_pass(st, torch.randn(1 << 18, generator=g))
+        nb = acc.numel() // BLOCK
+        w = st.memory["v"].view(-1)[: nb * BLOCK].view(nb, BLOCK)
+        assert torch.equal(pre[0][:nb], w.amax(1)) and torch.equal(pre[1][:nb], w.amin(1))
+        m.memory.mark_sent(st.memory, m.select(st, acc, pre), None, st.layout)
+
+
+def test_native_buckets_equal_native_per_tensor():
+    from test_kernels import _per_tensor_vs_bucket
+    shapes = [(16, 8, 3, 3), (40, 31), (8, 4, 5, 5), (12, 6, 1, 1), (300,), (64, 600)]
+    cases = [(lambda: TopK(ErrorFeedback(), kernels="native"), 0.05),
+             (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"), 0.05),
+             (lambda: DGC(MomentumCorrection(0.9), seed=3, kernels="native"), 0.1)]
+    for make, density in cases:
+        per, fused = _per_tensor_vs_bucket(make, shapes, density)
+        for (d0, m0), (d1, m1) in zip(per, fused):
+            for a, b in zip(d0, d1):
+                assert a.shape == b.shape and torch.equal(a, b)
+            for ra, rb in zip(m0, m1):
+                for a, b in zip(ra, rb):
+                    assert torch.equal(a, b)
+
+
+def test_ranks_with_different_kernels_decode_the_same_sums():
+    """A rank's kernels change what it sends, never how the gathered messages are summed."""
+    from hvd_rsgc.algorithms.bucket import BucketCodec
+    shapes = [(16, 8, 3, 3), (40, 31), (64, 600)]
+    kinds = ["native", "eager", "native"]
+    ms = [RSDGC(MomentumCorrection(0.9), kernels=k) for k in kinds]
+    layers = [[make_layer(m, s, 0.05, name=f"t{i}", index=i) for i, s in enumerate(shapes)] for m in ms]
+    codecs = [BucketCodec(m, lay) for m, lay in zip(ms, layers)]
+    g = torch.Generator().manual_seed(15)
+    for _ in range(3):
+        msgs = [c.encode({st.name: torch.randn(st.shape, generator=g) for st in lay},
+                         {st.name: {} for st in lay}) for c, lay in zip(codecs, layers)]
+        gathered = [torch.cat([m[j] for m in msgs]) for j in range(len(codecs[0].groups))]
+        sums = [c.decode(gathered) for c in codecs]
+        for name in sums[0]:
+            assert torch.equal(sums[0][name], sums[1][name]) and torch.equal(sums[1][name], sums[2][name])
+
+
+def test_compressors_default_to_native_on_cpu():
+    from hvd_rsgc import DGCCompression, RSDGCCompression, TopKCompression
+    model = torch.nn.Linear(64, 64)
+    for cls in (RSDGCCompression, DGCCompression, TopKCompression):
+        assert cls(model).method.kernels == "native"
+        assert cls(model, kernels="eager").method.kernels == "eager"
+        with pytest.raises(ValueError, match="kernels"):
+            cls(model, kernels="fast")
+    with pytest.raises(ValueError, match="kernels"):
+        TopKCompression(model, kernels="compiled")          # an RS-DGC NSI option only
+
+
+def _run(code, env):
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_a_compiler_auto_falls_back_and_native_names_the_error(tmp_path):
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "HVD_RSGC_CACHE": str(tmp_path / "c")}
+    code = ("import warnings, torch\n"
+            "from hvd_rsgc import RSDGCCompression\n"
+            "m = torch.nn.Linear(64, 64)\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(RSDGCCompression(m).method.kernels)\n"
+            "    print('WARN', any('eager' in str(x.message) for x in w))\n"
+            "try:\n"
+            "    RSDGCCompression(m, kernels='native')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    p = _run(code, env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "eager" and lines[1] == "WARN True", p.stdout
+    assert lines[2].startswith("ERR hvd_rsgc native kernels unavailable") and "no-such-cc" in lines[2]
+
+
+def test_ranks_starting_together_build_once(tmp_path):
+    env = {**os.environ, "HVD_RSGC_CACHE": str(tmp_path / "c")}
+    code = ("from hvd_rsgc.algorithms import native\n"
+            "import torch\n"
+            "from hvd_rsgc.algorithms.memory import MomentumCorrection\n"
+            "from hvd_rsgc.algorithms.rsdgc import RSDGC\n"
+            "from hvd_rsgc.algorithms.base import make_layer\n"
+            "m = RSDGC(MomentumCorrection(0.9), kernels='native')\n"
+            "st = make_layer(m, (64, 32, 3, 3), 0.01)\n"
+            "print(m.encode(st, torch.ones(64, 32, 3, 3), {}).shape[0])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert {o[0].strip() for o in outs} == {"21"}           # ceil(0.01 * 18432 / 9) kernels
+    built = sorted(x.name for x in (tmp_path / "c").iterdir() if x.suffix == ".so")
+    assert len(built) == 1 and built[0].startswith("native-"), built
