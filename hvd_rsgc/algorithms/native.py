@@ -251,7 +251,19 @@ _ERROR: str | None = None
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("HVD_RSGC_CACHE") or Path.home() / ".cache" / "hvd_rsgc")
+    """``$HVD_RSGC_CACHE``, else ``~/.cache/hvd_rsgc``; where that cannot be created (a
+    read-only or missing home in a container), a per-user directory under the temp dir."""
+    env = os.environ.get("HVD_RSGC_CACHE")
+    if env:
+        return Path(env)
+    d = Path.home() / ".cache" / "hvd_rsgc"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except (OSError, RuntimeError):
+        pass
+    return Path(tempfile.gettempdir()) / f"hvd_rsgc-{os.getuid()}"
 
 
 def _build(path: Path) -> None:
