@@ -112,18 +112,16 @@ CLONES void hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, i
 }
 
 /* the update of one entry j, leaving the accumulated value in y */
-#define STEP_EF   { y = v[j] + g[j]; v[j] = y; }
-#define STEP_MOM  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
-#define STEP_NES  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
-#define STEP_NONE { y = g[j]; }
-/* one row of W entries: update, and add |y|, y, y*y into the column sums (first row: set) */
+#define STEP_EF(g, u, v)   { y = v[j] + g[j]; v[j] = y; }
+#define STEP_MOM(g, u, v)  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
+#define STEP_NES(g, u, v)  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
+#define STEP_NONE(g, u, v) { y = g[j]; }
+/* one row of W entries: update, and add |y|, y, y*y into the column sums */
 #define ROW(STEP)                                                                           \
   for (int64_t c = 0; c < W; ++c) {                                                         \
     const int64_t j = c; float y;                                                           \
-    STEP                                                                                    \
-    float ya = fabsf(y), y2 = y * y;                                                        \
-    ca[c] = first ? ya : ca[c] + ya; c1[c] = first ? y : c1[c] + y;                         \
-    c2[c] = first ? y2 : c2[c] + y2;                                                        \
+    STEP(g, u, v)                                                                           \
+    ca[c] += fabsf(y); c1[c] += y; c2[c] += y * y;                                          \
   }
 
 /* g (H, W) into u, v (Hp, Wp): the rows a*s .. a*s+s-1 are updated while their column sums
@@ -137,17 +135,17 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
   int failed = 0;
   #pragma omp parallel num_threads(nt)
   {
-    float *ca = (float *)malloc(3 * (size_t)W * sizeof(float));
-    float *c1 = ca + W, *c2 = ca + 2 * W;
-    if (!ca) failed = 1;
+    float *const buf = (float *)malloc(3 * (size_t)W * sizeof(float));
+    float *restrict ca = buf, *restrict c1 = buf + W, *restrict c2 = buf + 2 * W;
+    if (!buf) failed = 1;
     #pragma omp for schedule(static)
     for (int64_t a = 0; a < A; ++a) {
-      if (!ca) continue;
+      if (!buf) continue;
       const int64_t r0 = a * s, rn = H - r0 < s ? H - r0 : s;
+      for (int64_t c = 0; c < 3 * W; ++c) buf[c] = 0.f;
       for (int64_t r = r0; r < r0 + rn; ++r) {
         const float *restrict g = gm + r * W;
         float *u = um + r * Wp, *v = vm + r * Wp;
-        const int first = r == r0;
         switch (mem) {
         case MEM_EF: ROW(STEP_EF) break;
         case MEM_MOMENTUM: ROW(STEP_MOM) break;
@@ -162,7 +160,7 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
         score[a * B + b] = nsi(sa, s1, s2, (float)(rn * cn), beta);
       }
     }
-    free(ca);
+    free(buf);
   }
   return failed;                     /* 1: out of memory (nothing scored) */
 }
@@ -175,7 +173,7 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
     for (int64_t j0 = b * block; j0 < (b + 1) * block; j0 += LANES)                         \
       for (int64_t k = 0; k < LANES; ++k) {                                                 \
         const int64_t j = j0 + k; float y;                                                  \
-        STEP                                                                                \
+        STEP(g, u, v)                                                                       \
         h[k] = y > h[k] ? y : h[k]; l[k] = y < l[k] ? y : l[k]; bad[k] |= y != y;           \
       }                                                                                     \
     float hh = h[0], ll = l[0]; int nan = bad[0];                                           \
