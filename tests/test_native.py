@@ -218,3 +218,19 @@ def test_ranks_starting_together_build_once(tmp_path):
     assert {o[0].strip() for o in outs} == {"21"}           # ceil(0.01 * 18432 / 9) kernels
     built = sorted(x.name for x in (tmp_path / "c").iterdir() if x.suffix == ".so")
     assert len(built) == 1 and built[0].startswith("native-"), built
+
+
+def test_buffers_the_loops_cannot_read_take_the_eager_route():
+    """A residual loaded from a checkpoint as fp64 or non-contiguous is not handed to C."""
+    g = torch.Generator().manual_seed(16)
+    shape = (64, 32, 3, 3)
+    for bad in ("float64", "strided"):
+        a, b = RSDGC(MomentumCorrection(0.9), kernels="eager"), RSDGC(MomentumCorrection(0.9), kernels="native")
+        sa, sb = make_layer(a, shape, 0.01), make_layer(b, shape, 0.01)
+        for st in (sa, sb):
+            for key in st.memory:
+                t = torch.randn(st.memory[key].shape, generator=torch.Generator().manual_seed(1))
+                st.memory[key] = t.double() if bad == "float64" else t.t().contiguous().t()
+        assert not native.applies(b.memory, torch.ones(shape), sb.memory, sb.layout.numel)
+        grad = torch.randn(shape, generator=g)
+        assert torch.equal(a.encode(sa, grad, {}), b.encode(sb, grad, {})), bad

@@ -213,7 +213,7 @@ class SparseMethod(Method):
                     torch.zeros(0, layer.layout.unit_size, device=g.device))
         g = g.float() if g.dtype != torch.float32 else g
         lay = layer.layout
-        if self.kernels == "native" and _native_supports(self.memory, lay, g):
+        if self.kernels == "native" and _native_supports(self.memory, layer, g):
             acc, pre = self.native_pass(layer, g)
             rows = self.select(layer, acc, pre)
             return rows, lay.gather_units(acc, rows)
@@ -239,12 +239,14 @@ class SparseMethod(Method):
         return scatter_sum(layer.layout, values, rows, torch.float32)
 
 
-def _native_supports(memory, layout, g) -> bool:
+def _native_supports(memory, layer, g) -> bool:
     from . import native
-    if not native.applies(memory, g):
+    lay = layer.layout
+    rows, cols = lay.storage_shape
+    if not native.applies(memory, g, layer.memory, rows * cols):
         return False
     # without a residual a padded tile layout needs its zero-padded copy (eager ``storage``)
-    return memory.error_feedback or not getattr(layout, "padded", False)
+    return memory.error_feedback or not getattr(lay, "padded", False)
 
 
 def header_words(msgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -351,8 +351,18 @@ def _mem_kind(memory) -> tuple[int, float] | None:
     return None
 
 
-def applies(memory, g: torch.Tensor) -> bool:
-    return g.device.type == "cpu" and g.dtype == torch.float32 and _mem_kind(memory) is not None
+def applies(memory, g: torch.Tensor, st: dict | None = None, storage_numel: int = 0) -> bool:
+    """Whether the native loops can run: a CPU fp32 gradient, a memory they cover, and (``st``)
+    residual buffers that are contiguous CPU fp32 of the storage size (a state loaded from a
+    checkpoint could hold anything else: those take the eager route instead of being misread)."""
+    if g.device.type != "cpu" or g.dtype != torch.float32 or _mem_kind(memory) is None:
+        return False
+    for buf in (st or {}).values():
+        if not (isinstance(buf, torch.Tensor) and buf.device.type == "cpu"
+                and buf.dtype == torch.float32 and buf.is_contiguous()
+                and buf.numel() == storage_numel):
+            return False
+    return True
 
 
 def _buffers(memory, st: dict, g: torch.Tensor):
