@@ -234,3 +234,17 @@ def test_buffers_the_loops_cannot_read_take_the_eager_route():
         assert not native.applies(b.memory, torch.ones(shape), sb.memory, sb.layout.numel)
         grad = torch.randn(shape, generator=g)
         assert torch.equal(a.encode(sa, grad, {}), b.encode(sb, grad, {})), bad
+
+
+def test_a_method_with_only_select_gets_the_native_update():
+    """``Threshold`` defines only ``select``: with kernels="native" the base class's native pass
+    updates its residual, and it sends what the eager route sends."""
+    from hvd_rsgc.algorithms.threshold import Threshold
+    g = torch.Generator().manual_seed(17)
+    a = Threshold(ErrorFeedback(), threshold=2.5, kernels="eager")
+    b = Threshold(ErrorFeedback(), threshold=2.5, kernels="native")
+    sa, sb = make_layer(a, (300, 200), 1.0), make_layer(b, (300, 200), 1.0)
+    for _ in range(3):
+        grad = torch.randn(300, 200, generator=g)
+        assert torch.equal(a.encode(sa, grad, {}), b.encode(sb, grad, {}))
+        assert torch.equal(sa.memory["e"], sb.memory["e"])
