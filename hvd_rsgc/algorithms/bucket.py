@@ -30,6 +30,29 @@ class Group:
         self.units, self.numel = self.unit_off[-1], self.elem_off[-1]
         # element = row * S + cell holds for the whole group when no layout pads or tiles
         self.linear = all(st.layout.kind in ("element", "kernel") for st in layers)
+        sides = {st.layout.s for st in layers if st.layout.kind == "tile"}
+        self.s = sides.pop() if len(sides) == 1 else 0     # tile side (one per unit size S)
+        self._geo: dict = {}
+
+    def geometry(self, device) -> dict:
+        """Per tensor of the group, as tensors on ``device`` (cached): unit and element offsets,
+        whether it is tiled, and its tile geometry (side, tiles per row, H, W)."""
+        key = str(device)
+        geo = self._geo.get(key)
+        if geo is None:
+            def t(xs, dtype=torch.int64):
+                return torch.tensor(xs, dtype=dtype, device=device)
+            tiles = [st.layout.kind == "tile" for st in self.layers]
+            geo = self._geo[key] = {
+                "unit_end": t(self.unit_off[1:]), "unit_off": t(self.unit_off[:-1]),
+                "elem_off": t(self.elem_off[:-1]), "tiled": t(tiles, torch.bool),
+                "s": t([st.layout.s if k else 1 for st, k in zip(self.layers, tiles)]),
+                "tiles_w": t([st.layout.Wp // st.layout.s if k else 1
+                              for st, k in zip(self.layers, tiles)]),
+                "H": t([st.layout.H if k else 0 for st, k in zip(self.layers, tiles)]),
+                "W": t([st.layout.W if k else 1 for st, k in zip(self.layers, tiles)]),
+            }
+        return geo
 
 
 class BucketCodec:
@@ -82,7 +105,7 @@ class BucketCodec:
         out = {}
         for g, msg in zip(self.groups, gathered):
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
-            flat = torch.zeros(g.numel, dtype=torch.float32, device=msg.device)
+            flat = torch.zeros(g.numel + 1, dtype=torch.float32, device=msg.device)   # + spare slot
             if rows.numel():
                 if g.linear:
                     lay = torch.searchsorted(torch.tensor(g.unit_off[1:], device=rows.device), rows,
@@ -100,19 +123,32 @@ class BucketCodec:
 
     @staticmethod
     def _scatter_layered(g, flat, vals, rows):
-        """Tiled layouts: each tensor's units map to its elements through its layout; all the
-        indices are built first, then one scatter (message order kept: bit-identical sums)."""
-        lay = torch.searchsorted(torch.tensor(g.unit_off[1:], device=rows.device), rows, right=True)
-        idx = torch.empty(rows.numel(), g.S, dtype=torch.int64, device=rows.device)
-        valid = torch.ones(rows.numel(), g.S, dtype=torch.bool, device=rows.device)
-        for j in torch.unique(lay).tolist():          # per tensor present, not per unit
-            sel = (lay == j).nonzero().view(-1)
-            st = g.layers[j]
-            e, v = st.layout.element_index(rows[sel] - g.unit_off[j])
-            idx[sel] = e + g.elem_off[j]
-            if v is not None:
-                valid[sel] = v
-        flat.index_put_((idx[valid],), vals.float()[valid], accumulate=True)
+        """Groups with tiled layouts: every unit's element indices in the bucket's flat output
+        from its tensor's geometry, looked up per unit (no loop over tensors or units), then
+        one scatter (message order kept: bit-identical sums). ``flat`` has one spare slot at
+        the end that takes the padded cells."""
+        dev = rows.device
+        geo = g.geometry(dev)
+        lay = torch.searchsorted(geo["unit_end"], rows, right=True)
+        local = rows - geo["unit_off"][lay]
+        cells = torch.arange(g.S, device=dev)
+        # kernel / element layouts: a unit's cells are contiguous
+        idx = (local * g.S + geo["elem_off"][lay]).view(-1, 1) + cells
+        tiled = geo["tiled"][lay]
+        if bool(tiled.any()):
+            s, tw, W = geo["s"][lay], geo["tiles_w"][lay], geo["W"][lay]
+            tr = torch.div(local, tw, rounding_mode="floor")
+            tc = local - tr * tw
+            si = torch.div(cells, g.s, rounding_mode="floor") if g.s else cells
+            sj = cells - si * g.s if g.s else cells
+            r = (tr * s).view(-1, 1) + si
+            c = (tc * s).view(-1, 1) + sj
+            tidx = r * W.view(-1, 1) + c + geo["elem_off"][lay].view(-1, 1)
+            ok = (r < geo["H"][lay].view(-1, 1)) & (c < W.view(-1, 1))
+            # padded cells (zero in every message) go to one spare slot past the end instead
+            # of being masked out: no compaction of the index and value arrays
+            idx = torch.where(tiled.view(-1, 1), tidx.masked_fill_(~ok, g.numel), idx)
+        flat.index_put_((idx.reshape(-1),), vals.float().reshape(-1), accumulate=True)
 
 
 def make_buckets(entries, cap_bytes: int) -> list[list]:
