@@ -113,8 +113,10 @@ class CompressionConfig:
     communicator: str | None = opt(None, "rsdgc/dgc/topk: sparse collective (default allgather; "
                                    "reduce_scatter: flat in P, docs/COLLECTIVES.md)",
                                    choices=("allgather", "reduce_scatter", "auto"))
-    kernels: str | None = opt(None, "RS-DGC: eager or torch.compile'd NSI scoring",
-                              choices=("eager", "compiled"))
+    kernels: str | None = opt(None, "rsdgc/dgc/topk: auto (default: fused C loops on CPU where "
+                              "a compiler exists), native, eager; rsdgc also compiled "
+                              "(torch.compile'd NSI)",
+                              choices=("auto", "native", "eager", "compiled"))
     compression_options: dict = opt({}, "further keyword options for the compressor class, "
                                         "e.g. {rank: 4}", kind="dict")
 
