@@ -7,9 +7,9 @@ units in ONE pass over the ``(U, S)`` accumulated velocity (eager: |v|, a row su
 sum, a row sum, then the combination -- six passes; measured 11x faster on this 2-core CPU,
 ``python -m hvd_rsgc.bench compress``). Compiled once per process for all shapes
 (``dynamic=True``; the first call takes ~20 s on a CPU, later processes reuse Inductor's disk
-cache). Results equal the eager formula to float rounding (the row sums are reassociated), so
-every rank of a job must use the same ``kernels`` setting; within a job ranks stay
-bit-identical (same code, same inputs).
+cache). Results equal the eager formula to float rounding (the row sums are reassociated): a
+rank's setting changes only which units it sends; decoding does not depend on it, so ranks
+stay bit-identical whatever each uses. The native C loops (``native.py``) are the CPU default.
 """
 from __future__ import annotations
 
