@@ -7,7 +7,8 @@ accumulation, scores and exact top-k as the per-tensor path, so the same units a
 The bucket's message is the per-tensor wire format with *bucket-global* unit rows (tensor
 offset + unit row); tensors of different unit sizes (RS-DGC's 3x3 and 7x7 kernels) form
 separate groups, one message each. Decoding maps every received unit to its elements in the
-bucket's flat output in one pass (``Layout.element_index`` for tiled layouts) and sums with one
+bucket's flat output in one pass (for tiles, ``TileLayout.element_index``'s arithmetic
+vectorised over the bucket's tensors through a per-tensor geometry table) and sums with one
 ``index_put_(accumulate=True)``: contributions to an element add in message order (rank order),
 as in the per-tensor decode, so the sums are bit-identical.
 """
@@ -28,15 +29,13 @@ class Group:
             self.unit_off.append(self.unit_off[-1] + st.layout.num_units)
             self.elem_off.append(self.elem_off[-1] + st.layout.numel)
         self.units, self.numel = self.unit_off[-1], self.elem_off[-1]
-        # element = row * S + cell holds for the whole group when no layout pads or tiles
-        self.linear = all(st.layout.kind in ("element", "kernel") for st in layers)
-        sides = {st.layout.s for st in layers if st.layout.kind == "tile"}
-        self.s = sides.pop() if len(sides) == 1 else 0     # tile side (one per unit size S)
+        # tiles of one unit size S = s*s share their side s (0: no tile in the group)
+        self.s = next((st.layout.s for st in layers if st.layout.kind == "tile"), 0)
         self._geo: dict = {}
 
     def geometry(self, device) -> dict:
         """Per tensor of the group, as tensors on ``device`` (cached): unit and element offsets,
-        whether it is tiled, and its tile geometry (side, tiles per row, H, W)."""
+        whether it is tiled, and its tile geometry (tiles per row, H, W)."""
         key = str(device)
         geo = self._geo.get(key)
         if geo is None:
@@ -46,7 +45,6 @@ class Group:
             geo = self._geo[key] = {
                 "unit_end": t(self.unit_off[1:]), "unit_off": t(self.unit_off[:-1]),
                 "elem_off": t(self.elem_off[:-1]), "tiled": t(tiles, torch.bool),
-                "s": t([st.layout.s if k else 1 for st, k in zip(self.layers, tiles)]),
                 "tiles_w": t([st.layout.Wp // st.layout.s if k else 1
                               for st, k in zip(self.layers, tiles)]),
                 "H": t([st.layout.H if k else 0 for st, k in zip(self.layers, tiles)]),
@@ -107,26 +105,17 @@ class BucketCodec:
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
             flat = torch.zeros(g.numel + 1, dtype=torch.float32, device=msg.device)   # + spare slot
             if rows.numel():
-                if g.linear:
-                    lay = torch.searchsorted(torch.tensor(g.unit_off[1:], device=rows.device), rows,
-                                             right=True)
-                    uoff = torch.tensor(g.unit_off[:-1], device=rows.device)[lay]
-                    eoff = torch.tensor(g.elem_off[:-1], device=rows.device)[lay]
-                    cells = torch.arange(g.S, device=rows.device)
-                    idx = ((rows - uoff) * g.S + eoff).view(-1, 1) + cells
-                    flat.index_put_((idx.reshape(-1),), vals.float().reshape(-1), accumulate=True)
-                else:
-                    self._scatter_layered(g, flat, vals, rows)
+                self._scatter(g, flat, vals, rows)
             for st, lo, hi in zip(g.layers, g.elem_off[:-1], g.elem_off[1:]):
                 out[st.name] = flat[lo:hi].view(st.shape)
         return out
 
     @staticmethod
-    def _scatter_layered(g, flat, vals, rows):
-        """Groups with tiled layouts: every unit's element indices in the bucket's flat output
-        from its tensor's geometry, looked up per unit (no loop over tensors or units), then
-        one scatter (message order kept: bit-identical sums). ``flat`` has one spare slot at
-        the end that takes the padded cells."""
+    def _scatter(g, flat, vals, rows):
+        """Every unit's element indices in the bucket's flat output from its tensor's geometry,
+        looked up per unit (no loop over tensors or units), then one scatter (message order
+        kept: bit-identical sums). ``flat`` has one spare slot at the end that takes the padded
+        cells of tiles."""
         dev = rows.device
         geo = g.geometry(dev)
         lay = torch.searchsorted(geo["unit_end"], rows, right=True)
@@ -136,13 +125,12 @@ class BucketCodec:
         idx = (local * g.S + geo["elem_off"][lay]).view(-1, 1) + cells
         tiled = geo["tiled"][lay]
         if bool(tiled.any()):
-            s, tw, W = geo["s"][lay], geo["tiles_w"][lay], geo["W"][lay]
+            tw, W = geo["tiles_w"][lay], geo["W"][lay]
             tr = torch.div(local, tw, rounding_mode="floor")
             tc = local - tr * tw
-            si = torch.div(cells, g.s, rounding_mode="floor") if g.s else cells
-            sj = cells - si * g.s if g.s else cells
-            r = (tr * s).view(-1, 1) + si
-            c = (tc * s).view(-1, 1) + sj
+            si = torch.div(cells, g.s, rounding_mode="floor")
+            r = (tr * g.s).view(-1, 1) + si
+            c = (tc * g.s).view(-1, 1) + (cells - si * g.s)
             tidx = r * W.view(-1, 1) + c + geo["elem_off"][lay].view(-1, 1)
             ok = (r < geo["H"][lay].view(-1, 1)) & (c < W.view(-1, 1))
             # padded cells (zero in every message) go to one spare slot past the end instead
