@@ -236,6 +236,18 @@ def _per_tensor_vs_bucket(make_method, shapes, density, ranks=3, steps=2):
     return out
 
 
+def assert_buckets_equal_per_tensor(cases, shapes):
+    """For each (method factory, density): bit-identical sums and residuals, bucket vs per tensor."""
+    for make, density in cases:
+        per, fused = _per_tensor_vs_bucket(make, shapes, density)
+        for (d0, m0), (d1, m1) in zip(per, fused):
+            for a, b in zip(d0, d1):
+                assert a.shape == b.shape and torch.equal(a, b)
+            for ra, rb in zip(m0, m1):
+                for a, b in zip(ra, rb):
+                    assert torch.equal(a, b)
+
+
 def test_bucket_codec_equals_per_tensor_path():
     """One message per bucket (per unit size) selects and sums exactly what the per-tensor path
     does: same k per tensor, same units, bit-identical sums and residuals (3 simulated ranks)."""
@@ -247,14 +259,7 @@ def test_bucket_codec_equals_per_tensor_path():
     cases = [(lambda: TopK(ErrorFeedback()), 0.05),
              (lambda: RSDGC(MomentumCorrection(0.9)), 0.05),
              (lambda: DGC(MomentumCorrection(0.9), seed=3), 0.1)]
-    for make, density in cases:
-        per, fused = _per_tensor_vs_bucket(make, shapes, density)
-        for (d0, m0), (d1, m1) in zip(per, fused):
-            for a, b in zip(d0, d1):
-                assert a.shape == b.shape and torch.equal(a, b)
-            for ra, rb in zip(m0, m1):
-                for a, b in zip(ra, rb):
-                    assert torch.equal(a, b)
+    assert_buckets_equal_per_tensor(cases, shapes)
 
 
 def test_fused_bad_input():

@@ -131,19 +131,12 @@ def test_native_update_then_extremes_of_the_residual():
 
 
 def test_native_buckets_equal_native_per_tensor():
-    from test_kernels import _per_tensor_vs_bucket
+    from test_kernels import assert_buckets_equal_per_tensor
     shapes = [(16, 8, 3, 3), (40, 31), (8, 4, 5, 5), (12, 6, 1, 1), (300,), (64, 600)]
     cases = [(lambda: TopK(ErrorFeedback(), kernels="native"), 0.05),
              (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"), 0.05),
              (lambda: DGC(MomentumCorrection(0.9), seed=3, kernels="native"), 0.1)]
-    for make, density in cases:
-        per, fused = _per_tensor_vs_bucket(make, shapes, density)
-        for (d0, m0), (d1, m1) in zip(per, fused):
-            for a, b in zip(d0, d1):
-                assert a.shape == b.shape and torch.equal(a, b)
-            for ra, rb in zip(m0, m1):
-                for a, b in zip(ra, rb):
-                    assert torch.equal(a, b)
+    assert_buckets_equal_per_tensor(cases, shapes)
 
 
 def test_ranks_with_different_kernels_decode_the_same_sums():
