@@ -72,6 +72,8 @@ class RSDGCCompression(Compressor):
     kernel is always one unit); ``neighbourhood=False``, ``beta=1``, ``dynamic=False`` switch the
     three ingredients off (paper Table I); ``update_every``: steps between dynamic density
     recomputations; ``density_floor``: no layer gets less than ``density_floor * density``.
+    Warm-up: ``warmup_epochs`` (DGC's densities 0.25, 0.0625, ... one per epoch) or
+    ``warmup_ramp_steps`` (the same decay per step, for runs of a few epochs).
     ``kernels``: ``"auto"`` (default: ``"native"`` on CPU where a C compiler builds the kernels,
     else ``"eager"``), ``"native"`` (residual update + NSI in one C pass per tensor,
     ``algorithms/native.py``), ``"eager"`` (one PyTorch op per step) or ``"compiled"`` (NSI
@@ -86,7 +88,8 @@ class RSDGCCompression(Compressor):
                  clip_norm: float | None = None, selection: str = "topk",
                  sample_ratio: float = 0.01, warmup_epochs: int = 0,
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
-                 fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
+                 warmup_ramp_steps: int = 0, fp16_values: bool = False,
+                 index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
                  reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0, kernels: str = "auto"):
@@ -97,7 +100,8 @@ class RSDGCCompression(Compressor):
         super().__init__(model, method=method, density=density, dynamic=dynamic,
                          update_every=update_every, density_floor=density_floor,
                          warmup_epochs=warmup_epochs, warmup_densities=warmup_densities,
-                         steps_per_epoch=steps_per_epoch, momentum=momentum, nesterov=nesterov,
+                         steps_per_epoch=steps_per_epoch, warmup_ramp_steps=warmup_ramp_steps,
+                         momentum=momentum, nesterov=nesterov,
                          clip_norm=clip_norm, min_numel=min_numel, exclude=exclude,
                          average=average, process_set=process_set, nonfinite=nonfinite,
                          communicator=communicator, reselect=reselect,
@@ -107,7 +111,8 @@ class RSDGCCompression(Compressor):
 @register("dgc")
 class DGCCompression(Compressor):
     """Deep Gradient Compression: momentum correction + factor masking, optional local clipping,
-    warm-up densities (``warmup_epochs`` with ``steps_per_epoch`` or ``set_epoch``), sampled
+    warm-up densities (``warmup_epochs`` with ``steps_per_epoch`` or ``set_epoch``; or
+    ``warmup_ramp_steps``: the same decay as one per-step ramp, ``density.ramp_density``), sampled
     threshold with the reference's re-adjust loop. Use with :class:`hvd_rsgc.DGCSGD`."""
 
     def __init__(self, model, density: float = 0.001, *, momentum: float = 0.9,
@@ -115,7 +120,8 @@ class DGCCompression(Compressor):
                  error_feedback: bool = True, clip_norm: float | None = None,
                  sample_ratio: float = 0.01, warmup_epochs: int = 0,
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
-                 fp16_values: bool = False, index_dtype=torch.int32, min_numel: int = 1024,
+                 warmup_ramp_steps: int = 0, fp16_values: bool = False,
+                 index_dtype=torch.int32, min_numel: int = 1024,
                  exclude=(), seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise", communicator: str = "allgather",
                  reselect: float | None = 1.0, fused: bool = True, bucket_mb: float = 25.0,
@@ -125,6 +131,7 @@ class DGCCompression(Compressor):
                      value_dtype=_value_dtype(fp16_values), index_dtype=index_dtype)
         super().__init__(model, method=method, density=density, warmup_epochs=warmup_epochs,
                          warmup_densities=warmup_densities, steps_per_epoch=steps_per_epoch,
+                         warmup_ramp_steps=warmup_ramp_steps,
                          momentum=momentum, nesterov=nesterov, clip_norm=clip_norm,
                          min_numel=min_numel, exclude=exclude, average=average,
                          process_set=process_set, nonfinite=nonfinite,

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from .algorithms.base import LayerState
-from .algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
+from .algorithms.density import DGC_WARMUP, dynamic_densities, ramp_density, warmup_density
 from .algorithms.memory import DenseMomentum, all_finite, clip_local
 
 STATE_FORMAT = "hvd_rsgc.compression/2"
@@ -152,14 +152,19 @@ class ParamTable:
 
 # ----------------------------------------------------------------------------- density
 class DensitySchedule:
-    """Density per compressed tensor: warm-up (by epoch), then the target; with ``dynamic``,
+    """Density per compressed tensor: warm-up (by epoch, ``warmup_epochs``, or a per-step ramp,
+    ``warmup_ramp_steps``), then the target; with ``dynamic``,
     per-layer densities from the global |w| ranking, recomputed every ``update_every`` steps.
     ``k`` stays fixed between updates (Horovod's response cache compares shapes)."""
 
     def __init__(self, density: float, *, dynamic: bool = False, update_every: int = 100,
                  floor: float = 0.1, warmup_epochs: int = 0, warmup_densities=DGC_WARMUP,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, warmup_ramp_steps: int = 0):
         check_density("density", density)
+        check_int("warmup_ramp_steps", warmup_ramp_steps, 0)
+        if warmup_ramp_steps and warmup_epochs:
+            raise ValueError(f"warmup_ramp_steps={warmup_ramp_steps} and warmup_epochs="
+                             f"{warmup_epochs}: choose one warm-up (per-step ramp or per-epoch list)")
         check_int("update_every", update_every, 1)
         check_density("density_floor", floor, allow_zero=True)
         check_int("warmup_epochs", warmup_epochs, 0)
@@ -176,6 +181,7 @@ class DensitySchedule:
         self.floor = float(floor)
         self.warmup = tuple(warmup_densities)[:warmup_epochs]
         self.steps_per_epoch = steps_per_epoch
+        self.ramp_steps = warmup_ramp_steps
         self.epoch: int | None = None
         self.key: tuple | None = None
 
@@ -184,6 +190,8 @@ class DensitySchedule:
         self.epoch = epoch
 
     def base(self, step: int) -> float:
+        if self.ramp_steps:
+            return ramp_density(step, self.ramp_steps, self.density)
         if not self.warmup:
             return self.density
         epoch = self.epoch
@@ -275,7 +283,8 @@ class Engine:
     def __init__(self, model, method, *, density: float = 1.0, dynamic: bool = False,
                  update_every: int = 100, density_floor: float = 0.1, warmup_epochs: int = 0,
                  warmup_densities=DGC_WARMUP, steps_per_epoch: int | None = None,
-                 momentum: float = 0.0, nesterov: bool = False, clip_norm: float | None = None,
+                 warmup_ramp_steps: int = 0, momentum: float = 0.0, nesterov: bool = False,
+                 clip_norm: float | None = None,
                  min_numel: int = 1024, exclude: Iterable[str] = (), compress_all: bool = False,
                  dense_dtype: torch.dtype | None = None, nonfinite: str = "raise",
                  owner: str = "Compressor"):
@@ -292,7 +301,8 @@ class Engine:
         self.schedule = DensitySchedule(density, dynamic=dynamic, update_every=update_every,
                                         floor=density_floor, warmup_epochs=warmup_epochs,
                                         warmup_densities=warmup_densities,
-                                        steps_per_epoch=steps_per_epoch)
+                                        steps_per_epoch=steps_per_epoch,
+                                        warmup_ramp_steps=warmup_ramp_steps)
         self.momentum = float(momentum)
         self.nesterov = nesterov
         self.clip_norm = clip_norm

@@ -145,6 +145,8 @@ def test_load_state_dict_rejects_foreign_and_mismatched_state():
     (dict(warmup_epochs=2), "steps_per_epoch"), (dict(min_numel=-1), "min_numel"),
     (dict(momentum=1.0), "momentum"), (dict(selection="fast"), "selection"),
     (dict(density_floor=2.0), "density_floor"), (dict(clip_norm=0.0), "clip_norm"),
+    (dict(warmup_ramp_steps=-1), "warmup_ramp_steps"),
+    (dict(warmup_ramp_steps=4, warmup_epochs=2, steps_per_epoch=2), "warmup_ramp_steps"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, param):
     with pytest.raises(ValueError, match=param):
@@ -233,3 +235,27 @@ def test_stats_and_warmup_schedule():
     comp.set_epoch(0)
     with pytest.raises(ValueError, match="epoch"):
         comp.set_epoch(-1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: DGCCompression(m, density=0.01, min_numel=0, warmup_ramp_steps=8),
+    lambda m: RSDGCCompression(m, density=0.01, min_numel=0, warmup_ramp_steps=8, dynamic=False),
+])
+def test_warmup_ramp_through_the_optimizer(make):
+    """The per-step ramp: the density each step uses (what k is sized from) follows
+    0.25^(1 + 4*floor(16t/T)/16) over the first T steps, then the target; set_epoch does not
+    move it."""
+    model = Net()
+    comp = make(model)
+    opt = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    seen = []
+    for t, (x, y) in enumerate(batches(11)):
+        comp.set_epoch(t)                        # epochs must not matter for the ramp
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen.append(comp.stats()["layers"]["conv.weight"]["density"])
+    ref = [max(0.25 ** (1 + 4 * (16 * t // 8) / 16), 0.01) for t in range(8)] + [0.01] * 3
+    assert seen == ref
+    assert seen[:3] == [0.25, 0.25 ** 1.5, 0.0625]

@@ -6,7 +6,8 @@ import torch
 
 from hvd_rsgc.algorithms import qsgd
 from hvd_rsgc.algorithms.base import make_layer, pack_sparse, scatter_sum, unpack_sparse
-from hvd_rsgc.algorithms.density import DGC_WARMUP, dynamic_densities, warmup_density
+from hvd_rsgc.algorithms.density import (DGC_WARMUP, RAMP_LEVELS, dynamic_densities,
+                                         ramp_density, warmup_density)
 from hvd_rsgc.algorithms.dgc import DGC
 from hvd_rsgc.algorithms.layout import KernelLayout, TileLayout, make_layout
 from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
@@ -272,6 +273,20 @@ def test_warmup_schedule_values():
     assert [warmup_density(e, 0.001, DGC_WARMUP) for e in range(6)] == \
         [0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]
     assert warmup_density(0, 0.5, DGC_WARMUP) == 0.5        # never below the target
+
+
+def test_warmup_ramp_values():
+    T = 64
+    d = [ramp_density(t, T, 1e-4) for t in range(T + 2)]
+    # DGC's per-epoch list at t = 0, T/4, T/2, 3T/4; the target from T on
+    assert [d[0], d[16], d[32], d[48]] == list(DGC_WARMUP[:3]) + [0.25 ** 4]
+    assert d[T] == d[T + 1] == 1e-4
+    assert all(a >= b for a, b in zip(d, d[1:]))             # never rises
+    assert len(set(d[:T])) == RAMP_LEVELS                     # 16 levels, not one per step
+    assert d[T - 1] == pytest.approx(0.25 ** 4.75)
+    assert ramp_density(1, 10, 0.1) == 0.25 ** 1.25 and ramp_density(2, 10, 0.1) == 0.1  # floor
+    assert [ramp_density(t, 3, 0.01) for t in range(4)] == [0.25, 0.25 ** (1 + 4 * 5 / 16),
+                                                             0.01, 0.01]   # short ramp
 
 
 def test_dynamic_densities_hand_built():

@@ -218,6 +218,28 @@ def test_none_is_a_name_for_free_text_and_unset_elsewhere():
     assert cfg.optim.max_steps_per_epoch is None and cfg.data.data_root is None
 
 
+def test_warmup_ramp_option_reaches_the_compressor():
+    """--warmup_ramp_steps flows from the command line to rsdgc's and dgc's schedule (and is
+    not confused with LGC's own warmup_steps); with --compression_warmup_epochs it is an error
+    that names both."""
+    import hvd_rsgc
+    from hvd_rsgc.app.config import load_config, parse_overrides
+    from hvd_rsgc.app.strategies import compression_options
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    for name in ("rsdgc", "dgc"):
+        cfg = load_config(SYNTH, parse_overrides(["--compression", name, "--warmup_ramp_steps", "7"]))
+        comp = hvd_rsgc.make_compression(name, model, ignore_unknown=True, **compression_options(cfg))
+        assert comp.engine.schedule.ramp_steps == 7 and comp.engine.schedule.warmup == ()
+        cfg = load_config(SYNTH, parse_overrides(["--compression", name, "--warmup_ramp_steps", "7",
+                                                  "--compression_warmup_epochs", "2"]))
+        with pytest.raises(ValueError, match="warmup_ramp_steps=7 and warmup_epochs=2"):
+            hvd_rsgc.make_compression(name, model, ignore_unknown=True, **compression_options(cfg))
+    cfg = load_config(SYNTH, parse_overrides(["--compression", "lgc-rar", "--warmup_ramp_steps", "7",
+                                              "--lgc_warmup_steps", "3"]))
+    opts = compression_options(cfg)
+    assert opts["warmup_steps"] == 3 and opts["warmup_ramp_steps"] == 7
+
+
 def test_config_errors(tmp_path):
     from hvd_rsgc.app.config import load_config, parse_overrides
 

@@ -25,6 +25,22 @@ def warmup_density(epoch: int, target: float, schedule: Sequence[float]) -> floa
     return target
 
 
+# The ramp's levels: 4 per factor of 4 in density (16 over 0.25 ... 0.25^4.75).
+RAMP_LEVELS = 16
+
+
+def ramp_density(step: int, steps: int, target: float) -> float:
+    """DGC's warm-up made continuous over ``steps`` steps, as LGC's reference code warms up
+    CLT-k: ``0.25^(1 + 4t/T)`` at step ``t`` of ``T`` -- DGC's per-epoch list 0.25, 0.0625,
+    0.015625, 0.004, 0.001 at t = 0, T/4, T/2, 3T/4, T -- held in ``RAMP_LEVELS`` levels
+    (a density change re-plans every tensor and, with RS-DGC's dynamic ratio, re-ranks the
+    weights: 16 changes, not one per step). Never below ``target``; ``target`` from step T."""
+    if step >= steps:
+        return target
+    level = (RAMP_LEVELS * step) // steps
+    return max(0.25 ** (1 + 4 * level / RAMP_LEVELS), target)
+
+
 def dynamic_densities(weights: Sequence[torch.Tensor], density: float,
                       floor: float = 0.1) -> list[float]:
     """Eq. 4-5 with the starvation floor. ``weights``: the compressed tensors' weights."""

@@ -64,6 +64,9 @@ def parse_args(argv):
     ap.add_argument("--density", default="0.01", help="DGC / RS-DGC / Top-k density")
     ap.add_argument("--compression_warmup_epochs", default="2",
                     help="DGC's density warm-up (0.25, 0.0625, ... per epoch) for DGC / RS-DGC")
+    ap.add_argument("--warmup_ramp_steps", type=int, default=0,
+                    help="DGC / RS-DGC: warm up with the per-step ramp 0.25^(1+4t/T) over T steps "
+                         "instead of --compression_warmup_epochs")
     ap.add_argument("--sparsity_ratio", default="0.1", help="RD-PSGD's p")
     ap.add_argument("--bn_batches", default="4",
                     help="training batches per rank that re-estimate BatchNorm statistics before "
@@ -104,7 +107,9 @@ def train_overrides(args, method):
           "--lr_schedule", "cosine", "--augment", str(args.augment), "--density", str(args.density),
           "--sparsity_ratio", str(args.sparsity_ratio), "--progress", "false",
           "--keep_checkpoints", "1", "--workers", "0", "--bn_batches", str(args.bn_batches)]
-    if method in ("dgc", "rsdgc"):
+    if method in ("dgc", "rsdgc") and args.warmup_ramp_steps:
+        ov += ["--compression_warmup_epochs", "0", "--warmup_ramp_steps", str(args.warmup_ramp_steps)]
+    elif method in ("dgc", "rsdgc"):
         ov += ["--compression_warmup_epochs", str(args.compression_warmup_epochs)]
     if args.max_steps_per_epoch:
         ov += ["--max_steps_per_epoch", str(args.max_steps_per_epoch)]
@@ -332,7 +337,9 @@ def main(argv=None):
             f"{args.lr_warmup_epochs} epoch) cosine over {args.epochs} epochs (fp32, fp16) / "
             f"{args.epochs_sparse} epochs (DGC, RS-DGC, Top-k, RD-PSGD)"
             + (f" of {args.max_steps_per_epoch} steps" if args.max_steps_per_epoch else "")
-            + f"; density {args.density} with {args.compression_warmup_epochs} warm-up epochs (DGC, RS-DGC), "
+            + f"; density {args.density} with "
+            + (f"a {args.warmup_ramp_steps}-step warm-up ramp" if args.warmup_ramp_steps
+               else f"{args.compression_warmup_epochs} warm-up epochs") + " (DGC, RS-DGC), "
             f"RD-PSGD p={args.sparsity_ratio}; BatchNorm statistics re-estimated from "
             f"{args.bn_batches} batches per rank before each evaluation"
             + (f"; extra: {args.extra}" if args.extra else "") + f"; target: {args.target}"

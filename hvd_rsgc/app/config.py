@@ -97,6 +97,8 @@ class CompressionConfig:
                          choices=("topk", "sampled"))
     compression_warmup_epochs: int = opt(0, "DGC warm-up densities over the first epochs",
                                          minimum=0)
+    warmup_ramp_steps: int = opt(0, "DGC/RS-DGC: warm-up as a per-step ramp 0.25^(1+4t/T) over "
+                                 "T steps (instead of compression_warmup_epochs)", minimum=0)
     fp16_values: bool = opt(False, "send values as fp16")
     min_numel: int = opt(1024, "smaller tensors (and 1-D ones) are sent dense", minimum=0)
     exclude: list = opt([], "fnmatch patterns of parameter names kept dense", kind="strs")
