@@ -14,8 +14,10 @@
   eager and compiled NSI; the NSI of the tile view == the NSI of the unit matrix;
 * the round-robin bench reports per-round ratios and state words per parameter.
 """
+import pytest
 import torch
 
+from hvd_rsgc.algorithms import native
 from hvd_rsgc.algorithms.base import scatter_sum
 from hvd_rsgc.algorithms.kernels import compiled_nsi
 from hvd_rsgc.algorithms.base import make_layer, unpack_sparse
@@ -312,23 +314,32 @@ def test_fused_np1_through_the_stock_optimizer_equals_per_tensor():
     assert torch.equal(res[False][0], res[True][0]) and res[False][1] == res[True][1]
 
 
-def test_bucket_decode_equals_per_tensor_scatter_for_any_message():
-    """The bucket's one scatter == each tensor's own ``scatter_sum`` for arbitrary units and
-    values, padded tile cells holding non-zero junk included (both drop them), duplicates
-    included, at high density (the warm-up's 25%)."""
+@pytest.mark.parametrize("kernels,method,value_dtype", [
+    ("eager", "rsdgc", torch.float32), ("native", "rsdgc", torch.float32),
+    ("native", "rsdgc", torch.float16), ("native", "dgc", torch.float32)])
+def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method, value_dtype):
+    """The bucket's one scatter (index tensors, or the C loop with native kernels) == each
+    tensor's own ``scatter_sum`` for arbitrary units and values, padded tile cells holding
+    non-zero junk included (both drop them), duplicates and unsorted rows included, at high
+    density (the warm-up's 25%), fp32 (strided rows of the message) and fp16 values."""
     from hvd_rsgc.algorithms.base import make_layer, pack_sparse, scatter_sum
     from hvd_rsgc.algorithms.bucket import BucketCodec
+    from hvd_rsgc.algorithms.dgc import DGC
     from hvd_rsgc.algorithms.memory import MomentumCorrection
     from hvd_rsgc.algorithms.rsdgc import RSDGC
+    if kernels == "native" and not native.available():
+        pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(21)
-    m = RSDGC(MomentumCorrection(0.9))
+    cls = RSDGC if method == "rsdgc" else DGC
+    m = cls(MomentumCorrection(0.9), kernels=kernels, value_dtype=value_dtype)
     shapes = [(16, 8, 3, 3), (40, 31), (12, 6, 1, 1), (7, 5), (8, 4, 5, 5), (64, 20)]
     layers = [make_layer(m, s, 0.25, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
     codec = BucketCodec(m, layers)
+    assert codec.native == (kernels == "native")
     msgs = []
     for grp in codec.groups:
         rows = torch.randint(0, grp.units, (3 * grp.units // 4,), generator=g)      # duplicates
-        vals = torch.randn(rows.numel(), grp.S, generator=g)                        # junk in pads
+        vals = torch.randn(rows.numel(), grp.S, generator=g).to(value_dtype)        # junk in pads
         msgs.append(pack_sparse(vals, rows, torch.int32))
     got = codec.decode(msgs)
     for grp, msg in zip(codec.groups, msgs):

@@ -10,12 +10,14 @@ separate groups, one message each. Decoding maps every received unit to its elem
 bucket's flat output in one pass (for tiles, ``TileLayout.element_index``'s arithmetic
 vectorised over the bucket's tensors through a per-tensor geometry table) and sums with one
 ``index_put_(accumulate=True)``: contributions to an element add in message order (rank order),
-as in the per-tensor decode, so the sums are bit-identical.
+as in the per-tensor decode, so the sums are bit-identical. With native kernels the same
+scatter is one C loop over the units (``native.hr_scatter``), same order, same sums.
 """
 from __future__ import annotations
 
 import torch
 
+from . import native
 from .base import index_columns, pack_sparse, unpack_sparse
 
 
@@ -47,6 +49,8 @@ class Group:
                 "elem_off": t(self.elem_off[:-1]), "tiled": t(tiles, torch.bool),
                 "tiles_w": t([st.layout.Wp // st.layout.s if k else 1
                               for st, k in zip(self.layers, tiles)]),
+                "tiles_w0": t([st.layout.Wp // st.layout.s if k else 0      # native: 0 = untiled
+                               for st, k in zip(self.layers, tiles)]),
                 "H": t([st.layout.H if k else 0 for st, k in zip(self.layers, tiles)]),
                 "W": t([st.layout.W if k else 1 for st, k in zip(self.layers, tiles)]),
             }
@@ -64,6 +68,8 @@ class BucketCodec:
             by_s.setdefault(st.layout.unit_size, []).append(st)
         self.groups = [Group(ls, S) for S, ls in sorted(by_s.items())]
         self.numel = sum(st.layout.numel for st in self.layers)
+        # the decode in C where the method's kernels are native (the same sums, bit for bit)
+        self.native = getattr(method, "kernels", None) == "native"
         idx_bytes = torch.empty((), dtype=method.index_dtype).element_size()
         for g in self.groups:
             if g.units >= 2 ** (8 * idx_bytes - 1):
@@ -105,7 +111,11 @@ class BucketCodec:
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
             flat = torch.zeros(g.numel + 1, dtype=torch.float32, device=msg.device)   # + spare slot
             if rows.numel():
-                self._scatter(g, flat, vals, rows)
+                v = vals.float()
+                if self.native and flat.device.type == "cpu":
+                    native.scatter(flat, v, rows, g.S, g.s, g.geometry(flat.device))
+                else:
+                    self._scatter(g, flat, v, rows)
             for st, lo, hi in zip(g.layers, g.elem_off[:-1], g.elem_off[1:]):
                 out[st.name] = flat[lo:hi].view(st.shape)
         return out
@@ -136,7 +146,7 @@ class BucketCodec:
             # padded cells (zero in every message) go to one spare slot past the end instead
             # of being masked out: no compaction of the index and value arrays
             idx = torch.where(tiled.view(-1, 1), tidx.masked_fill_(~ok, g.numel), idx)
-        flat.index_put_((idx.reshape(-1),), vals.float().reshape(-1), accumulate=True)
+        flat.index_put_((idx.reshape(-1),), vals.reshape(-1), accumulate=True)
 
 
 def make_buckets(entries, cap_bytes: int) -> list[list]:

@@ -18,7 +18,10 @@ correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + 
   then each tile sums its columns; padded cells are never written and do not count;
 * ``hr_blocks``: one flat vector -> max and min of every block (NaN propagates, as ``amax``);
 * ``hr_atleast``: the threshold filter's compaction -- the indices at or above a threshold,
-  reading only the blocks whose extremes reach it (``select.AtLeast``).
+  reading only the blocks whose extremes reach it (``select.AtLeast``);
+* ``hr_scatter``: a bucket's decode (``bucket.BucketCodec``) -- every received unit added to
+  its cells in message order, the cells' positions computed per unit instead of as index
+  tensors (bit-identical to the ``index_put_`` route).
 
 Arithmetic: IEEE single precision, no FMA contraction (``-ffp-contract=off``), vectorised
 across units and never within one unit's sum, so the clone chosen at load for each x86-64
@@ -240,6 +243,42 @@ int64_t hr_atleast(const float *restrict x, int64_t n, const float *restrict hi,
   }
   return cnt;
 }
+
+/* a bucket group's decode: the n received units (rows: group-global unit indices, checked in
+   range by the caller; vals: row r's S values at vals + r * vstride) added into the flat
+   output, one unit after the other in message order, cells in order -- every element gets
+   its contributions in the order index_put_(accumulate=True) adds them: the same sums, bit
+   for bit. Layer l of the group (L): units [unit_end[l-1], unit_end[l]), elements from
+   elem_off[l]; tiled layers (tiles_w[l] > 0) place cell (i, j) of tile (tr, tc) at row
+   tr*s + i, column tc*s + j of their (H[l], W[l]) matrix, and drop the padded cells. */
+void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride,
+                const int64_t *restrict rows, int64_t n, int64_t S, int64_t s, int64_t L,
+                const int64_t *restrict unit_end, const int64_t *restrict elem_off,
+                const int64_t *restrict tiles_w, const int64_t *restrict H,
+                const int64_t *restrict W) {
+  int64_t l = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t row = rows[k];
+    if (row < (l ? unit_end[l - 1] : 0) || row >= unit_end[l]) {   /* binary search */
+      int64_t a = 0, b = L - 1;
+      while (a < b) { int64_t mid = (a + b) / 2; if (row < unit_end[mid]) b = mid; else a = mid + 1; }
+      l = a;
+    }
+    const int64_t loc = row - (l ? unit_end[l - 1] : 0);
+    const float *restrict x = vals + k * vstride;
+    float *restrict o = out + elem_off[l];
+    if (tiles_w[l] > 0) {
+      const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];
+      const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;
+      const int64_t cn = w - tc * s < s ? w - tc * s : s;
+      for (int64_t i = 0; i < rn; ++i)
+        for (int64_t j = 0; j < cn; ++j) o[(tr * s + i) * w + tc * s + j] += x[i * s + j];
+    } else {
+      o += loc * S;
+      for (int64_t j = 0; j < S; ++j) o[j] += x[j];
+    }
+  }
+}
 """
 
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
@@ -306,7 +345,8 @@ def library() -> ctypes.CDLL:
     lib.hr_tiles.argtypes = [p, p, p, i64, i64, i64, i64, i64, i32, f, p, f, i32]
     lib.hr_atleast.argtypes = [p, i64, p, p, i64, f, i32, p, i64]
     lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
-    for fn in (lib.hr_units, lib.hr_blocks):
+    lib.hr_scatter.argtypes = [p, p, i64, p, i64, i64, i64, i64, p, p, p, p, p]
+    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter):
         fn.restype = None
     lib.hr_tiles.restype = i32
     lib.hr_atleast.restype = i64
@@ -427,6 +467,21 @@ def extremes(x: torch.Tensor, block: int, magnitude: bool, hi: torch.Tensor,
     library().hr_blocks(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.numel(), 0, 0.0,
                         hi.data_ptr(), lo.data_ptr() if (magnitude and lo is not None) else None,
                         block, _threads())
+
+
+def scatter(flat: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor, S: int, s: int,
+            geometry: dict) -> None:
+    """Add the units ``rows`` (int64, group-global, in range) with values ``vals`` ((n, S)
+    fp32, rows may be strided) into the group's ``flat`` output in message order
+    (``bucket.BucketCodec``'s decode; the same sums as its ``index_put_``, bit for bit)."""
+    if vals.stride(1) != 1:
+        vals = vals.contiguous()
+    rows = rows.contiguous()
+    g = geometry
+    library().hr_scatter(flat.data_ptr(), vals.data_ptr(), vals.stride(0), rows.data_ptr(),
+                         rows.numel(), S, s, g["unit_end"].numel(), g["unit_end"].data_ptr(),
+                         g["elem_off"].data_ptr(), g["tiles_w0"].data_ptr(), g["H"].data_ptr(),
+                         g["W"].data_ptr())
 
 
 def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: int, t: float,
