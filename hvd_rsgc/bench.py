@@ -1,6 +1,7 @@
 """Benchmarks that print ratios measured side by side in one run (no assertions).
 
     python -m hvd_rsgc.bench compress [--density 0.001] [--repeats 5] [--device cpu|cuda]
+    python -m hvd_rsgc.bench decode [--densities 0.25,0.0625,0.01,0.001] [--ranks 4]
     python -m hvd_rsgc.bench rdpsgd
     python -m hvd_rsgc.bench step [--np 4] [--model resnet20]   (horovodrun on this machine)
     python -m hvd_rsgc.bench collective [--cluster] [--ranks 2,4,8]
@@ -228,6 +229,57 @@ def bench_compress(density=0.001, repeats=5, device="cpu", names=None):
     return rows
 
 
+def bench_decode(densities=(0.25, 0.0625, 0.01, 0.001), ranks=4, repeats=7,
+                 rows=("rsdgc", "dgc", "topk")):
+    """A bucket's decode of ``ranks`` ranks' messages (the ResNet-50 set, every rank's message
+    from a different gradient), the native C loop and the index-tensor route alternately on the
+    same messages (their sums compared bit for bit); the warm-up's densities are where
+    decoding costs most. Returns one row per method and density."""
+    from .algorithms.bucket import BucketCodec, make_buckets
+    torch.manual_seed(0)
+    grads = [torch.randn(s) * 0.01 for s in resnet50_shapes()]
+    big = [g for g in grads if g.dim() > 1]
+    print(f"bucket decode of {ranks} ranks' messages, ResNet-50 set ({sum(g.numel() for g in big):,} "
+          f"compressed elements), {repeats} rounds, C loop and index tensors alternately\n")
+    print(f"{'method':8s} {'density':>8s} {'C ms':>8s} {'index ms':>9s} {'C / index: median [min-max]':>29s}")
+    out_rows = []
+    for row in rows:
+        for d in densities:
+            comp, m, layers = build_method(row, big, d)
+            if m.kernels != "native":
+                print(f"{row:8s} native kernels unavailable (no C compiler)")
+                break
+            by_name = {lay.name: g for lay, g in zip(layers, big)}
+            entries = list(comp.engine.table.backward_order())
+            work = []
+            for b in make_buckets(entries, comp.bucket_bytes):
+                c = BucketCodec(m, [e.layer for e in b])
+                msgs = [c.encode({st.name: by_name[st.name] * (1 + r) for st in c.layers},
+                                 {st.name: {} for st in c.layers}) for r in range(ranks)]
+                work.append((c, [torch.cat([mm[j] for mm in msgs]) for j in range(len(c.groups))]))
+
+            def run(nat):
+                out = {}
+                for c, gathered in work:
+                    c.native = nat
+                    out.update(c.decode(gathered))
+                return out
+            a, b = run(True), run(False)
+            same = all(torch.equal(a[k], b[k]) for k in a)
+            t = {True: [], False: []}
+            for _ in range(repeats):
+                for nat in (True, False):
+                    t[nat].append(_once(lambda: run(nat), torch.device("cpu")))
+            r = [x / y for x, y in zip(t[True], t[False])]
+            print(f"{row:8s} {d:8g} {statistics.median(t[True]) * 1e3:8.1f} "
+                  f"{statistics.median(t[False]) * 1e3:9.1f} {_spread(r):>29s} "
+                  f"{'same sums' if same else 'SUMS DIFFER'}")
+            out_rows.append({"method": row, "density": d, "c_ms": statistics.median(t[True]) * 1e3,
+                             "index_ms": statistics.median(t[False]) * 1e3,
+                             "ratio": statistics.median(r), "same": same})
+    return out_rows
+
+
 def bench_rdpsgd(numel=25_557_032, ratios=(0.5, 0.1, 0.01), repeats=5, loop_sample=20_000):
     """RD-PSGD's programming optimisations, side by side (paper Table 2): index generation by
     geometric gaps vs N Bernoulli draws; extraction + expansion with index_select/index_copy_ vs
@@ -290,6 +342,11 @@ def main(argv=None):
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     c.add_argument("--methods", default=None, help="comma-separated subset")
+    dc = sub.add_parser("decode", help="bucket decode of several ranks' messages: C loop vs index tensors")
+    dc.add_argument("--densities", default="0.25,0.0625,0.01,0.001")
+    dc.add_argument("--ranks", type=int, default=4)
+    dc.add_argument("--repeats", type=int, default=7)
+    dc.add_argument("--methods", default="rsdgc,dgc,topk")
     r = sub.add_parser("rdpsgd", help="RD-PSGD index generation / extraction / bytes")
     r.add_argument("--repeats", type=int, default=5)
     sub.add_parser("tta", help="time to accuracy on the emulated cluster (python -m hvd_rsgc.bench tta --help)",
@@ -312,6 +369,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "rdpsgd":
         bench_rdpsgd(repeats=args.repeats)
+    if args.cmd == "decode":
+        bench_decode([float(x) for x in args.densities.split(",")], args.ranks, args.repeats,
+                     args.methods.split(","))
     if args.cmd == "compress":
         bench_compress(args.density, args.repeats, args.device,
                        args.methods.split(",") if args.methods else None)

@@ -9,8 +9,8 @@ offset + unit row); tensors of different unit sizes (RS-DGC's 3x3 and 7x7 kernel
 separate groups, one message each. Decoding maps every received unit to its elements in the
 bucket's flat output in one pass (for tiles, ``TileLayout.element_index``'s arithmetic
 vectorised over the bucket's tensors through a per-tensor geometry table) and sums with one
-``index_put_(accumulate=True)``: contributions to an element add in message order (rank order),
-as in the per-tensor decode, so the sums are bit-identical. With native kernels the same
+``base.add_in_order``: contributions to an element add in message order (rank order), as in
+the per-tensor decode, so the sums are bit-identical. With native kernels the same
 scatter is one C loop over the units (``native.hr_scatter``), same order, same sums.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .base import index_columns, pack_sparse, unpack_sparse
+from .base import add_in_order, index_columns, pack_sparse, unpack_sparse
 
 
 class Group:
@@ -146,7 +146,7 @@ class BucketCodec:
             # padded cells (zero in every message) go to one spare slot past the end instead
             # of being masked out: no compaction of the index and value arrays
             idx = torch.where(tiled.view(-1, 1), tidx.masked_fill_(~ok, g.numel), idx)
-        flat.index_put_((idx.reshape(-1),), vals.reshape(-1), accumulate=True)
+        add_in_order(flat, idx.reshape(-1), vals.reshape(-1))
 
 
 def make_buckets(entries, cap_bytes: int) -> list[list]:

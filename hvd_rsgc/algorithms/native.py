@@ -21,7 +21,7 @@ correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + 
   reading only the blocks whose extremes reach it (``select.AtLeast``);
 * ``hr_scatter``: a bucket's decode (``bucket.BucketCodec``) -- every received unit added to
   its cells in message order, the cells' positions computed per unit instead of as index
-  tensors (bit-identical to the ``index_put_`` route).
+  tensors (bit-identical to the index-tensor route, ``base.add_in_order``).
 
 Arithmetic: IEEE single precision, no FMA contraction (``-ffp-contract=off``), vectorised
 across units and never within one unit's sum, so the clone chosen at load for each x86-64
@@ -247,7 +247,7 @@ int64_t hr_atleast(const float *restrict x, int64_t n, const float *restrict hi,
 /* a bucket group's decode: the n received units (rows: group-global unit indices, checked in
    range by the caller; vals: row r's S values at vals + r * vstride) added into the flat
    output, one unit after the other in message order, cells in order -- every element gets
-   its contributions in the order index_put_(accumulate=True) adds them: the same sums, bit
+   its contributions in message order, as base.add_in_order adds them: the same sums, bit
    for bit. Layer l of the group (L): units [unit_end[l-1], unit_end[l]), elements from
    elem_off[l]; tiled layers (tiles_w[l] > 0) place cell (i, j) of tile (tr, tc) at row
    tr*s + i, column tc*s + j of their (H[l], W[l]) matrix, and drop the padded cells. */
@@ -473,7 +473,7 @@ def scatter(flat: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor, S: int, 
             geometry: dict) -> None:
     """Add the units ``rows`` (int64, group-global, in range) with values ``vals`` ((n, S)
     fp32, rows may be strided) into the group's ``flat`` output in message order
-    (``bucket.BucketCodec``'s decode; the same sums as its ``index_put_``, bit for bit)."""
+    (``bucket.BucketCodec``'s decode; the same sums as ``base.add_in_order``, bit for bit)."""
     if vals.stride(1) != 1:
         vals = vals.contiguous()
     rows = rows.contiguous()
