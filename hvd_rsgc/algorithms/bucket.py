@@ -37,7 +37,8 @@ class Group:
 
     def geometry(self, device) -> dict:
         """Per tensor of the group, as tensors on ``device`` (cached): unit and element offsets,
-        whether it is tiled, and its tile geometry (tiles per row, H, W)."""
+        whether it is tiled, and its tile geometry (tiles per row, H, W; H is 0 for a tensor
+        without tiles)."""
         key = str(device)
         geo = self._geo.get(key)
         if geo is None:
@@ -49,8 +50,6 @@ class Group:
                 "elem_off": t(self.elem_off[:-1]), "tiled": t(tiles, torch.bool),
                 "tiles_w": t([st.layout.Wp // st.layout.s if k else 1
                               for st, k in zip(self.layers, tiles)]),
-                "tiles_w0": t([st.layout.Wp // st.layout.s if k else 0      # native: 0 = untiled
-                               for st, k in zip(self.layers, tiles)]),
                 "H": t([st.layout.H if k else 0 for st, k in zip(self.layers, tiles)]),
                 "W": t([st.layout.W if k else 1 for st, k in zip(self.layers, tiles)]),
             }

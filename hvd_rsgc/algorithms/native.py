@@ -249,7 +249,7 @@ int64_t hr_atleast(const float *restrict x, int64_t n, const float *restrict hi,
    output, one unit after the other in message order, cells in order -- every element gets
    its contributions in message order, as base.add_in_order adds them: the same sums, bit
    for bit. Layer l of the group (L): units [unit_end[l-1], unit_end[l]), elements from
-   elem_off[l]; tiled layers (tiles_w[l] > 0) place cell (i, j) of tile (tr, tc) at row
+   elem_off[l]; tiled layers (H[l] > 0) place cell (i, j) of tile (tr, tc) at row
    tr*s + i, column tc*s + j of their (H[l], W[l]) matrix, and drop the padded cells. */
 void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride,
                 const int64_t *restrict rows, int64_t n, int64_t S, int64_t s, int64_t L,
@@ -267,7 +267,7 @@ void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride
     const int64_t loc = row - (l ? unit_end[l - 1] : 0);
     const float *restrict x = vals + k * vstride;
     float *restrict o = out + elem_off[l];
-    if (tiles_w[l] > 0) {
+    if (H[l] > 0) {
       const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];
       const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;
       const int64_t cn = w - tc * s < s ? w - tc * s : s;
@@ -480,7 +480,7 @@ def scatter(flat: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor, S: int, 
     g = geometry
     library().hr_scatter(flat.data_ptr(), vals.data_ptr(), vals.stride(0), rows.data_ptr(),
                          rows.numel(), S, s, g["unit_end"].numel(), g["unit_end"].data_ptr(),
-                         g["elem_off"].data_ptr(), g["tiles_w0"].data_ptr(), g["H"].data_ptr(),
+                         g["elem_off"].data_ptr(), g["tiles_w"].data_ptr(), g["H"].data_ptr(),
                          g["W"].data_ptr())
 
 

@@ -107,10 +107,10 @@ def train_overrides(args, method):
           "--lr_schedule", "cosine", "--augment", str(args.augment), "--density", str(args.density),
           "--sparsity_ratio", str(args.sparsity_ratio), "--progress", "false",
           "--keep_checkpoints", "1", "--workers", "0", "--bn_batches", str(args.bn_batches)]
-    if method in ("dgc", "rsdgc") and args.warmup_ramp_steps:
-        ov += ["--compression_warmup_epochs", "0", "--warmup_ramp_steps", str(args.warmup_ramp_steps)]
-    elif method in ("dgc", "rsdgc"):
-        ov += ["--compression_warmup_epochs", str(args.compression_warmup_epochs)]
+    if method in ("dgc", "rsdgc"):
+        ov += (["--compression_warmup_epochs", "0", "--warmup_ramp_steps", str(args.warmup_ramp_steps)]
+               if args.warmup_ramp_steps else
+               ["--compression_warmup_epochs", str(args.compression_warmup_epochs)])
     if args.max_steps_per_epoch:
         ov += ["--max_steps_per_epoch", str(args.max_steps_per_epoch)]
     ov += METHODS[method][1]
