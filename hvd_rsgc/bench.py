@@ -89,6 +89,7 @@ METHODS = {
     "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
     "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
     "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
+    "rsdgc-int8": ("rsdgc", {"dynamic": False, "int8_values": True}),
     "dgc": ("dgc", {}),
     "dgc-eager": ("dgc", {"kernels": "eager", "fused": False}),
     "dgc-fused-eager": ("dgc", {"kernels": "eager"}),

@@ -174,6 +174,77 @@ def test_error_feedback_conservation_with_fp16_values():
     assert torch.allclose(total_sent + st.memory["e"].view(-1), total_in, atol=1e-5)
 
 
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.int8])
+@pytest.mark.parametrize("method_name", ["topk", "rsdgc", "dgc"])
+def test_lossy_values_lose_nothing_under_every_memory(value_dtype, method_name):
+    """What receivers decode + what stays in the residual == every gradient that came in, for
+    fp16 and int8 values, under error feedback (Top-k) and momentum correction (RS-DGC, DGC;
+    momentum 0 so the residual's input is the gradient itself). Momentum correction used to
+    zero the sent rows and drop the rounding error."""
+    torch.manual_seed(5)
+    from hvd_rsgc.algorithms.dgc import DGC
+    memory = ErrorFeedback() if method_name == "topk" else MomentumCorrection(0.0)
+    cls = {"topk": TopK, "rsdgc": RSDGC, "dgc": DGC}[method_name]
+    method = cls(memory, value_dtype=value_dtype)
+    shape = (16, 8, 3, 3)
+    st = layer_for(method, shape, 0.1)
+    S = st.layout.unit_size
+    total_in, total_sent = torch.zeros(shape), torch.zeros(shape)
+    for _ in range(4):
+        g = torch.randn(shape) * torch.rand(16, 1, 1, 1)        # per-unit scales differ
+        total_in += g
+        msg = method.encode(st, g, {})
+        assert msg.dtype == value_dtype
+        vals, rows = unpack_sparse(msg, S, torch.int32, st.layout.num_units)
+        assert vals.dtype == (torch.float32 if value_dtype == torch.int8 else value_dtype)
+        total_sent += scatter_sum(st.layout, vals, rows, torch.float32)
+    residual = st.memory["e" if method_name == "topk" else "v"].view(shape)
+    assert torch.allclose(total_sent + residual, total_in, atol=1e-5)
+    assert total_sent.abs().sum() > 0
+
+
+def test_int8_values_wire_format_and_error_bound():
+    """int8: (k, S + 2 + 4) int8 per message -- S values, a bfloat16 scale, the int32 index;
+    decoded values are q * scale with |v - decoded| <= scale/2 (+ the scale's own rounding),
+    the largest |v| of a unit maps to +-127 or +-126, an all-zero unit decodes to zeros, and
+    decoding gives exactly what the sender kept as sent."""
+    from hvd_rsgc.algorithms.base import to_wire
+    torch.manual_seed(1)
+    vals = torch.randn(6, 9) * torch.tensor([1e-6, 1e-3, 1.0, 1e3, 0.0, 3e-30]).view(-1, 1)
+    wire, sent = to_wire(vals, torch.int8)
+    assert wire.dtype == torch.int8 and tuple(wire.shape) == (6, 11)
+    msg = pack_sparse(wire, torch.tensor([5, 0, 9, 2, 7, 1]), torch.int32)
+    assert tuple(msg.shape) == (6, 15) and msg.numel() * msg.element_size() == 6 * 15
+    got, rows = unpack_sparse(msg, 9, torch.int32, 10)
+    assert rows.tolist() == [5, 0, 9, 2, 7, 1]
+    assert torch.equal(got, sent)
+    amax = vals.abs().amax(1, keepdim=True)
+    err = (got - vals).abs()
+    assert bool((err <= amax / 127 * 0.51 + amax * 2 ** -8).all())
+    q = wire[:, :9].float()
+    assert bool((q.abs().amax(1)[[0, 1, 2, 3, 5]] >= 126).all())
+    assert torch.equal(got[4], torch.zeros(9))
+    # a 3x3 kernel costs 15 bytes instead of 40 (fp32) or 22 (fp16)
+    method = RSDGC(NoMemory(), value_dtype=torch.int8)
+    st = layer_for(method, (64, 64, 3, 3), 0.001)
+    assert method.encode(st, torch.randn(64, 64, 3, 3), {}).numel() == st.k * 15
+    with pytest.raises(ValueError, match="shape"):
+        unpack_sparse(msg[:, 2:], 9, torch.int32, 10)
+
+
+def test_int8_values_options_rejected_clearly():
+    model = torch.nn.Linear(64, 64)
+    from hvd_rsgc import RSDGCCompression, RandomKCompression
+    with pytest.raises(ValueError, match="fp16_values and int8_values"):
+        RSDGCCompression(model, fp16_values=True, int8_values=True)
+    with pytest.raises(ValueError, match="int8_values"):
+        RSDGCCompression(model, int8_values="yes")
+    with pytest.raises(TypeError):
+        RandomKCompression(model, int8_values=True)     # no index, no per-unit scale: not offered
+    with pytest.raises(ValueError, match="value_dtype"):
+        RandomK(NoMemory(), value_dtype=torch.int8)
+
+
 def test_rsdgc_conv_sends_whole_kernels_and_zeroes_them():
     torch.manual_seed(6)
     method = RSDGC(MomentumCorrection(0.9), beta=0.5)

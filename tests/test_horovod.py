@@ -25,8 +25,8 @@ def np4(tmp_path_factory):
                    "--kinds", "topk,dgc,rsdgc,randomk,qsgd", "--steps", "30")
 
 
-KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc_fp16",
-         "topk+fused", "dgc+fused", "rsdgc+fused"]
+KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc_fp16", "rsdgc_int8",
+         "topk+fused", "dgc+fused", "rsdgc+fused", "rsdgc_int8+fused"]
 
 
 def numel(shape):
@@ -49,11 +49,12 @@ def expected_bound(kind, name, shape, layer):
     if kind == "qsgd":
         return 4 * math.ceil(n / 512) + math.ceil(n * 2 / 8)
     # RS-DGC: per-layer density is dynamic; the bound uses the density the layer reported and
-    # whole units of S values + one int32 index (eq. 11), values fp32 or fp16
+    # whole units of S values + one int32 index (eq. 11), values fp32 or fp16; int8: S bytes +
+    # a 2-byte bfloat16 scale per unit
     S = layer["unit_size"]
     units = math.ceil(math.ceil(round(layer["density"] * n, 9)) / (n / _num_units(shape, S)))
-    vb = 2 if kind == "rsdgc_fp16" else 4
-    return max(1, units) * (S * vb + 4)
+    per_unit = {"rsdgc_fp16": 2 * S + 4, "rsdgc_int8": S + 2 + 4}.get(kind, 4 * S + 4)
+    return max(1, units) * per_unit
 
 
 def _num_units(shape, S):

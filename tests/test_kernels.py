@@ -377,13 +377,14 @@ def test_fused_np1_through_the_stock_optimizer_equals_per_tensor():
 
 @pytest.mark.parametrize("kernels,method,value_dtype", [
     ("eager", "rsdgc", torch.float32), ("native", "rsdgc", torch.float32),
-    ("native", "rsdgc", torch.float16), ("native", "dgc", torch.float32)])
+    ("native", "rsdgc", torch.float16), ("native", "dgc", torch.float32),
+    ("native", "rsdgc", torch.int8), ("eager", "dgc", torch.int8)])
 def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method, value_dtype):
     """The bucket's one scatter (index tensors, or the C loop with native kernels) == each
     tensor's own ``scatter_sum`` for arbitrary units and values, padded tile cells holding
     non-zero junk included (both drop them), duplicates and unsorted rows included, at high
-    density (the warm-up's 25%), fp32 (strided rows of the message) and fp16 values."""
-    from hvd_rsgc.algorithms.base import make_layer, pack_sparse, scatter_sum
+    density (the warm-up's 25%), fp32 (strided rows of the message), fp16 and int8 values."""
+    from hvd_rsgc.algorithms.base import make_layer, pack_sparse, scatter_sum, to_wire, unpack_sparse
     from hvd_rsgc.algorithms.bucket import BucketCodec
     from hvd_rsgc.algorithms.dgc import DGC
     from hvd_rsgc.algorithms.memory import MomentumCorrection
@@ -400,11 +401,11 @@ def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method
     msgs = []
     for grp in codec.groups:
         rows = torch.randint(0, grp.units, (3 * grp.units // 4,), generator=g)      # duplicates
-        vals = torch.randn(rows.numel(), grp.S, generator=g).to(value_dtype)        # junk in pads
-        msgs.append(pack_sparse(vals, rows, torch.int32))
+        vals = torch.randn(rows.numel(), grp.S, generator=g)                        # junk in pads
+        msgs.append(pack_sparse(to_wire(vals, value_dtype)[0], rows, torch.int32))
     got = codec.decode(msgs)
     for grp, msg in zip(codec.groups, msgs):
-        vals, rows = msg[:, : grp.S], msg[:, grp.S:].contiguous().view(torch.int32).view(-1).long()
+        vals, rows = unpack_sparse(msg, grp.S, torch.int32, grp.units)
         for st, lo, hi in zip(grp.layers, grp.unit_off[:-1], grp.unit_off[1:]):
             sel = ((rows >= lo) & (rows < hi)).nonzero().view(-1)
             want = scatter_sum(st.layout, vals[sel], rows[sel] - lo, torch.float32)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .base import add_in_order, index_columns, pack_sparse, unpack_sparse
+from .base import add_in_order, index_columns, pack_sparse, scale_columns, to_wire, unpack_sparse
 
 
 class Group:
@@ -88,16 +88,15 @@ class BucketCodec:
                     ctxs[st.name]["sent_units"] = 0
                     continue
                 r, v = m.pick(st, grad)
-                wire = v.to(m.value_dtype) if m.value_dtype != v.dtype else v
-                m.memory.mark_sent(st.memory, r, wire.float() if wire.dtype != torch.float32 else None,
-                                  st.layout)
+                wire, sent = to_wire(v, m.value_dtype)
+                m.memory.mark_sent(st.memory, r, sent, st.layout)
                 ctxs[st.name]["sent_units"] = int(r.numel())
                 vals.append(wire)
                 rows.append(r + off)
             if vals:
                 msgs.append(pack_sparse(torch.cat(vals), torch.cat(rows), m.index_dtype))
             else:
-                c = index_columns(m.value_dtype, m.index_dtype)
+                c = index_columns(m.value_dtype, m.index_dtype) + scale_columns(m.value_dtype)
                 dev = next(iter(grads.values())).device if grads else torch.device("cpu")
                 msgs.append(torch.zeros(0, g.S + c, dtype=m.value_dtype, device=dev))
         return msgs

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .base import pack_sparse, unpack_sparse, scatter_sum
+from .base import pack_sparse, scatter_sum, to_wire, unit_bytes, unpack_sparse
 
 COMMUNICATORS = ("allgather", "reduce_scatter", "auto")
 
@@ -72,9 +72,8 @@ class SparseCollective:
             return True
         if size < self.auto_min_ranks:
             return False
-        vb = torch.empty((), dtype=method.value_dtype).element_size()
-        ib = torch.empty((), dtype=method.index_dtype).element_size()
-        per_rank = sum(math.ceil(density * st.layout.num_units) * (st.layout.unit_size * vb + ib)
+        per_rank = sum(math.ceil(density * st.layout.num_units)
+                       * unit_bytes(st.layout.unit_size, method.value_dtype, method.index_dtype)
                        for st in layers)
         return per_rank * (size - 1) >= self.auto_min_bytes
 
@@ -135,15 +134,21 @@ class SparseCollective:
 
 class Marks:
     """A tensor's residual update after a reduce-scatter: its own units that reached the final
-    set are removed from the residual (``memory.mark_sent``)."""
+    set are removed from the residual (``memory.mark_sent``); with fp16 / int8 values, what
+    this rank as an owner rounded away when it re-encoded its kept sums goes back into its
+    residual (``memory.keep``), so the ranks' residuals together lose nothing."""
 
-    __slots__ = ("method", "layer", "rows", "sent")
+    __slots__ = ("method", "layer", "rows", "sent", "kept")
 
-    def __init__(self, method, layer, rows, sent):
+    def __init__(self, method, layer, rows, sent, kept=None):
         self.method, self.layer, self.rows, self.sent = method, layer, rows, sent
+        self.kept = kept
 
     def apply(self) -> None:
-        self.method.memory.mark_sent(self.layer.memory, self.rows, self.sent, self.layer.layout)
+        mem, st = self.method.memory, self.layer
+        mem.mark_sent(st.memory, self.rows, self.sent, st.layout)
+        if self.kept is not None and self.kept[0].numel():
+            mem.keep(st.memory, self.kept[0], self.kept[1], st.layout)
 
 
 class _Group:
@@ -168,7 +173,7 @@ class _Group:
         gvals = torch.cat(vals) if vals else torch.zeros(0, S, device=dev)
         order = torch.argsort(grows, stable=True)
         self.rows, self.vals = grows[order], gvals[order]
-        self.wire = self.vals.to(method.value_dtype)
+        self.wire, self.sent = to_wire(self.vals, method.value_dtype)
         self.nbins = coll.bins_per_rank * P
         self.stats: dict = {"sent_units": int(self.rows.numel())}
 
@@ -217,7 +222,10 @@ class _Group:
             pick = torch.topk(scores, keep, sorted=False).indices.sort().values
             uniq, sums = uniq[pick], sums[pick]
         self.stats["kept_units"] = int(uniq.numel())
-        self.kept = pack_sparse(sums.to(self.method.value_dtype), uniq, self.index_dtype)
+        wire, sent = to_wire(sums, self.method.value_dtype)
+        self.kept = pack_sparse(wire, uniq, self.index_dtype)
+        # what the re-encoding rounded away (lossy values): back into this owner's residual
+        self.rounded = None if sent is None else (uniq, sums - sent)
 
     def finish(self, gathered: torch.Tensor):
         fvals, frows = unpack_sparse(gathered, self.S, self.index_dtype, self.total)
@@ -231,7 +239,6 @@ class _Group:
         mine = torch.isin(self.rows, frows)
         own_cuts = torch.searchsorted(self.rows, torch.tensor(self.offsets, dtype=torch.int64,
                                                               device=self.rows.device)).tolist()
-        lossy = self.method.value_dtype != torch.float32
         out = []
         for j, (st, pos) in enumerate(zip(self.layers, self.positions)):
             lo, hi, off = cuts[j], cuts[j + 1], self.offsets[j]
@@ -239,6 +246,11 @@ class _Group:
             a, b = own_cuts[j], own_cuts[j + 1]
             m = mine[a:b]
             rows = self.rows[a:b][m] - off
-            sent = self.wire[a:b][m].float() if lossy else None
-            out.append((pos, dense, Marks(self.method, st, rows, sent)))
+            sent = None if self.sent is None else self.sent[a:b][m]
+            kept = None
+            if self.rounded is not None:
+                urows, err = self.rounded
+                sel = (urows >= off) & (urows < self.offsets[j + 1])
+                kept = (urows[sel] - off, err[sel])
+            out.append((pos, dense, Marks(self.method, st, rows, sent, kept)))
         return out

@@ -1,7 +1,8 @@
 """Residual memories (GRACE's "memory" role), pure tensor code.
 
 * :class:`MomentumCorrection` — DGC / RS-DGC eq. 12: ``u = m*u + g; v = v + u``, send rows of v,
-  zero the sent rows of v (residual) and, with momentum factor masking, of u.
+  zero the sent rows of v (residual; lossy codecs: ``v - sent``, the rounding error) and, with
+  momentum factor masking, of u.
   Nesterov form: ``u = m*(u + g); v = v + u + g``.
 * :class:`ErrorFeedback` — ``c = e + g``; after sending, ``e = c - sent`` (rows sent exactly are
   zeroed; lossy codecs hand back what was sent).
@@ -64,6 +65,10 @@ class NoMemory:
                   layout=None) -> None:
         pass
 
+    def keep(self, st: dict, rows: torch.Tensor, values: torch.Tensor, layout) -> None:
+        """Add ``values`` (k, S) to the residual at unit ``rows``: what a reduce-scatter owner
+        rounded away when it re-encoded a sum in fp16 / int8. Nothing kept without a residual."""
+
 
 def _region(buf: torch.Tensor, g: torch.Tensor, target) -> torch.Tensor:
     return target(buf) if target is not None else buf.view(g.shape)
@@ -96,6 +101,10 @@ class ErrorFeedback(NoMemory):
             layout.sub_units_(e, rows, sent)
         else:
             e.index_add_(0, rows, sent.reshape(-1, e.shape[1]), alpha=-1.0)
+
+
+    def keep(self, st, rows, values, layout):
+        layout.sub_units_(st["e"], rows, -values)
 
 
 def _fill(buf: torch.Tensor, rows: torch.Tensor, layout) -> None:
@@ -131,9 +140,21 @@ class MomentumCorrection(NoMemory):
         return st["v"]
 
     def mark_sent(self, st, rows, sent=None, layout=None):
-        _fill(st["v"], rows, layout)
+        """The sent rows of v become what was not sent of them: zero when sent exactly,
+        ``v - sent`` (the rounding error of fp16 / int8 values) when ``sent`` is given, so a
+        lossy codec loses nothing. Momentum factor masking zeroes the sent rows of u."""
+        v = st["v"]
+        if sent is None:
+            _fill(v, rows, layout)
+        elif layout is not None:
+            layout.sub_units_(v, rows, sent)
+        else:
+            v.index_add_(0, rows, sent.reshape(-1, v.shape[1]), alpha=-1.0)
         if self.masking:
             _fill(st["u"], rows, layout)
+
+    def keep(self, st, rows, values, layout):
+        layout.sub_units_(st["v"], rows, -values)
 
 
 class DenseMomentum:

@@ -78,6 +78,8 @@ def compressor(kind, model, density=DENSITY, **kw):
         return hvd_rsgc.RSDGCCompression(model, density=density, update_every=5, **common, **kw)
     if kind == "rsdgc_fp16":
         return hvd_rsgc.RSDGCCompression(model, density=DENSITY, fp16_values=True, **common, **kw)
+    if kind == "rsdgc_int8":
+        return hvd_rsgc.RSDGCCompression(model, density=DENSITY, int8_values=True, **common, **kw)
     raise ValueError(kind)
 
 
@@ -112,7 +114,7 @@ def train(kind, steps, counter, batch=32, options=None):
     torch.manual_seed(0)                                # same init on every rank
     model = Net()
     opts = {k: v for k, v in (options or {}).items() if k != "dump"}
-    if kind in ("topk", "dgc", "rsdgc", "rsdgc_fp16"):
+    if kind in ("topk", "dgc", "rsdgc", "rsdgc_fp16", "rsdgc_int8"):
         # plain sparse kinds: the per-tensor reference path, whose wire format (one allgather
         # per tensor) the per-tensor byte checks verify; "+fused" kinds: the bucketed default
         opts.setdefault("fused", False)
@@ -355,7 +357,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--scenarios", default="train,equiv,bpps,missing,nonfinite,momentum")
     ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc_fp16,"
-                                       "topk+fused,dgc+fused,rsdgc+fused")
+                                       "rsdgc_int8,topk+fused,dgc+fused,rsdgc+fused,"
+                                       "rsdgc_int8+fused")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--options", default="{}", help="JSON: extra compressor options (train)")
     args = ap.parse_args()
