@@ -11,7 +11,7 @@ from support import MP, read_ranks, torchrun
 
 WORKER = os.path.join(MP, "ddp_worker.py")
 pytestmark = pytest.mark.multiproc
-KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "lgc-rar",
+KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc-int8", "lgc-rar",
          "powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold"]
 
 
@@ -33,8 +33,11 @@ def test_ddp_hook_identical_loss_falls_bytes_counted(np2, kind):
         assert all(x["identical"]), x["identical"]
         assert x["after"] < x["before"], (x["before"], x["after"])
         assert x["wire"] == x["lib"], (x["wire"], x["lib"])           # meter == what torch.distributed got
-        if kind in ("topk", "randomk", "dgc", "rsdgc"):
+        if kind in ("topk", "randomk", "dgc", "rsdgc", "rsdgc-int8"):
             assert x["wire"][-1] < x["dense"] / 5, (x["wire"][-1], x["dense"])
+        if kind == "rsdgc-int8":          # S + 2 + 4 bytes per unit instead of 4S + 4
+            rs = np2[0]["train"]["rsdgc"]["wire"][-1]
+            assert x["wire"][-1] < 0.6 * rs, (x["wire"][-1], rs)
         if kind == "fp16":
             assert x["wire"][-1] < 0.6 * x["dense"]
         if kind in ("signsgd", "efsignsgd", "terngrad", "powersgd"):      # bit-packed / low rank

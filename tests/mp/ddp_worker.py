@@ -20,6 +20,7 @@ OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"densit
         "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4},
         "powersgd": {"rank": 2}, "signsgd": {}, "efsignsgd": {}, "terngrad": {}, "natural": {},
         "threshold": {"threshold": 0.005}}
+VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True})}   # kind -> (registry name, options)
 LR = {"signsgd": 0.002}           # signSGD's step is +-lr per element
 
 
@@ -88,7 +89,9 @@ def build(kind, bucket_mb=0.01, **extra):
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **extra)
-    comp = hvd_rsgc.make_compression(kind, model, min_numel=MIN_NUMEL, **{**OPTS[kind], **EXTRA},
+    name, more = VARIANTS.get(kind, (kind, {}))
+    comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL,
+                                     **{**OPTS.get(name, {}), **more, **EXTRA},
                                      ignore_unknown=True) \
         if kind != "plain" else None
     if comp is not None:
@@ -199,8 +202,8 @@ def double_momentum():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,lgc-rar,powersgd,signsgd,"
-                                       "efsignsgd,terngrad,natural,threshold")
+    ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc-int8,lgc-rar,powersgd,"
+                                       "signsgd,efsignsgd,terngrad,natural,threshold")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
     ap.add_argument("--options", default="{}", help="JSON: extra compressor options")
