@@ -348,3 +348,23 @@ def test_compare_aggregates_seeds_mean_and_std():
     assert rows[1]["final_top1_std"] == 0.0 and rows[1]["compression_ratio"] == pytest.approx(100.0)
     text = table(rows)
     assert "80.00 \u00b1 10.00" in text and "| rsdgc | 85.00 \u00b1 0.00" in text and "+5.00" in text
+
+
+def test_bench_tta_int8_method_trains_rsdgc_with_int8_values_and_its_warmup():
+    """``bench tta --methods rsdgc-int8``: the training app gets RS-DGC, int8 values, the same
+    warm-up and epoch budget as RS-DGC; the config it parses sends int8 through the compressor."""
+    from hvd_rsgc.app import bench_tta
+    from hvd_rsgc.app.config import load_config, parse_overrides
+    from hvd_rsgc.app.strategies import compression_options
+    args = bench_tta.parse_args(["--methods", "rsdgc,rsdgc-int8", "--links", "100mbit"])
+    a, b = bench_tta.train_overrides(args, "rsdgc"), bench_tta.train_overrides(args, "rsdgc-int8")
+    assert b[:len(a)] == a and b[len(a):] == ["--int8_values", "true"]
+    assert bench_tta.epochs_of(args, "rsdgc-int8") == bench_tta.epochs_of(args, "rsdgc")
+    cfg = load_config(None, parse_overrides(b))
+    assert compression_options(cfg)["int8_values"] is True
+    import hvd_rsgc
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 64, 3))
+    comp = hvd_rsgc.make_compression("rsdgc", model, ignore_unknown=True, **compression_options(cfg))
+    assert comp.method.value_dtype == torch.int8
+    with pytest.raises(SystemExit):
+        bench_tta.parse_args(["--methods", "rsdgc-int4"])
