@@ -117,6 +117,11 @@ def index_columns(value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
     return ib // vb
 
 
+def message_columns(unit_size: int, value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
+    """Columns of one unit's row in a sparse message: values, scale (int8), index."""
+    return unit_size + scale_columns(value_dtype) + index_columns(value_dtype, index_dtype)
+
+
 def pack_sparse(values: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dtype) -> torch.Tensor:
     """values (k, S) of the wire dtype (int8: ``to_wire``'s (k, S + 2)), rows (k,) -> message
     (k, S [+ 2] + c)."""
@@ -128,10 +133,11 @@ def pack_sparse(values: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dty
 def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, num_units: int):
     """message (K, S [+ 2] + c) -> (values (K, S), rows int64 (K,)); rejects malformed
     messages. int8 messages come back decoded (fp32); fp16 / fp32 as they are."""
+    width = message_columns(unit_size, msg.dtype, index_dtype)
     c = index_columns(msg.dtype, index_dtype)
-    w = unit_size + scale_columns(msg.dtype)
-    if msg.dim() != 2 or msg.shape[1] != w + c:
-        raise ValueError(f"sparse message has shape {tuple(msg.shape)}, expected (K, {w + c})")
+    if msg.dim() != 2 or msg.shape[1] != width:
+        raise ValueError(f"sparse message has shape {tuple(msg.shape)}, expected (K, {width})")
+    w = width - c
     values = from_wire(msg[:, :w], unit_size)
     # copy into fresh storage: a 1-row slice counts as "contiguous" but sits at an odd offset
     idx = torch.empty((msg.shape[0], c), dtype=msg.dtype, device=msg.device).copy_(msg[:, w:])
@@ -269,8 +275,8 @@ class SparseMethod(Method):
         return None
 
     def empty_message(self, layer, device):
-        c = index_columns(self.value_dtype, self.index_dtype) + scale_columns(self.value_dtype)
-        return torch.zeros(0, layer.layout.unit_size + c, dtype=self.value_dtype, device=device)
+        width = message_columns(layer.layout.unit_size, self.value_dtype, self.index_dtype)
+        return torch.zeros(0, width, dtype=self.value_dtype, device=device)
 
     def unit_scores(self, values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """Importance of summed units ``(m, S)`` when a reduce-scatter owner re-selects

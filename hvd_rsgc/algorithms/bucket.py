@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .base import add_in_order, index_columns, pack_sparse, scale_columns, to_wire, unpack_sparse
+from .base import add_in_order, message_columns, pack_sparse, to_wire, unpack_sparse
 
 
 class Group:
@@ -96,9 +96,9 @@ class BucketCodec:
             if vals:
                 msgs.append(pack_sparse(torch.cat(vals), torch.cat(rows), m.index_dtype))
             else:
-                c = index_columns(m.value_dtype, m.index_dtype) + scale_columns(m.value_dtype)
                 dev = next(iter(grads.values())).device if grads else torch.device("cpu")
-                msgs.append(torch.zeros(0, g.S + c, dtype=m.value_dtype, device=dev))
+                msgs.append(torch.zeros(0, message_columns(g.S, m.value_dtype, m.index_dtype),
+                                        dtype=m.value_dtype, device=dev))
         return msgs
 
     def decode(self, gathered: list[torch.Tensor]) -> dict:

@@ -95,13 +95,8 @@ class ErrorFeedback(NoMemory):
                 e.zero_()
             else:
                 e.sub_(sent.reshape(e.shape))
-        elif sent is None:
-            _fill(e, rows, layout)
-        elif layout is not None:
-            layout.sub_units_(e, rows, sent)
         else:
-            e.index_add_(0, rows, sent.reshape(-1, e.shape[1]), alpha=-1.0)
-
+            _take_sent(e, rows, sent, layout)
 
     def keep(self, st, rows, values, layout):
         layout.sub_units_(st["e"], rows, -values)
@@ -112,6 +107,17 @@ def _fill(buf: torch.Tensor, rows: torch.Tensor, layout) -> None:
         layout.fill_units_(buf, rows, 0.0)
     else:
         buf.index_fill_(0, rows, 0.0)
+
+
+def _take_sent(buf: torch.Tensor, rows: torch.Tensor, sent: torch.Tensor | None, layout) -> None:
+    """The residual's sent rows keep what was not sent of them: zero when ``sent`` is None
+    (sent exactly), ``buf - sent`` (a lossy codec's rounding error) otherwise."""
+    if sent is None:
+        _fill(buf, rows, layout)
+    elif layout is not None:
+        layout.sub_units_(buf, rows, sent)
+    else:
+        buf.index_add_(0, rows, sent.reshape(-1, buf.shape[1]), alpha=-1.0)
 
 
 class MomentumCorrection(NoMemory):
@@ -143,13 +149,7 @@ class MomentumCorrection(NoMemory):
         """The sent rows of v become what was not sent of them: zero when sent exactly,
         ``v - sent`` (the rounding error of fp16 / int8 values) when ``sent`` is given, so a
         lossy codec loses nothing. Momentum factor masking zeroes the sent rows of u."""
-        v = st["v"]
-        if sent is None:
-            _fill(v, rows, layout)
-        elif layout is not None:
-            layout.sub_units_(v, rows, sent)
-        else:
-            v.index_add_(0, rows, sent.reshape(-1, v.shape[1]), alpha=-1.0)
+        _take_sent(st["v"], rows, sent, layout)
         if self.masking:
             _fill(st["u"], rows, layout)
 

@@ -1,7 +1,7 @@
 """Time to accuracy under thin links, on the emulated cluster (scripts/cluster.sh).
 
     python -m hvd_rsgc.bench tta [--nodes 4] [--links 100mbit,1gbit]
-                                 [--methods none,fp16,dgc,rsdgc,rdpsgd] [--out runs/tta] ...
+                                 [--methods none,fp16,dgc,rsdgc,rsdgc-int8,rdpsgd] [--out runs/tta] ...
 
 Brings up N namespace nodes (or uses the cluster that is up, --reuse), and for each link rate
 reshapes every node's link, then trains every method on N nodes x 1 rank from node1:
