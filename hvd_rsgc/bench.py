@@ -2,6 +2,7 @@
 
     python -m hvd_rsgc.bench compress [--density 0.001] [--repeats 5] [--device cpu|cuda]
     python -m hvd_rsgc.bench decode [--densities 0.25,0.0625,0.01,0.001] [--ranks 4]
+    python -m hvd_rsgc.bench update [--repeats 15]     (native update + scoring per layout)
     python -m hvd_rsgc.bench rdpsgd
     python -m hvd_rsgc.bench step [--np 4] [--model resnet20]   (horovodrun on this machine)
     python -m hvd_rsgc.bench collective [--cluster] [--ranks 2,4,8]
@@ -281,6 +282,66 @@ def bench_decode(densities=(0.25, 0.0625, 0.01, 0.001), ranks=4, repeats=7,
     return out_rows
 
 
+def bench_update(repeats=15):
+    """The native residual update + what selection reads, alone (no selection, no message), per
+    group of ResNet-50's compressed tensors, round-robin with an ``abs()`` pass over the same
+    tensors into preallocated outputs: RS-DGC's kernel tensors (``hr_units``: update + NSI of
+    contiguous 3x3 units), its tile tensors (``hr_tiles``: 1x1 convolutions and the linear
+    layer, update + column sums + NSI of 3x3 tiles), and DGC's element tensors (``hr_blocks``:
+    update + max / min of every block of 64). Momentum correction (five streams: read g, u, v,
+    write u, v) against the abs pass's two or three: ~1.7x is the floor."""
+    from .algorithms import native
+    from .algorithms.select import BLOCK
+    if not native.available():
+        print("native kernels unavailable (no C compiler)")
+        return []
+    torch.manual_seed(0)
+    big = [torch.randn(s) * 0.01 for s in resnet50_shapes() if len(s) > 1]
+    _, rs, rs_layers = build_method("rsdgc", big, 0.001)
+    _, dgc, dgc_layers = build_method("dgc", big, 0.001)
+    groups = {"RS-DGC kernels (hr_units)": [], "RS-DGC tiles (hr_tiles)": [],
+              "DGC elements (hr_blocks)": []}
+    for st, g in zip(rs_layers, big):
+        key = "RS-DGC tiles (hr_tiles)" if st.layout.kind == "tile" else "RS-DGC kernels (hr_units)"
+        groups[key].append((st, g, torch.empty_like(g), torch.empty(st.layout.num_units)))
+    for st, g in zip(dgc_layers, big):
+        nb = st.layout.numel // BLOCK
+        groups["DGC elements (hr_blocks)"].append((st, g, torch.empty_like(g), (torch.empty(nb), torch.empty(nb))))
+
+    def run(name, items):
+        for st, g, _, out in items:
+            if name.startswith("DGC"):
+                native.accumulate_extremes(dgc.memory, st, g, BLOCK, *out)
+            else:
+                native.accumulate_scores(rs.memory, st, g, rs.beta, out)
+
+    def run_abs(items):
+        for _, g, o, _ in items:
+            torch.abs(g, out=o)
+
+    for name, items in groups.items():              # warm-up
+        run(name, items)
+        run_abs(items)
+    times = {k: ([], []) for k in groups}
+    for _ in range(repeats):
+        for name, items in groups.items():
+            times[name][0].append(_once(lambda: run_abs(items), torch.device("cpu")))
+            times[name][1].append(_once(lambda: run(name, items), torch.device("cpu")))
+    print(f"native update + scoring, ResNet-50's compressed tensors, momentum correction, "
+          f"{repeats} rounds, round-robin, torch threads {torch.get_num_threads()}\n")
+    print(f"{'group':28s} {'tensors':>7s} {'elements':>12s} {'abs ms':>7s} {'ms':>7s} "
+          f"{'x abs: median [min-max]':>25s}")
+    rows = []
+    for name, (a, b) in times.items():
+        n = sum(st.layout.numel for st, *_ in groups[name])
+        ratios = [y / x for x, y in zip(a, b)]
+        print(f"{name:28s} {len(groups[name]):7d} {n:12,d} {statistics.median(a) * 1e3:7.2f} "
+              f"{statistics.median(b) * 1e3:7.2f} {_spread(ratios):>25s}")
+        rows.append({"group": name, "elements": n, "abs_ms": statistics.median(a) * 1e3,
+                     "ms": statistics.median(b) * 1e3, "x_abs": statistics.median(ratios)})
+    return rows
+
+
 def bench_rdpsgd(numel=25_557_032, ratios=(0.5, 0.1, 0.01), repeats=5, loop_sample=20_000):
     """RD-PSGD's programming optimisations, side by side (paper Table 2): index generation by
     geometric gaps vs N Bernoulli draws; extraction + expansion with index_select/index_copy_ vs
@@ -348,6 +409,8 @@ def main(argv=None):
     dc.add_argument("--ranks", type=int, default=4)
     dc.add_argument("--repeats", type=int, default=7)
     dc.add_argument("--methods", default="rsdgc,dgc,topk")
+    up = sub.add_parser("update", help="native residual update + scoring per layout vs an abs pass")
+    up.add_argument("--repeats", type=int, default=15)
     r = sub.add_parser("rdpsgd", help="RD-PSGD index generation / extraction / bytes")
     r.add_argument("--repeats", type=int, default=5)
     sub.add_parser("tta", help="time to accuracy on the emulated cluster (python -m hvd_rsgc.bench tta --help)",
@@ -370,6 +433,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "rdpsgd":
         bench_rdpsgd(repeats=args.repeats)
+    if args.cmd == "update":
+        bench_update(args.repeats)
     if args.cmd == "decode":
         bench_decode([float(x) for x in args.densities.split(",")], args.ranks, args.repeats,
                      args.methods.split(","))

@@ -256,6 +256,22 @@ def test_decode_bench_rows(monkeypatch, capsys):
     assert "same sums" in capsys.readouterr().out
 
 
+def test_update_bench_rows(monkeypatch, capsys):
+    from hvd_rsgc import bench
+    if not native.available():
+        pytest.skip("no C compiler")
+    shapes = [(64, 32, 3, 3), (64,), (300, 200), (128, 64, 1, 1)]
+    monkeypatch.setattr(bench, "resnet50_shapes", lambda: shapes)
+    rows = {r["group"]: r for r in bench.bench_update(repeats=2)}
+    kernel, tile, elem = (rows[k] for k in ("RS-DGC kernels (hr_units)", "RS-DGC tiles (hr_tiles)",
+                                            "DGC elements (hr_blocks)"))
+    assert kernel["elements"] == 64 * 32 * 9                 # the 3x3 convolution
+    assert tile["elements"] == 300 * 200 + 128 * 64          # the linear layer and the 1x1 conv
+    assert elem["elements"] == kernel["elements"] + tile["elements"]
+    assert all(r["ms"] > 0 and r["abs_ms"] > 0 for r in rows.values())
+    assert "median [min-max]" in capsys.readouterr().out
+
+
 def test_state_words_per_parameter_resnet50_within_three():
     """The issue's memory bound on the real gradient set: residual + momentum + workspaces
     after one step, per compressed parameter, <= 3 fp32 words (dgc, rsdgc, topk)."""

