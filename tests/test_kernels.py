@@ -26,7 +26,7 @@ from hvd_rsgc.algorithms.memory import MomentumCorrection
 from hvd_rsgc.algorithms.rsdgc import RSDGC
 from hvd_rsgc.algorithms.nsi import nsi_scores
 from hvd_rsgc.algorithms.select import (BLOCK, AtLeast, SamplePlan, sampled_threshold_indices,
-                                        topk_indices)
+                                        topk_indices, topk_route)
 
 from support import results
 
@@ -58,6 +58,36 @@ def test_topk_prefilter_is_exact():
     x = torch.zeros(1 << 20)
     x[::64] = torch.rand((1 << 20) // 64, generator=g)          # only the sampled positions
     assert torch.equal(topk_indices(x, 6400), ref_topk(x, 6400))
+
+
+def test_topk_block_maximum_route_is_exact():
+    """k <= 1/8 of the blocks: the k-th largest block maximum is the threshold."""
+    g = torch.Generator().manual_seed(31)
+    assert topk_route(1 << 16, 64, "cpu") == "blocks" and topk_route(1 << 20, 5000, "cpu") == "sample"
+    assert topk_route(1 << 16, 64, "meta") is None and topk_route(1 << 16, 0, "cpu") is None
+    n = 1 << 18
+    # the largest values packed into two blocks: the threshold comes from the noise blocks
+    x = torch.rand(n, generator=g) * 1e-3
+    x[640:768] = torch.rand(128, generator=g) + 1
+    for k in (100, 200, 512):
+        assert torch.equal(topk_indices(x, k), ref_topk(x, k)), k
+    # signed values by magnitude, negatives largest; NaN in a block (its maximum is NaN: the
+    # full torch.topk runs, which ranks NaN first, as the reference)
+    y = torch.randn(n, generator=g)
+    y[::997] = -50 - torch.rand(y[::997].shape, generator=g)
+    for k in (10, 263):
+        assert torch.equal(topk_indices(y, k, magnitude=True), ref_topk(y.abs(), k)), k
+        for nat in (False, True):
+            if nat and not native.available():
+                continue
+            z = y.clone()
+            z[12345] = float("nan")
+            got = topk_indices(z, k, magnitude=True, native=nat)
+            assert torch.equal(got, ref_topk(z.abs(), k)) and 12345 in got.tolist(), (k, nat)
+    # ties at the threshold: all equal -> any k distinct entries of that value
+    w = torch.ones(n)
+    got = topk_indices(w, 300)
+    assert got.numel() == 300 == got.unique().numel()
 
 
 def test_block_filter_equals_eager_compare():

@@ -29,12 +29,27 @@ def blocked(n: int, expected: float | None, device) -> bool:
             and expected <= BLOCK_MAX_FRACTION and n // BLOCK >= 256)
 
 
+def topk_route(n: int, k: int, device) -> str | None:
+    """Which pre-filter exact top-k uses (:func:`topk_indices`): ``"blocks"`` (the k-th largest
+    block maximum as the threshold; k at most 1/8 of the blocks), ``"sample"`` (a strided
+    sample's threshold; k >= 64) or None (one ``torch.topk`` over everything). CPU only."""
+    k = min(k, n)
+    if k < 1 or torch.device(device).type != "cpu":
+        return None
+    if n // BLOCK >= 256 and 8 * k <= n // BLOCK:
+        return "blocks"
+    if k // FILTER_MIN_HITS >= 2 and n >= 1 << 16:
+        return "sample"
+    return None
+
+
 def topk_expected(n: int, k: int, device) -> float | None:
     """The passing fraction the exact top-k pre-filter expects (None: no pre-filter)."""
     k = min(k, n)
-    if k // FILTER_MIN_HITS >= 2 and n >= 1 << 16 and torch.device(device).type == "cpu":
-        return 2.0 * k / n
-    return None
+    route = topk_route(n, k, device)
+    if route is None:
+        return None
+    return k / n if route == "blocks" else 2.0 * k / n
 
 
 class AtLeast:
@@ -114,11 +129,17 @@ def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False,
     is ``|importance|`` (never materialised on the pre-filtered route).
 
     Large vectors with k << n take a pre-filter instead of one ``torch.topk`` over all n
-    (which costs many passes on a CPU): a strided sample of ``m = 32 n / k`` entries gives a
-    threshold expected to pass ~2k entries (the sample's ``2 m k / n + 8``-th largest); the
-    entries at or above it are found by :class:`AtLeast` (block extremes, then the few
-    blocks that reach it), and ``torch.topk`` runs on those only. If fewer than k pass (a
-    sample unlike the vector), the full ``torch.topk`` runs. Either way the result is the
+    (which costs many passes on a CPU). With k at most 1/8 of the blocks of ``BLOCK``
+    entries (``topk_route`` "blocks", e.g. density <= 1/512), the threshold is the k-th
+    largest *block maximum* (of ``|x|`` for magnitudes): k blocks hold an entry at or above
+    it, so at least k entries pass, and usually not many more; one ``torch.topk`` over n/64
+    block maxima instead of over n entries (RS-DGC's unit scores and Top-k on ResNet-50 at
+    density 0.001: 5.2 -> 3.3 ms per step for the scores, same indices). Otherwise, for k >=
+    64 ("sample"), a strided sample of ``m = 32 n / k`` entries gives a threshold expected to
+    pass ~2k entries (the sample's ``2 m k / n + 8``-th largest). The entries at or above the
+    threshold are found by :class:`AtLeast` (block extremes, then the few blocks that reach
+    it), and ``torch.topk`` runs on those only. If fewer than k pass (a sample unlike the
+    vector; NaN block maxima), the full ``torch.topk`` runs. Either way the result is the
     exact top-k set: every entry above the k-th largest passes any threshold that at least k
     entries pass. (Ties at the k-th value may resolve differently from a full ``torch.topk``,
     whose choice among ties is unspecified anyway.) CPU only: on a GPU ``torch.topk`` is a
@@ -127,14 +148,18 @@ def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False,
     ``importance`` when already computed (``native.py``); ``native``: the filter's passes in C."""
     n = importance.numel()
     k = min(k, n)
-    stride = k // FILTER_MIN_HITS
-    expected = topk_expected(n, k, importance.device)
-    if expected is not None:
-        filt = AtLeast(importance, magnitude, expected=expected, extremes=extremes, native=native)
-        sample = filt.sample(0, stride)
-        m = sample.numel()
-        ks = min(m, math.ceil(2 * m * k / n) + 8)
-        thr = torch.topk(sample, ks, sorted=False).values.min()
+    route = topk_route(n, k, importance.device)
+    if route is not None:
+        filt = AtLeast(importance, magnitude, expected=topk_expected(n, k, importance.device),
+                       extremes=extremes, native=native)
+        if route == "blocks":                   # filt.blocked: the block extremes exist
+            top = torch.maximum(filt.hi, filt.lo.neg()) if magnitude else filt.hi
+            thr = torch.topk(top, k, sorted=False).values.min()
+        else:
+            sample = filt.sample(0, k // FILTER_MIN_HITS)
+            m = sample.numel()
+            ks = min(m, math.ceil(2 * m * k / n) + 8)
+            thr = torch.topk(sample, ks, sorted=False).values.min()
         cand = filt(thr)
         if cand.numel() >= k:
             if cand.numel() == k:
