@@ -150,10 +150,12 @@ def topk_indices(importance: torch.Tensor, k: int, magnitude: bool = False,
     k = min(k, n)
     route = topk_route(n, k, importance.device)
     if route is not None:
-        filt = AtLeast(importance, magnitude, expected=topk_expected(n, k, importance.device),
-                       extremes=extremes, native=native)
+        expected = k / n if route == "blocks" else 2.0 * k / n      # = topk_expected()
+        filt = AtLeast(importance, magnitude, expected=expected, extremes=extremes, native=native)
         if route == "blocks":                   # filt.blocked: the block extremes exist
-            top = torch.maximum(filt.hi, filt.lo.neg()) if magnitude else filt.hi
+            hi, lo = filt.hi, filt.lo
+            assert hi is not None and (lo is not None or not magnitude)
+            top = torch.maximum(hi, lo.neg()) if lo is not None and magnitude else hi
             thr = torch.topk(top, k, sorted=False).values.min()
         else:
             sample = filt.sample(0, k // FILTER_MIN_HITS)
