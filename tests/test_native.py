@@ -241,3 +241,103 @@ def test_a_method_with_only_select_gets_the_native_update():
         grad = torch.randn(300, 200, generator=g)
         assert torch.equal(a.encode(sa, grad, {}), b.encode(sb, grad, {}))
         assert torch.equal(sa.memory["e"], sb.memory["e"])
+
+
+def _group_vs_layers(make, shapes, density, steps=3, grads_of=None, monkeypatch=None):
+    """The same method twice, bucket codecs; one takes the per-layer route (``encode_group``
+    switched off): messages, residuals and ctxs of every step."""
+    from hvd_rsgc.algorithms.bucket import BucketCodec
+    runs = []
+    for group_route in (True, False):
+        m = make()
+        if not group_route:
+            m.encode_group = lambda *a: None
+        layers = [make_layer(m, s, density, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
+        codec = BucketCodec(m, layers)
+        g = torch.Generator().manual_seed(5)
+        out = []
+        for step in range(steps):
+            grads = {st.name: torch.randn(st.shape, generator=g) for st in layers}
+            if grads_of is not None:
+                grads = grads_of(step, grads)
+            ctxs = {st.name: {} for st in layers}
+            msgs = codec.encode(grads, ctxs)
+            out.append(([x.clone() for x in msgs], ctxs,
+                        [b.clone() for st in layers for b in st.memory.values()]))
+        runs.append(out)
+    return runs
+
+
+def _assert_same(runs):
+    for (m0, c0, r0), (m1, c1, r1) in zip(*runs):
+        assert c0 == c1
+        assert len(m0) == len(m1)
+        for a, b in zip(m0, m1):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+        for a, b in zip(r0, r1):
+            assert torch.equal(a, b)
+
+
+# layers large enough for the block-maximum threshold (>= 256 blocks of 64 units, k <= 1/8 of
+# them) beside small ones, kernels, padded and unpadded tiles, 5x5 kernels, elements
+GROUP_SHAPES = [(256, 256, 3, 3), (512, 1024, 1, 1), (40, 31), (16, 8, 3, 3), (8, 4, 5, 5),
+                (1000, 10), (300_000,), (64, 600)]
+
+
+@pytest.mark.parametrize("memory", ["momentum", "nesterov", "ef", "nomask", "int64"])
+def test_group_encode_equals_per_layer_route(memory):
+    """RS-DGC's bucket group in three C calls (``native.encode_group``) == the per-layer route
+    with native kernels: the same message bytes, residuals, momentum and sent counts, over
+    steps (the residual grows), for every memory and both index widths."""
+    kw = {}
+    if memory == "nomask":
+        mem = lambda: MomentumCorrection(0.9, masking=False)       # noqa: E731
+    elif memory == "int64":
+        mem, kw = (lambda: MomentumCorrection(0.9)), {"index_dtype": torch.int64}
+    else:
+        mem = MEMORIES[memory]
+    runs = _group_vs_layers(lambda: RSDGC(mem(), kernels="native", **kw), GROUP_SHAPES, 0.001)
+    _assert_same(runs)
+    # the group route ran: one message per unit size, with the rows the per-layer one chose
+    assert sum(c["sent_units"] for c in runs[0][0][1].values()) > 0
+
+
+def test_group_encode_missing_layers_dynamic_k_and_nan():
+    """Non-finite layers (absent from ``grads``) send nothing and keep their residual; k
+    changing between steps (dynamic density); a residual holding an infinity gives NaN scores,
+    which take torch.topk's order as per layer. All == the per-layer route."""
+    def grads_of(step, grads):
+        if step == 1:
+            grads.pop("t0")
+            grads.pop("t4")
+        if step == 2:
+            grads["t2"][0, 0] = float("inf")     # finite check is the caller's: inf reaches NSI
+        return grads
+
+    def make():
+        m = RSDGC(MomentumCorrection(0.9), kernels="native")
+        return m
+
+    runs = _group_vs_layers(make, GROUP_SHAPES, 0.002, steps=4, grads_of=grads_of)
+    _assert_same(runs)
+    assert runs[0][1][1]["t0"]["sent_units"] == 0
+
+
+def test_group_topk_ties_take_the_lowest_rows():
+    """Exact top-k in C: the k largest scores, ties at the k-th value to the lowest rows, on
+    both routes (every score; block maxima), equal to a reference written here."""
+    lib = native.library()
+    g = torch.Generator().manual_seed(3)
+    for U, k in [(50, 7), (100_000, 40), (100_000, 3000), (70_000, 1)]:
+        x = torch.randint(0, 50, (U,), generator=g).float()      # many ties
+        ref = sorted(range(U), key=lambda i: (-x[i].item(), i))[:k]
+        geo = torch.tensor([0, U, 1, 0, 0, 0, 0, 1], dtype=torch.int64)
+        start = torch.tensor([0], dtype=torch.int64)
+        ks = torch.tensor([k], dtype=torch.int64)
+        off = torch.tensor([0, k], dtype=torch.int64)
+        rows = torch.empty(k, dtype=torch.int64)
+        status = torch.zeros(1, dtype=torch.int32)
+        lib.hr_group_topk(1, x.data_ptr(), start.data_ptr(), geo.data_ptr(), ks.data_ptr(),
+                          off.data_ptr(), rows.data_ptr(), status.data_ptr(), 1)
+        assert status.item() == 0
+        assert rows.tolist() == sorted(ref), (U, k)

@@ -270,6 +270,11 @@ class SparseMethod(Method):
             return acc, (hi, lo)
         return native.accumulate_extremes(self.memory, layer, g, BLOCK, None, None), None
 
+    def encode_group(self, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
+        """A bucket group's message in one go (``bucket.BucketCodec``), exactly what encoding
+        its layers one by one gives; None (the default): encode them one by one."""
+        return None
+
     def filter_expected(self, layer: LayerState) -> float | None:
         """The fraction of entries ``select``'s threshold filter expects to pass (None: none)."""
         return None

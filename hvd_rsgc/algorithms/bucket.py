@@ -3,7 +3,9 @@ decoded from the gathered messages with ONE scatter -- one collective per bucket
 per tensor (``fused=True`` on those compressors). Pure tensor code.
 
 Each tensor is still selected with its own k (``method.pick`` per tensor: the same
-accumulation, scores and exact top-k as the per-tensor path, so the same units are chosen).
+accumulation, scores and exact top-k as the per-tensor path, so the same units are chosen),
+or, where the method can, the whole group at once (``method.encode_group``: RS-DGC with native
+kernels, three C calls per group, the same message and residuals).
 The bucket's message is the per-tensor wire format with *bucket-global* unit rows (tensor
 offset + unit row); tensors of different unit sizes (RS-DGC's 3x3 and 7x7 kernels) form
 separate groups, one message each. Decoding maps every received unit to its elements in the
@@ -34,6 +36,7 @@ class Group:
         # tiles of one unit size S = s*s share their side s (0: no tile in the group)
         self.s = next((st.layout.s for st in layers if st.layout.kind == "tile"), 0)
         self._geo: dict = {}
+        self.native_tables: dict = {}       # native.encode_group's per-layer tables, cached
 
     def geometry(self, device) -> dict:
         """Per tensor of the group, as tensors on ``device`` (cached): unit and element offsets,
@@ -81,6 +84,10 @@ class BucketCodec:
         m = self.method
         msgs = []
         for g in self.groups:
+            msg = m.encode_group(g, grads, ctxs)        # the whole group at once, where it can
+            if msg is not None:
+                msgs.append(msg)
+                continue
             vals, rows = [], []
             for st, off in zip(g.layers, g.unit_off):
                 grad = grads.get(st.name)

@@ -21,7 +21,12 @@ correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + 
   reading only the blocks whose extremes reach it (``select.AtLeast``);
 * ``hr_scatter``: a bucket's decode (``bucket.BucketCodec``) -- every received unit added to
   its cells in message order, the cells' positions computed per unit instead of as index
-  tensors (bit-identical to the index-tensor route, ``base.add_in_order``).
+  tensors (bit-identical to the index-tensor route, ``base.add_in_order``);
+* ``hr_group_scores`` / ``hr_group_topk`` / ``hr_group_take``: RS-DGC's encode of a whole
+  bucket group (``encode_group``): every layer's update and NSI, every layer's exact top-k
+  (quickselect over the candidates that the k-th largest block maximum leaves), the chosen
+  units copied into the message and zeroed in the residual -- three calls per group instead
+  of a dozen PyTorch calls per layer.
 
 Arithmetic: IEEE single precision, no FMA contraction (``-ffp-contract=off``), vectorised
 across units and never within one unit's sum, so the clone chosen at load for each x86-64
@@ -53,6 +58,7 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 enum { MEM_NONE = 0, MEM_EF = 1, MEM_MOMENTUM = 2, MEM_NESTEROV = 3 };
 #define LANES 16
@@ -299,6 +305,164 @@ void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride
     }
   }
 }
+/* ---- a bucket group in three calls (bucket.BucketCodec through SparseMethod.encode_group) ----
+   Per layer l of the group, geo[8 l ..]: kind (1: tile), U (units), S, H, W, Hp, Wp, s. */
+enum { G_KIND, G_U, G_S, G_H, G_W, G_HP, G_WP, G_SIDE, G_N };
+
+/* every layer: the residual update and the NSI of its units into score + ustart[l]
+   (hr_units / hr_tiles, each parallel inside). Returns 1 when a tile layer is out of memory. */
+int hr_group_scores(int64_t L, const int64_t *gp, const int64_t *up, const int64_t *vp,
+                    const int64_t *geo, const int64_t *ustart, int mem, float m,
+                    float *score, float beta, int nt) {
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t *q = geo + G_N * l;
+    const float *g = (const float *)gp[l];
+    float *u = (float *)up[l], *v = (float *)vp[l];
+    if (q[G_KIND] == 1) {
+      if (hr_tiles(g, u, v, q[G_H], q[G_W], q[G_HP], q[G_WP], q[G_SIDE], mem, m,
+                   score + ustart[l], beta, nt))
+        return 1;
+    } else {
+      hr_units(g, u, v, q[G_U], q[G_S], mem, m, score + ustart[l], beta, nt);
+    }
+  }
+  return 0;
+}
+
+/* the k-th largest (k >= 1) of a[0..n) (no NaN), reordering a: quickselect, median of three,
+   three-way partition (ties make no quadratic case) */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1, want = k - 1;       /* position in descending order */
+  while (lo < hi) {
+    float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
+    float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+    int64_t lt = lo, i = lo, gt = hi;            /* [lo,lt) > p, [lt,i) == p, (gt,hi] < p */
+    while (i <= gt) {
+      float w = a[i];
+      if (w > p) { a[i] = a[lt]; a[lt] = w; ++lt; ++i; }
+      else if (w < p) { a[i] = a[gt]; a[gt] = w; --gt; }
+      else ++i;
+    }
+    if (want < lt) hi = lt - 1;
+    else if (want > gt) lo = gt + 1;
+    else return p;
+  }
+  return a[want];
+}
+
+#define TOPK_BLOCK 64
+
+/* exact top-k of every layer's scores (layer l: the U = geo[G_U] scores from
+   score + ustart[l], k[l] units), the rows of the chosen units (group-global, ascending) into rows + row_off[l].
+   The threshold is the k-th largest of the candidates: where k is at most 1/8 of the full
+   blocks of 64 scores (and there are >= 256), only the blocks whose maximum reaches the k-th
+   largest block maximum (k blocks hold an entry at or above it: at least k pass), else every
+   score. Ties at the threshold: the lowest rows. A layer holding a NaN score gets status 1
+   and nothing written (the caller selects it as select.topk_indices does). */
+void hr_group_topk(int64_t L, const float *score, const int64_t *ustart, const int64_t *geo,
+                   const int64_t *k, const int64_t *row_off, int64_t *rows, int32_t *status,
+                   int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    float *cv = NULL, *tmp = NULL; int64_t *ci = NULL, cap = 0;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t l = 0; l < L; ++l) {
+      const float *x = score + ustart[l];
+      const int64_t U = geo[G_N * l + G_U];
+      const int64_t kk = k[l] < U ? k[l] : U;
+      status[l] = 0;
+      if (kk <= 0) continue;
+      const int64_t nb = U / TOPK_BLOCK;
+      const int blocked = nb >= 256 && 8 * kk <= nb;
+      if (cap < (U > nb ? U : nb)) {
+        cap = U > nb ? U : nb;
+        free(cv); free(tmp); free(ci);
+        cv = (float *)malloc(cap * sizeof(float)); tmp = (float *)malloc(cap * sizeof(float));
+        ci = (int64_t *)malloc(cap * sizeof(int64_t));
+        if (!cv || !tmp || !ci) { status[l] = 2; cap = 0; continue; }
+      }
+      float t = -INFINITY;
+      int nan = 0;
+      if (blocked) {
+        for (int64_t b = 0; b < nb; ++b) {          /* block maxima (into cv, then tmp) */
+          const float *xb = x + b * TOPK_BLOCK;
+          float h = xb[0]; int bad = 0;
+          for (int64_t j = 0; j < TOPK_BLOCK; ++j) { h = xb[j] > h ? xb[j] : h; bad |= xb[j] != xb[j]; }
+          nan |= bad; cv[b] = h;
+        }
+        for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) nan |= x[j] != x[j];
+        if (!nan) {
+          for (int64_t b = 0; b < nb; ++b) tmp[b] = cv[b];
+          t = kth_largest(tmp, nb, kk);
+        }
+      } else {
+        for (int64_t j = 0; j < U; ++j) nan |= x[j] != x[j];
+      }
+      if (nan) { status[l] = 1; continue; }
+      int64_t cnt = 0;
+      if (blocked) {
+        for (int64_t b = 0; b < nb; ++b) {
+          if (cv[b] < t) continue;
+          for (int64_t j = b * TOPK_BLOCK; j < (b + 1) * TOPK_BLOCK; ++j) {
+            ci[cnt] = j; tmp[cnt] = x[j]; cnt += x[j] >= t;
+          }
+        }
+        for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) { ci[cnt] = j; tmp[cnt] = x[j]; cnt += x[j] >= t; }
+      } else {
+        for (int64_t j = 0; j < U; ++j) { ci[cnt] = j; tmp[cnt] = x[j]; ++cnt; }
+      }
+      for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];
+      const float kv = kth_largest(tmp, cnt, kk);
+      int64_t above = 0;
+      for (int64_t c = 0; c < cnt; ++c) above += cv[c] > kv;
+      int64_t ties = kk - above, w = 0;
+      int64_t *out = rows + row_off[l];
+      for (int64_t c = 0; c < cnt; ++c) {
+        const int take = cv[c] > kv || (cv[c] == kv && ties > 0);
+        if (cv[c] == kv && take) --ties;
+        if (take) out[w++] = ci[c] + ustart[l];
+      }
+    }
+    free(cv); free(tmp); free(ci);
+  }
+}
+
+/* the chosen units of every layer (rows + row_off[l], group-global) into the message: row r
+   of msg (cols floats) gets the unit's S values from v (cell order of layout.gather_units:
+   a tile's cells row by row) and the row index in the columns after them (int32, or int64
+   with index64); the unit's cells of v become zero (sent exactly), and of u too with
+   zero_u (momentum factor masking). */
+void hr_group_take(int64_t L, const int64_t *up, const int64_t *vp, const int64_t *geo,
+                   const int64_t *ustart, const int64_t *row_off, const int64_t *rows,
+                   float *msg, int64_t cols, int zero_u, int index64, int nt) {
+  #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t *q = geo + G_N * l;
+    float *u = (float *)up[l], *v = (float *)vp[l];
+    const int64_t S = q[G_S], s = q[G_SIDE], Wp = q[G_WP], tw = q[G_KIND] == 1 ? Wp / s : 1;
+    for (int64_t r = row_off[l]; r < row_off[l + 1]; ++r) {
+      const int64_t loc = rows[r] - ustart[l];
+      float *o = msg + r * cols;
+      if (q[G_KIND] == 1) {
+        const int64_t tr = loc / tw, tc = loc - tr * tw, base = tr * s * Wp + tc * s;
+        for (int64_t i = 0; i < s; ++i)
+          for (int64_t j = 0; j < s; ++j) {
+            const int64_t e = base + i * Wp + j;
+            o[i * s + j] = v[e]; v[e] = 0.f;
+            if (zero_u) u[e] = 0.f;
+          }
+      } else {
+        for (int64_t j = 0; j < S; ++j) {
+          const int64_t e = loc * S + j;
+          o[j] = v[e]; v[e] = 0.f;
+          if (zero_u) u[e] = 0.f;
+        }
+      }
+      if (index64) { int64_t w = rows[r]; memcpy(o + S, &w, sizeof w); }
+      else { int32_t w = (int32_t)rows[r]; memcpy(o + S, &w, sizeof w); }
+    }
+  }
+}
 """
 
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
@@ -366,7 +530,11 @@ def library() -> ctypes.CDLL:
     lib.hr_atleast.argtypes = [p, i64, p, p, i64, f, i32, p, i64]
     lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
     lib.hr_scatter.argtypes = [p, p, i64, p, i64, i64, i64, i64, p, p, p, p, p]
-    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter):
+    lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, i32]
+    lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32]
+    lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
+    lib.hr_group_scores.restype = i32
+    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take):
         fn.restype = None
     lib.hr_tiles.restype = i32
     lib.hr_atleast.restype = i64
@@ -518,3 +686,93 @@ def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: 
     out = torch.empty(need, dtype=torch.int64)     # only the first (passing) pages are touched
     cnt = lib.hr_atleast(*args, out.data_ptr(), need)
     return out[:cnt].clone()
+
+
+def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
+    """One bucket group's message (``bucket.BucketCodec``) for a method whose native pass
+    scores units by the NSI (RS-DGC) with exact top-k, fp32 values and a residual, in three C
+    calls for the whole group instead of a dozen PyTorch calls per layer: every layer's update
+    and scores (``hr_group_scores``), every layer's top-k (``hr_group_topk``), the chosen
+    units into the message and out of the residual (``hr_group_take``). The message and the
+    residual are what the per-layer route (``SparseMethod.pick``, ``to_wire``,
+    ``memory.mark_sent``, ``pack_sparse``) gives, bit for bit (tested), save that ties at a
+    layer's k-th score go to the lowest rows. Fills ``ctxs[name]["sent_units"]``. None where
+    a layer does not qualify: nothing has been touched, the caller takes the per-layer route."""
+    km = _mem_kind(method.memory)
+    if km is None or km[0] == 0 or method.index_dtype not in (torch.int32, torch.int64):
+        return None
+    kind, mom = km
+    present, gs = [], []
+    for st, uoff in zip(group.layers, group.unit_off):
+        g = grads.get(st.name)
+        if g is None:
+            continue
+        g = (g.float() if g.dtype != torch.float32 else g).contiguous()
+        rows_, cols_ = st.layout.storage_shape
+        if not applies(method.memory, g, st.memory, rows_ * cols_):
+            return None
+        present.append((st, uoff))
+        gs.append(g)
+    lib = library()
+    idx64 = method.index_dtype == torch.int64
+    width = group.S + (2 if idx64 else 1)
+    for st in group.layers:
+        ctxs[st.name]["sent_units"] = 0
+    if not present:
+        return torch.zeros(0, width, dtype=torch.float32)
+    L = len(present)
+    cache = group.native_tables
+    key = tuple(st.name for st, _ in present)
+    static = cache.get(key)
+    if static is None:
+        geo = []
+        for st, _ in present:
+            lay = st.layout
+            tile = lay.kind == "tile"
+            geo += [int(tile), lay.num_units, lay.unit_size, lay.H if tile else 0,
+                    lay.W if tile else 0, lay.Hp if tile else 0, lay.Wp if tile else 0,
+                    lay.s if tile else 1]
+        static = cache[key] = (torch.tensor(geo, dtype=torch.int64),
+                               torch.tensor([uoff for _, uoff in present], dtype=torch.int64))
+    geo_t, start_t = static
+    st_of = [st for st, _ in present]
+    if kind == 1:
+        ubufs = vbufs = [st.memory["e"] for st in st_of]
+    else:
+        ubufs = [st.memory["u"] for st in st_of]
+        vbufs = [st.memory["v"] for st in st_of]
+    ks = [max(0, min(int(st.k), st.layout.num_units)) for st in st_of]
+    row_off = [0]
+    for k_ in ks:
+        row_off.append(row_off[-1] + k_)
+    # one int64 table: pointers of g, u, v, then k and the row offsets (L + 1)
+    tab = torch.tensor([g.data_ptr() for g in gs] + [b.data_ptr() for b in ubufs]
+                       + [b.data_ptr() for b in vbufs] + ks + row_off, dtype=torch.int64)
+    base, w8 = tab.data_ptr(), 8
+    gp, up, vp, kp, rp = (base + w8 * L * i for i in range(5))
+    score = method.workspace.get("group_scores", group.units, torch.device("cpu"))
+    nt = _threads()
+    if lib.hr_group_scores(L, gp, up, vp, geo_t.data_ptr(), start_t.data_ptr(), kind, mom,
+                           score.data_ptr(), method.beta, nt):
+        raise MemoryError(f"native NSI of a bucket group of {L} layers: no memory for column sums")
+    K = row_off[-1]
+    rows = torch.empty(K, dtype=torch.int64)
+    status = torch.zeros(L, dtype=torch.int32)
+    lib.hr_group_topk(L, score.data_ptr(), start_t.data_ptr(), geo_t.data_ptr(), kp, rp,
+                      rows.data_ptr(), status.data_ptr(), nt)
+    if bool(status.any()):
+        from .select import topk_indices
+        for l_, code in enumerate(status.tolist()):
+            if code == 2:
+                raise MemoryError(f"native top-k of '{st_of[l_].name}': no memory for candidates")
+            if code == 1:                      # a NaN score: torch.topk's order, as per layer
+                uoff = present[l_][1]
+                sc = score[uoff:uoff + st_of[l_].layout.num_units]
+                rows[row_off[l_]:row_off[l_ + 1]] = topk_indices(sc, ks[l_]) + uoff
+    msg = torch.empty(K, width, dtype=torch.float32)
+    zero_u = int(kind >= 2 and getattr(method.memory, "masking", True))
+    lib.hr_group_take(L, up, vp, geo_t.data_ptr(), start_t.data_ptr(), rp, rows.data_ptr(),
+                      msg.data_ptr(), width, zero_u, int(idx64), nt)
+    for st, k_ in zip(st_of, ks):
+        ctxs[st.name]["sent_units"] = k_
+    return msg

@@ -69,6 +69,12 @@ class RSDGC(SparseMethod):
         out = self.workspace.get("scores", layer.layout.num_units, g.device)
         return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
 
+    def encode_group(self, group, grads, ctxs):
+        # native kernels, exact top-k, fp32 values: three C calls per bucket group
+        if self.kernels != "native" or self.selection != "topk" or self.value_dtype != torch.float32:
+            return None
+        return native.encode_group(self, group, grads, ctxs)
+
     def select(self, layer, acc, pre=None):
         s = self.scores(layer, acc) if pre is None else pre
         nat = self.kernels == "native"
