@@ -259,7 +259,7 @@ def _group_vs_layers(make, shapes, density, steps=3, grads_of=None, monkeypatch=
         for step in range(steps):
             grads = {st.name: torch.randn(st.shape, generator=g) for st in layers}
             if grads_of is not None:
-                grads = grads_of(step, grads)
+                grads = grads_of(step, grads, layers)
             ctxs = {st.name: {} for st in layers}
             msgs = codec.encode(grads, ctxs)
             out.append(([x.clone() for x in msgs], ctxs,
@@ -274,8 +274,8 @@ def _assert_same(runs):
         assert len(m0) == len(m1)
         for a, b in zip(m0, m1):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
-        for a, b in zip(r0, r1):
-            assert torch.equal(a, b)
+        for a, b in zip(r0, r1):                # bit for bit (NaN included)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 # layers large enough for the block-maximum threshold (>= 256 blocks of 64 units, k <= 1/8 of
@@ -284,11 +284,18 @@ GROUP_SHAPES = [(256, 256, 3, 3), (512, 1024, 1, 1), (40, 31), (16, 8, 3, 3), (8
                 (1000, 10), (300_000,), (64, 600)]
 
 
+GROUP_METHODS = {"rsdgc": lambda mem, **kw: RSDGC(mem, kernels="native", **kw),
+                 "rsdgc-beta1": lambda mem, **kw: RSDGC(mem, beta=1.0, kernels="native", **kw),
+                 "topk": lambda mem, **kw: TopK(mem, kernels="native", **kw)}
+
+
+@pytest.mark.parametrize("method", list(GROUP_METHODS))
 @pytest.mark.parametrize("memory", ["momentum", "nesterov", "ef", "nomask", "int64"])
-def test_group_encode_equals_per_layer_route(memory):
-    """RS-DGC's bucket group in three C calls (``native.encode_group``) == the per-layer route
-    with native kernels: the same message bytes, residuals, momentum and sent counts, over
-    steps (the residual grows), for every memory and both index widths."""
+def test_group_encode_equals_per_layer_route(method, memory):
+    """A bucket group in three C calls (``native.encode_group``: RS-DGC's NSI, Top-k's
+    magnitudes) == the per-layer route with native kernels: the same message bytes,
+    residuals, momentum and sent counts, over steps (the residual grows), for every memory
+    and both index widths."""
     kw = {}
     if memory == "nomask":
         mem = lambda: MomentumCorrection(0.9, masking=False)       # noqa: E731
@@ -296,7 +303,19 @@ def test_group_encode_equals_per_layer_route(memory):
         mem, kw = (lambda: MomentumCorrection(0.9)), {"index_dtype": torch.int64}
     else:
         mem = MEMORIES[memory]
-    runs = _group_vs_layers(lambda: RSDGC(mem(), kernels="native", **kw), GROUP_SHAPES, 0.001)
+    called = []
+    real = native.encode_group
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        called.append(out is not None)
+        return out
+    native.encode_group, saved = spy, native.encode_group
+    try:
+        runs = _group_vs_layers(lambda: GROUP_METHODS[method](mem(), **kw), GROUP_SHAPES, 0.001)
+    finally:
+        native.encode_group = saved
+    assert called and all(called)               # the group route ran, every time
     _assert_same(runs)
     # the group route ran: one message per unit size, with the rows the per-layer one chose
     assert sum(c["sent_units"] for c in runs[0][0][1].values()) > 0
@@ -306,38 +325,52 @@ def test_group_encode_missing_layers_dynamic_k_and_nan():
     """Non-finite layers (absent from ``grads``) send nothing and keep their residual; k
     changing between steps (dynamic density); a residual holding an infinity gives NaN scores,
     which take torch.topk's order as per layer. All == the per-layer route."""
-    def grads_of(step, grads):
+    def grads_of(step, grads, layers):
         if step == 1:
             grads.pop("t0")
             grads.pop("t4")
         if step == 2:
-            grads["t2"][0, 0] = float("inf")     # finite check is the caller's: inf reaches NSI
+            grads["t2"][0, 0] = float("inf")     # finite checks are the caller's: inf gives a
+            grads["t1"][3, 7] = float("nan")     # NaN NSI; NaN a NaN magnitude
+        if step == 3:                            # the block-maximum route meets a NaN
+            grads["t0"][1, 2, 0, 0] = float("nan")
+        for st in layers:                        # k moves (dynamic density)
+            st.k = max(1, st.k + (1 if step % 2 else -1) * (st.index + 1))
         return grads
 
-    def make():
-        m = RSDGC(MomentumCorrection(0.9), kernels="native")
-        return m
-
-    runs = _group_vs_layers(make, GROUP_SHAPES, 0.002, steps=4, grads_of=grads_of)
-    _assert_same(runs)
-    assert runs[0][1][1]["t0"]["sent_units"] == 0
+    for make in (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"),
+                 lambda: TopK(ErrorFeedback(), kernels="native")):
+        runs = _group_vs_layers(make, GROUP_SHAPES, 0.001, steps=5, grads_of=grads_of)
+        _assert_same(runs)
+        assert runs[0][1][1]["t0"]["sent_units"] == 0
 
 
 def test_group_topk_ties_take_the_lowest_rows():
-    """Exact top-k in C: the k largest scores, ties at the k-th value to the lowest rows, on
-    both routes (every score; block maxima), equal to a reference written here."""
+    """Exact top-k in C: the k largest scores (of |x| with magnitude), ties at the k-th value
+    to the lowest rows, on both routes (every score; block maxima, computed here or from
+    given block extremes), equal to a reference written here."""
     lib = native.library()
     g = torch.Generator().manual_seed(3)
-    for U, k in [(50, 7), (100_000, 40), (100_000, 3000), (70_000, 1)]:
-        x = torch.randint(0, 50, (U,), generator=g).float()      # many ties
-        ref = sorted(range(U), key=lambda i: (-x[i].item(), i))[:k]
-        geo = torch.tensor([0, U, 1, 0, 0, 0, 0, 1], dtype=torch.int64)
-        start = torch.tensor([0], dtype=torch.int64)
-        ks = torch.tensor([k], dtype=torch.int64)
-        off = torch.tensor([0, k], dtype=torch.int64)
-        rows = torch.empty(k, dtype=torch.int64)
-        status = torch.zeros(1, dtype=torch.int32)
-        lib.hr_group_topk(1, x.data_ptr(), start.data_ptr(), geo.data_ptr(), ks.data_ptr(),
-                          off.data_ptr(), rows.data_ptr(), status.data_ptr(), 1)
-        assert status.item() == 0
-        assert rows.tolist() == sorted(ref), (U, k)
+    for U, k in [(50, 7), (100_000, 40), (100_000, 3000), (70_000, 1), (70_001, 33)]:
+        for magnitude in (0, 1):
+            x = torch.randint(-50 * magnitude, 50, (U,), generator=g).float()   # many ties
+            imp = x.abs() if magnitude else x
+            ref = sorted(sorted(range(U), key=lambda i: (-imp[i].item(), i))[:k])
+            nb = U // BLOCK
+            w = x[: nb * BLOCK].view(nb, BLOCK)
+            for given in (False, True):
+                hi, lo = (w.amax(1).contiguous(), w.amin(1).contiguous()) if given else (None, None)
+                geo = torch.tensor([0, U, 1, 0, 0, 0, 0, 1], dtype=torch.int64)
+                xp = torch.tensor([x.data_ptr()], dtype=torch.int64)
+                start = torch.tensor([5], dtype=torch.int64)      # rows are start + position
+                ks = torch.tensor([k], dtype=torch.int64)
+                off = torch.tensor([0, k], dtype=torch.int64)
+                bstart = torch.tensor([0, nb], dtype=torch.int64)
+                rows = torch.empty(k, dtype=torch.int64)
+                status = torch.zeros(1, dtype=torch.int32)
+                lib.hr_group_topk(1, xp.data_ptr(), start.data_ptr(), geo.data_ptr(), ks.data_ptr(),
+                                  off.data_ptr(), rows.data_ptr(), status.data_ptr(), magnitude,
+                                  hi.data_ptr() if given else None, lo.data_ptr() if given else None,
+                                  bstart.data_ptr(), 1)
+                assert status.item() == 0
+                assert (rows - 5).tolist() == ref, (U, k, magnitude, given)

@@ -308,6 +308,7 @@ void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride
 /* ---- a bucket group in three calls (bucket.BucketCodec through SparseMethod.encode_group) ----
    Per layer l of the group, geo[8 l ..]: kind (1: tile), U (units), S, H, W, Hp, Wp, s. */
 enum { G_KIND, G_U, G_S, G_H, G_W, G_HP, G_WP, G_SIDE, G_N };
+#define TOPK_BLOCK 64                       /* = select.BLOCK */
 
 /* every layer: the residual update and the NSI of its units into score + ustart[l]
    (hr_units / hr_tiles, each parallel inside). Returns 1 when a tile layer is out of memory. */
@@ -329,45 +330,75 @@ int hr_group_scores(int64_t L, const int64_t *gp, const int64_t *up, const int64
   return 0;
 }
 
-/* the k-th largest (k >= 1) of a[0..n) (no NaN), reordering a: quickselect, median of three,
-   three-way partition (ties make no quadratic case) */
-static float kth_largest(float *a, int64_t n, int64_t k) {
-  int64_t lo = 0, hi = n - 1, want = k - 1;       /* position in descending order */
-  while (lo < hi) {
-    float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
-    float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
-    int64_t lt = lo, i = lo, gt = hi;            /* [lo,lt) > p, [lt,i) == p, (gt,hi] < p */
-    while (i <= gt) {
-      float w = a[i];
-      if (w > p) { a[i] = a[lt]; a[lt] = w; ++lt; ++i; }
-      else if (w < p) { a[i] = a[gt]; a[gt] = w; --gt; }
-      else ++i;
-    }
-    if (want < lt) hi = lt - 1;
-    else if (want > gt) lo = gt + 1;
-    else return p;
-  }
-  return a[want];
+/* every layer (element units, U = geo[G_U] entries): the residual update and the max / min
+   of each full block of TOPK_BLOCK entries into hi / lo + bstart[l] (hr_blocks) */
+void hr_group_blocks(int64_t L, const int64_t *gp, const int64_t *up, const int64_t *vp,
+                     const int64_t *geo, const int64_t *bstart, int mem, float m,
+                     float *hi, float *lo, int nt) {
+  for (int64_t l = 0; l < L; ++l)
+    hr_blocks((const float *)gp[l], (float *)up[l], (float *)vp[l], geo[G_N * l + G_U], mem, m,
+              hi + bstart[l], lo + bstart[l], TOPK_BLOCK, nt);
 }
 
-#define TOPK_BLOCK 64
+/* floats <-> unsigned keys in the same order (negatives flipped; NaN excluded by callers) */
+static inline uint32_t fkey(float f) {
+  uint32_t u; memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+static inline float funkey(uint32_t u) {
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float f; memcpy(&f, &u, sizeof f); return f;
+}
 
-/* exact top-k of every layer's scores (layer l: the U = geo[G_U] scores from
-   score + ustart[l], k[l] units), the rows of the chosen units (group-global, ascending) into rows + row_off[l].
-   The threshold is the k-th largest of the candidates: where k is at most 1/8 of the full
-   blocks of 64 scores (and there are >= 256), only the blocks whose maximum reaches the k-th
-   largest block maximum (k blocks hold an entry at or above it: at least k pass), else every
-   score. Ties at the threshold: the lowest rows. A layer holding a NaN score gets status 1
-   and nothing written (the caller selects it as select.topk_indices does). */
-void hr_group_topk(int64_t L, const float *score, const int64_t *ustart, const int64_t *geo,
+/* the k-th largest (1 <= k <= n) of a[0..n) (no NaN), overwriting a: radix select on the
+   order-preserving keys, 11 + 11 + 10 bits, each pass a histogram and a compaction of the
+   keys that share the digits found so far -- no data-dependent branches, unlike a
+   quickselect's partitions (which made the selection over Top-k's ~400k block maxima of a
+   ResNet-50 step cost 6 ms) */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+  uint32_t *key = (uint32_t *)a;
+  int64_t cnt[2048];
+  for (int64_t i = 0; i < n; ++i) key[i] = fkey(a[i]);
+  uint32_t prefix = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bits = pass < 2 ? 11 : 10, shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const uint32_t dm = (1u << bits) - 1;
+    for (int b = 0; b <= (int)dm; ++b) cnt[b] = 0;
+    for (int64_t i = 0; i < n; ++i) ++cnt[(key[i] >> shift) & dm];
+    int64_t acc = 0;
+    uint32_t bin = dm;
+    for (;; --bin) {                            /* from the top digit down to the k-th key */
+      if (acc + cnt[bin] >= k || bin == 0) break;
+      acc += cnt[bin];
+    }
+    k -= acc;
+    prefix |= bin << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) { const uint32_t y = key[i]; key[m] = y; m += ((y >> shift) & dm) == bin; }
+    n = m;
+  }
+  return funkey(prefix);
+}
+
+/* exact top-k of every layer's scores (layer l: the U = geo[G_U] floats at xp[l], of which
+   |x| with `magnitude`; k[l] of them), the rows of the chosen units (ustart[l] + position,
+   ascending) into rows + row_off[l]. The threshold is the k-th largest of the candidates:
+   where k is at most 1/8 of the full blocks of 64 scores (and there are >= 256), only the
+   blocks whose maximum reaches the k-th largest block maximum (k blocks hold an entry at or
+   above it: at least k pass), else every score. Block maxima come from bhi / blo (max / min of
+   each full block from bstart[l], hr_blocks) where given, else from a pass over the scores.
+   Ties at the threshold: the lowest rows. A layer holding a NaN gets status 1 and nothing
+   written (the caller selects it as select.topk_indices does); status 2: out of memory. */
+void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const int64_t *geo,
                    const int64_t *k, const int64_t *row_off, int64_t *rows, int32_t *status,
+                   int magnitude, const float *bhi, const float *blo, const int64_t *bstart,
                    int nt) {
   #pragma omp parallel num_threads(nt)
   {
     float *cv = NULL, *tmp = NULL; int64_t *ci = NULL, cap = 0;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < L; ++l) {
-      const float *x = score + ustart[l];
+      const float *x = (const float *)xp[l];
       const int64_t U = geo[G_N * l + G_U];
       const int64_t kk = k[l] < U ? k[l] : U;
       status[l] = 0;
@@ -383,13 +414,25 @@ void hr_group_topk(int64_t L, const float *score, const int64_t *ustart, const i
       }
       float t = -INFINITY;
       int nan = 0;
-      if (blocked) {
-        for (int64_t b = 0; b < nb; ++b) {          /* block maxima (into cv, then tmp) */
+      if (blocked && bhi) {                          /* block maxima (into cv, then tmp) */
+        const float *h0 = bhi + bstart[l], *l0 = blo ? blo + bstart[l] : NULL;
+        for (int64_t b = 0; b < nb; ++b) {
+          float h = h0[b];
+          if (magnitude && l0) { float nl = -l0[b]; h = nl > h ? nl : h; }
+          nan |= h != h; cv[b] = h;                  /* a block with a NaN has NaN extremes */
+        }
+      } else if (blocked) {
+        for (int64_t b = 0; b < nb; ++b) {
           const float *xb = x + b * TOPK_BLOCK;
-          float h = xb[0]; int bad = 0;
-          for (int64_t j = 0; j < TOPK_BLOCK; ++j) { h = xb[j] > h ? xb[j] : h; bad |= xb[j] != xb[j]; }
+          float h = -INFINITY; int bad = 0;
+          for (int64_t j = 0; j < TOPK_BLOCK; ++j) {
+            const float y = magnitude ? fabsf(xb[j]) : xb[j];
+            h = y > h ? y : h; bad |= y != y;
+          }
           nan |= bad; cv[b] = h;
         }
+      }
+      if (blocked) {
         for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) nan |= x[j] != x[j];
         if (!nan) {
           for (int64_t b = 0; b < nb; ++b) tmp[b] = cv[b];
@@ -404,12 +447,16 @@ void hr_group_topk(int64_t L, const float *score, const int64_t *ustart, const i
         for (int64_t b = 0; b < nb; ++b) {
           if (cv[b] < t) continue;
           for (int64_t j = b * TOPK_BLOCK; j < (b + 1) * TOPK_BLOCK; ++j) {
-            ci[cnt] = j; tmp[cnt] = x[j]; cnt += x[j] >= t;
+            const float y = magnitude ? fabsf(x[j]) : x[j];
+            ci[cnt] = j; tmp[cnt] = y; cnt += y >= t;
           }
         }
-        for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) { ci[cnt] = j; tmp[cnt] = x[j]; cnt += x[j] >= t; }
+        for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) {
+          const float y = magnitude ? fabsf(x[j]) : x[j];
+          ci[cnt] = j; tmp[cnt] = y; cnt += y >= t;
+        }
       } else {
-        for (int64_t j = 0; j < U; ++j) { ci[cnt] = j; tmp[cnt] = x[j]; ++cnt; }
+        for (int64_t j = 0; j < U; ++j) { ci[cnt] = j; tmp[cnt] = magnitude ? fabsf(x[j]) : x[j]; ++cnt; }
       }
       for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];
       const float kv = kth_largest(tmp, cnt, kk);
@@ -531,10 +578,12 @@ def library() -> ctypes.CDLL:
     lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
     lib.hr_scatter.argtypes = [p, p, i64, p, i64, i64, i64, i64, p, p, p, p, p]
     lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, i32]
-    lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32]
+    lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32, p, p, p, i32]
+    lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, i32]
     lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
     lib.hr_group_scores.restype = i32
-    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take):
+    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take,
+               lib.hr_group_blocks):
         fn.restype = None
     lib.hr_tiles.restype = i32
     lib.hr_atleast.restype = i64
@@ -688,16 +737,19 @@ def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: 
     return out[:cnt].clone()
 
 
-def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
-    """One bucket group's message (``bucket.BucketCodec``) for a method whose native pass
-    scores units by the NSI (RS-DGC) with exact top-k, fp32 values and a residual, in three C
-    calls for the whole group instead of a dozen PyTorch calls per layer: every layer's update
-    and scores (``hr_group_scores``), every layer's top-k (``hr_group_topk``), the chosen
-    units into the message and out of the residual (``hr_group_take``). The message and the
-    residual are what the per-layer route (``SparseMethod.pick``, ``to_wire``,
-    ``memory.mark_sent``, ``pack_sparse``) gives, bit for bit (tested), save that ties at a
-    layer's k-th score go to the lowest rows. Fills ``ctxs[name]["sent_units"]``. None where
-    a layer does not qualify: nothing has been touched, the caller takes the per-layer route."""
+def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
+                 beta: float = 0.5) -> torch.Tensor | None:
+    """One bucket group's message (``bucket.BucketCodec``) for a method with exact top-k, fp32
+    values and a residual, in three C calls for the whole group instead of a dozen PyTorch
+    calls per layer: every layer's update and what selection reads (``scoring="nsi"``: the NSI
+    of its units, ``hr_group_scores``, RS-DGC; ``"magnitude"``: the block extremes of the
+    residual, whose |entries| are the scores, ``hr_group_blocks``, Top-k), every layer's top-k
+    (``hr_group_topk``), the chosen units into the message and out of the residual
+    (``hr_group_take``). The message and the residual are what the per-layer route
+    (``SparseMethod.pick``, ``to_wire``, ``memory.mark_sent``, ``pack_sparse``) gives, bit for
+    bit (tested), save that ties at a layer's k-th score go to the lowest rows. Fills
+    ``ctxs[name]["sent_units"]``. None where a layer does not qualify: nothing has been
+    touched, the caller takes the per-layer route."""
     km = _mem_kind(method.memory)
     if km is None or km[0] == 0 or method.index_dtype not in (torch.int32, torch.int64):
         return None
@@ -707,6 +759,8 @@ def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
         g = grads.get(st.name)
         if g is None:
             continue
+        if scoring == "magnitude" and st.layout.unit_size != 1:
+            return None
         g = (g.float() if g.dtype != torch.float32 else g).contiguous()
         rows_, cols_ = st.layout.storage_shape
         if not applies(method.memory, g, st.memory, rows_ * cols_):
@@ -721,20 +775,22 @@ def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
     if not present:
         return torch.zeros(0, width, dtype=torch.float32)
     L = len(present)
-    cache = group.native_tables
     key = tuple(st.name for st, _ in present)
-    static = cache.get(key)
+    static = group.native_tables.get(key)
     if static is None:
-        geo = []
+        geo, bstart = [], [0]
         for st, _ in present:
             lay = st.layout
             tile = lay.kind == "tile"
             geo += [int(tile), lay.num_units, lay.unit_size, lay.H if tile else 0,
                     lay.W if tile else 0, lay.Hp if tile else 0, lay.Wp if tile else 0,
                     lay.s if tile else 1]
-        static = cache[key] = (torch.tensor(geo, dtype=torch.int64),
-                               torch.tensor([uoff for _, uoff in present], dtype=torch.int64))
-    geo_t, start_t = static
+            bstart.append(bstart[-1] + lay.num_units // 64)
+        static = group.native_tables[key] = (
+            torch.tensor(geo, dtype=torch.int64),
+            torch.tensor([uoff for _, uoff in present], dtype=torch.int64),
+            torch.tensor(bstart, dtype=torch.int64))
+    geo_t, start_t, bstart_t = static
     st_of = [st for st, _ in present]
     if kind == 1:
         ubufs = vbufs = [st.memory["e"] for st in st_of]
@@ -745,21 +801,35 @@ def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
     row_off = [0]
     for k_ in ks:
         row_off.append(row_off[-1] + k_)
-    # one int64 table: pointers of g, u, v, then k and the row offsets (L + 1)
-    tab = torch.tensor([g.data_ptr() for g in gs] + [b.data_ptr() for b in ubufs]
-                       + [b.data_ptr() for b in vbufs] + ks + row_off, dtype=torch.int64)
-    base, w8 = tab.data_ptr(), 8
-    gp, up, vp, kp, rp = (base + w8 * L * i for i in range(5))
-    score = method.workspace.get("group_scores", group.units, torch.device("cpu"))
+    cpu = torch.device("cpu")
     nt = _threads()
-    if lib.hr_group_scores(L, gp, up, vp, geo_t.data_ptr(), start_t.data_ptr(), kind, mom,
-                           score.data_ptr(), method.beta, nt):
-        raise MemoryError(f"native NSI of a bucket group of {L} layers: no memory for column sums")
+    if scoring == "nsi":
+        score = method.workspace.get("group_scores", group.units, cpu)
+        xs = [score.data_ptr() + 4 * uoff for _, uoff in present]
+    else:
+        xs = [b.data_ptr() for b in vbufs]
+    # one int64 table: pointers of g, u, v, x (what top-k reads), then k and the row offsets
+    tab = torch.tensor([g.data_ptr() for g in gs] + [b.data_ptr() for b in ubufs]
+                       + [b.data_ptr() for b in vbufs] + xs + ks + row_off, dtype=torch.int64)
+    gp, up, vp, xp, kp, rp = (tab.data_ptr() + 8 * L * i for i in range(6))
+    hi = lo = None
+    if scoring == "nsi":
+        if lib.hr_group_scores(L, gp, up, vp, geo_t.data_ptr(), start_t.data_ptr(), kind, mom,
+                               score.data_ptr(), beta, nt):
+            raise MemoryError(f"native NSI of a bucket group of {L} layers: no memory for column sums")
+    else:
+        nb = int(bstart_t[-1])
+        hi = method.workspace.get("group_hi", max(nb, 1), cpu)
+        lo = method.workspace.get("group_lo", max(nb, 1), cpu)
+        lib.hr_group_blocks(L, gp, up, vp, geo_t.data_ptr(), bstart_t.data_ptr(), kind, mom,
+                            hi.data_ptr(), lo.data_ptr(), nt)
     K = row_off[-1]
     rows = torch.empty(K, dtype=torch.int64)
     status = torch.zeros(L, dtype=torch.int32)
-    lib.hr_group_topk(L, score.data_ptr(), start_t.data_ptr(), geo_t.data_ptr(), kp, rp,
-                      rows.data_ptr(), status.data_ptr(), nt)
+    lib.hr_group_topk(L, xp, start_t.data_ptr(), geo_t.data_ptr(), kp, rp, rows.data_ptr(),
+                      status.data_ptr(), int(scoring == "magnitude"),
+                      hi.data_ptr() if hi is not None else None,
+                      lo.data_ptr() if lo is not None else None, bstart_t.data_ptr(), nt)
     if bool(status.any()):
         from .select import topk_indices
         for l_, code in enumerate(status.tolist()):
@@ -767,8 +837,10 @@ def encode_group(method, group, grads: dict, ctxs: dict) -> torch.Tensor | None:
                 raise MemoryError(f"native top-k of '{st_of[l_].name}': no memory for candidates")
             if code == 1:                      # a NaN score: torch.topk's order, as per layer
                 uoff = present[l_][1]
-                sc = score[uoff:uoff + st_of[l_].layout.num_units]
-                rows[row_off[l_]:row_off[l_ + 1]] = topk_indices(sc, ks[l_]) + uoff
+                n_ = st_of[l_].layout.num_units
+                sc = score[uoff:uoff + n_] if scoring == "nsi" else vbufs[l_].view(-1)[:n_]
+                rows[row_off[l_]:row_off[l_ + 1]] = \
+                    topk_indices(sc, ks[l_], magnitude=scoring == "magnitude") + uoff
     msg = torch.empty(K, width, dtype=torch.float32)
     zero_u = int(kind >= 2 and getattr(method.memory, "masking", True))
     lib.hr_group_take(L, up, vp, geo_t.data_ptr(), start_t.data_ptr(), rp, rows.data_ptr(),

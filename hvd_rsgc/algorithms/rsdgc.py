@@ -73,7 +73,7 @@ class RSDGC(SparseMethod):
         # native kernels, exact top-k, fp32 values: three C calls per bucket group
         if self.kernels != "native" or self.selection != "topk" or self.value_dtype != torch.float32:
             return None
-        return native.encode_group(self, group, grads, ctxs)
+        return native.encode_group(self, group, grads, ctxs, "nsi", self.beta)
 
     def select(self, layer, acc, pre=None):
         s = self.scores(layer, acc) if pre is None else pre

@@ -2,6 +2,9 @@
 ``torch.topk(|e + g|, k)``, k = ceil(rho*n); values + indices by allgather."""
 from __future__ import annotations
 
+import torch
+
+from . import native
 from .base import SparseMethod
 from .select import topk_expected, topk_indices
 
@@ -15,3 +18,9 @@ class TopK(SparseMethod):
     def select(self, layer, acc, pre=None):
         return topk_indices(acc.view(-1), layer.k, magnitude=True, extremes=pre,
                             native=self.kernels == "native")
+
+    def encode_group(self, group, grads, ctxs):
+        # native kernels, fp32 values: a bucket group in three C calls (native.encode_group)
+        if self.kernels != "native" or self.value_dtype != torch.float32:
+            return None
+        return native.encode_group(self, group, grads, ctxs, "magnitude")
