@@ -273,7 +273,7 @@ def _assert_same(runs):
         assert c0 == c1
         assert len(m0) == len(m1)
         for a, b in zip(m0, m1):
-            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         for a, b in zip(r0, r1):                # bit for bit (NaN included)
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
@@ -290,17 +290,23 @@ GROUP_METHODS = {"rsdgc": lambda mem, **kw: RSDGC(mem, kernels="native", **kw),
 
 
 @pytest.mark.parametrize("method", list(GROUP_METHODS))
-@pytest.mark.parametrize("memory", ["momentum", "nesterov", "ef", "nomask", "int64"])
+@pytest.mark.parametrize("memory", ["momentum", "nesterov", "ef", "nomask", "int64", "fp16", "int8",
+                                    "int8-int64"])
 def test_group_encode_equals_per_layer_route(method, memory):
     """A bucket group in three C calls (``native.encode_group``: RS-DGC's NSI, Top-k's
     magnitudes) == the per-layer route with native kernels: the same message bytes,
-    residuals, momentum and sent counts, over steps (the residual grows), for every memory
-    and both index widths."""
+    residuals, momentum and sent counts, over steps (the residual grows), for every memory,
+    both index widths and every value dtype."""
     kw = {}
     if memory == "nomask":
         mem = lambda: MomentumCorrection(0.9, masking=False)       # noqa: E731
     elif memory == "int64":
         mem, kw = (lambda: MomentumCorrection(0.9)), {"index_dtype": torch.int64}
+    elif memory in ("fp16", "int8", "int8-int64"):    # the rounding stays in the residual
+        mem = MEMORIES["momentum"] if method != "topk" else MEMORIES["ef"]
+        kw = {"value_dtype": torch.float16 if memory == "fp16" else torch.int8}
+        if memory == "int8-int64":
+            kw["index_dtype"] = torch.int64
     else:
         mem = MEMORIES[memory]
     called = []

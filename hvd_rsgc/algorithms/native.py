@@ -478,10 +478,11 @@ void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const in
    of msg (cols floats) gets the unit's S values from v (cell order of layout.gather_units:
    a tile's cells row by row) and the row index in the columns after them (int32, or int64
    with index64); the unit's cells of v become zero (sent exactly), and of u too with
-   zero_u (momentum factor masking). */
+   zero_u (momentum factor masking); without zero_v, v is left for hr_group_keep. index64 < 0:
+   no index written (values only). */
 void hr_group_take(int64_t L, const int64_t *up, const int64_t *vp, const int64_t *geo,
                    const int64_t *ustart, const int64_t *row_off, const int64_t *rows,
-                   float *msg, int64_t cols, int zero_u, int index64, int nt) {
+                   float *msg, int64_t cols, int zero_v, int zero_u, int index64, int nt) {
   #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t *q = geo + G_N * l;
@@ -495,18 +496,44 @@ void hr_group_take(int64_t L, const int64_t *up, const int64_t *vp, const int64_
         for (int64_t i = 0; i < s; ++i)
           for (int64_t j = 0; j < s; ++j) {
             const int64_t e = base + i * Wp + j;
-            o[i * s + j] = v[e]; v[e] = 0.f;
+            o[i * s + j] = v[e];
+            if (zero_v) v[e] = 0.f;
             if (zero_u) u[e] = 0.f;
           }
       } else {
         for (int64_t j = 0; j < S; ++j) {
           const int64_t e = loc * S + j;
-          o[j] = v[e]; v[e] = 0.f;
+          o[j] = v[e];
+          if (zero_v) v[e] = 0.f;
           if (zero_u) u[e] = 0.f;
         }
       }
-      if (index64) { int64_t w = rows[r]; memcpy(o + S, &w, sizeof w); }
-      else { int32_t w = (int32_t)rows[r]; memcpy(o + S, &w, sizeof w); }
+      if (index64 > 0) { int64_t w = rows[r]; memcpy(o + S, &w, sizeof w); }
+      else if (index64 == 0) { int32_t w = (int32_t)rows[r]; memcpy(o + S, &w, sizeof w); }
+    }
+  }
+}
+
+/* a lossy codec's sent values (sent: (K, S) fp32, the decoded values of row r for rows[r])
+   subtracted from the residual v at the chosen units' cells: v - sent, what the receivers did
+   not get, as memory.mark_sent's index_add_(alpha=-1) leaves it (padded tile cells: 0 - 0) */
+void hr_group_keep(int64_t L, const int64_t *vp, const int64_t *geo, const int64_t *ustart,
+                   const int64_t *row_off, const int64_t *rows, const float *sent, int nt) {
+  #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t *q = geo + G_N * l;
+    float *v = (float *)vp[l];
+    const int64_t S = q[G_S], s = q[G_SIDE], Wp = q[G_WP], tw = q[G_KIND] == 1 ? Wp / s : 1;
+    for (int64_t r = row_off[l]; r < row_off[l + 1]; ++r) {
+      const int64_t loc = rows[r] - ustart[l];
+      const float *e = sent + r * S;
+      if (q[G_KIND] == 1) {
+        const int64_t tr = loc / tw, tc = loc - tr * tw, base = tr * s * Wp + tc * s;
+        for (int64_t i = 0; i < s; ++i)
+          for (int64_t j = 0; j < s; ++j) v[base + i * Wp + j] -= e[i * s + j];
+      } else {
+        for (int64_t j = 0; j < S; ++j) v[loc * S + j] -= e[j];
+      }
     }
   }
 }
@@ -580,10 +607,11 @@ def library() -> ctypes.CDLL:
     lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, i32]
     lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32, p, p, p, i32]
     lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, i32]
-    lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32]
+    lib.hr_group_keep.argtypes = [i64, p, p, p, p, p, p, i32]
+    lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
     lib.hr_group_scores.restype = i32
     for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take,
-               lib.hr_group_blocks):
+               lib.hr_group_blocks, lib.hr_group_keep):
         fn.restype = None
     lib.hr_tiles.restype = i32
     lib.hr_atleast.restype = i64
@@ -739,8 +767,9 @@ def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: 
 
 def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
                  beta: float = 0.5) -> torch.Tensor | None:
-    """One bucket group's message (``bucket.BucketCodec``) for a method with exact top-k, fp32
-    values and a residual, in three C calls for the whole group instead of a dozen PyTorch
+    """One bucket group's message (``bucket.BucketCodec``) for a method with exact top-k and a
+    residual (values fp32, or fp16 / int8 through ``base.to_wire`` with the rounding kept in
+    the residual by ``hr_group_keep``), in three C calls for the whole group instead of a dozen PyTorch
     calls per layer: every layer's update and what selection reads (``scoring="nsi"``: the NSI
     of its units, ``hr_group_scores``, RS-DGC; ``"magnitude"``: the block extremes of the
     residual, whose |entries| are the scores, ``hr_group_blocks``, Top-k), every layer's top-k
@@ -768,12 +797,15 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
         present.append((st, uoff))
         gs.append(g)
     lib = library()
+    from .base import message_columns, pack_sparse, to_wire
     idx64 = method.index_dtype == torch.int64
-    width = group.S + (2 if idx64 else 1)
+    exact = method.value_dtype == torch.float32     # else: fp32 values, then the wire codec
+    width = group.S + (2 if idx64 else 1) if exact else group.S
     for st in group.layers:
         ctxs[st.name]["sent_units"] = 0
     if not present:
-        return torch.zeros(0, width, dtype=torch.float32)
+        return torch.zeros(0, message_columns(group.S, method.value_dtype, method.index_dtype),
+                           dtype=method.value_dtype)
     L = len(present)
     key = tuple(st.name for st, _ in present)
     static = group.native_tables.get(key)
@@ -844,7 +876,13 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     msg = torch.empty(K, width, dtype=torch.float32)
     zero_u = int(kind >= 2 and getattr(method.memory, "masking", True))
     lib.hr_group_take(L, up, vp, geo_t.data_ptr(), start_t.data_ptr(), rp, rows.data_ptr(),
-                      msg.data_ptr(), width, zero_u, int(idx64), nt)
+                      msg.data_ptr(), width, int(exact), zero_u, int(idx64) if exact else -1, nt)
+    if not exact:                       # fp16 / int8 values: v keeps what they rounded away
+        wire, sent = to_wire(msg, method.value_dtype)
+        sent = sent.contiguous()
+        lib.hr_group_keep(L, vp, geo_t.data_ptr(), start_t.data_ptr(), rp, rows.data_ptr(),
+                          sent.data_ptr(), nt)
+        msg = pack_sparse(wire, rows, method.index_dtype)
     for st, k_ in zip(st_of, ks):
         ctxs[st.name]["sent_units"] = k_
     return msg

@@ -70,8 +70,8 @@ class RSDGC(SparseMethod):
         return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels, exact top-k, fp32 values: three C calls per bucket group
-        if self.kernels != "native" or self.selection != "topk" or self.value_dtype != torch.float32:
+        # native kernels, exact top-k: three C calls per bucket group
+        if self.kernels != "native" or self.selection != "topk":
             return None
         return native.encode_group(self, group, grads, ctxs, "nsi", self.beta)
 

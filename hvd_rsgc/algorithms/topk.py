@@ -2,8 +2,6 @@
 ``torch.topk(|e + g|, k)``, k = ceil(rho*n); values + indices by allgather."""
 from __future__ import annotations
 
-import torch
-
 from . import native
 from .base import SparseMethod
 from .select import topk_expected, topk_indices
@@ -20,7 +18,7 @@ class TopK(SparseMethod):
                             native=self.kernels == "native")
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels, fp32 values: a bucket group in three C calls (native.encode_group)
-        if self.kernels != "native" or self.value_dtype != torch.float32:
+        # native kernels: a bucket group in three C calls (native.encode_group)
+        if self.kernels != "native":
             return None
         return native.encode_group(self, group, grads, ctxs, "magnitude")
