@@ -286,7 +286,8 @@ GROUP_SHAPES = [(256, 256, 3, 3), (512, 1024, 1, 1), (40, 31), (16, 8, 3, 3), (8
 
 GROUP_METHODS = {"rsdgc": lambda mem, **kw: RSDGC(mem, kernels="native", **kw),
                  "rsdgc-beta1": lambda mem, **kw: RSDGC(mem, beta=1.0, kernels="native", **kw),
-                 "topk": lambda mem, **kw: TopK(mem, kernels="native", **kw)}
+                 "topk": lambda mem, **kw: TopK(mem, kernels="native", **kw),
+                 "dgc": lambda mem, **kw: DGC(mem, seed=3, kernels="native", **kw)}
 
 
 @pytest.mark.parametrize("method", list(GROUP_METHODS))
@@ -345,7 +346,8 @@ def test_group_encode_missing_layers_dynamic_k_and_nan():
         return grads
 
     for make in (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"),
-                 lambda: TopK(ErrorFeedback(), kernels="native")):
+                 lambda: TopK(ErrorFeedback(), kernels="native"),
+                 lambda: DGC(MomentumCorrection(0.9), seed=4, kernels="native")):
         runs = _group_vs_layers(make, GROUP_SHAPES, 0.001, steps=5, grads_of=grads_of)
         _assert_same(runs)
         assert runs[0][1][1]["t0"]["sent_units"] == 0
@@ -380,3 +382,49 @@ def test_group_topk_ties_take_the_lowest_rows():
                                   bstart.data_ptr(), 1)
                 assert status.item() == 0
                 assert (rows - 5).tolist() == ref, (U, k, magnitude, given)
+
+
+def test_group_sampled_threshold_equals_dgc_selection():
+    """DGC's sampled threshold in C (``hr_group_sampled``) == ``select.sampled_threshold_indices``
+    with the same sample offset: random vectors, a periodic one whose sample sees only small
+    entries (far more than 1.3x pass: the exact-top-k branch), one whose sample sees only the
+    largest (too few pass: threshold * 0.8 rounds, up to the 10th), all entries (k >= n),
+    and tails past the last full block."""
+    from hvd_rsgc.algorithms.select import SamplePlan, sampled_threshold_indices
+    lib = native.library()
+    g = torch.Generator().manual_seed(9)
+    cases = []
+    for n, dens in [(100_000, 0.001), (70_001, 0.01), (5_000, 0.05), (300, 0.5), (2_000, 1.0)]:
+        cases.append((torch.randn(n, generator=g), dens))
+    plan = SamplePlan.make(200_000, 0.001)
+    x = torch.rand(200_000, generator=g) * 0.01
+    x[1::plan.stride // 2] += 5 + torch.rand(x[1::plan.stride // 2].shape, generator=g)   # off-sample
+    cases.append((x, 0.001))
+    y = torch.rand(200_000, generator=g) * 0.01
+    y[0::plan.stride] += 100 + torch.rand(y[0::plan.stride].shape, generator=g)     # on-sample
+    cases.append((y, 0.001))
+    branches = set()
+    for x, dens in cases:
+        n = x.numel()
+        plan = SamplePlan.make(n, dens)
+        start = int(torch.randint(0, plan.stride, (1,), generator=g)) if plan.stride > 1 else 0
+        ref = sampled_threshold_indices(x, plan, magnitude=True, start=start)
+        nb = n // BLOCK
+        w = x[: nb * BLOCK].view(nb, BLOCK)
+        hi, lo = w.amax(1).contiguous(), w.amin(1).contiguous()
+        if nb == 0:
+            hi = lo = torch.zeros(1)
+        room = n if plan.num_selects >= n else plan.num_selects
+        t = lambda v: torch.tensor(v, dtype=torch.int64)       # noqa: E731
+        geo, xp, ustart = t([0, n, 1, 0, 0, 0, 0, 1]), t([x.data_ptr()]), t([0])
+        pl = t([plan.stride, start, plan.top_k_samples, plan.num_selects, plan.num_samples, 0])
+        off, bstart = t([0, room]), t([0, nb])
+        rows, cnt = torch.empty(room, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        status = torch.zeros(1, dtype=torch.int32)
+        lib.hr_group_sampled(1, xp.data_ptr(), ustart.data_ptr(), geo.data_ptr(), pl.data_ptr(),
+                             off.data_ptr(), rows.data_ptr(), cnt.data_ptr(), status.data_ptr(),
+                             hi.data_ptr(), lo.data_ptr(), bstart.data_ptr(), 1)
+        assert status.item() == 0
+        assert rows[: int(cnt)].tolist() == ref.tolist(), (n, dens)
+        branches.add(len(ref) == plan.num_selects)
+    assert branches == {True, False}       # some ended short of num_selects (the 0.8 rounds)

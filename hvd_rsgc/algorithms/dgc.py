@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .base import SparseMethod
 from .select import SamplePlan, sampled_threshold_indices
 
@@ -34,3 +35,10 @@ class DGC(SparseMethod):
         return sampled_threshold_indices(acc.view(-1), layer.plan, self.generator,
                                          magnitude=True, extremes=pre,
                                          native=self.kernels == "native")
+
+    def encode_group(self, group, grads, ctxs):
+        # native kernels: a bucket group in a few C calls (native.encode_group), the same
+        # sampled thresholds, sample offsets drawn from this generator in the same order
+        if self.kernels != "native":
+            return None
+        return native.encode_group(self, group, grads, ctxs, "sampled")

@@ -474,6 +474,92 @@ void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const in
   }
 }
 
+/* DGC's sampled threshold for every layer (select.sampled_threshold_indices, the same
+   selection): layer l's |x| (n = geo[G_U] entries at xp[l]; block extremes bhi / blo from
+   bstart[l]), plan pl[6 l ..] = stride, start (drawn by the caller), top_k_samples,
+   num_selects, num_samples. The threshold is the top_k_samples-th largest of |x[start::stride]|;
+   then at most 10 rounds: more than 1.3x num_selects pass -> the num_selects largest of them
+   (ties: the lowest rows); fewer than 0.8x -> threshold * 0.8 and again. At most num_selects
+   rows (ustart[l] + position, ascending) into rows + row_off[l], their count into cnt_out[l].
+   status 1: a NaN met (nothing written: the caller selects as per layer); 2: out of memory. */
+void hr_group_sampled(int64_t L, const int64_t *xp, const int64_t *ustart, const int64_t *geo,
+                      const int64_t *pl, const int64_t *row_off, int64_t *rows,
+                      int64_t *cnt_out, int32_t *status, const float *bhi, const float *blo,
+                      const int64_t *bstart, int nt) {
+  #pragma omp parallel num_threads(nt)
+  {
+    float *cv = NULL, *tmp = NULL; int64_t *ci = NULL, cap = 0;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t l = 0; l < L; ++l) {
+      const float *x = (const float *)xp[l];
+      const int64_t n = geo[G_N * l + G_U], *q = pl + 6 * l;
+      const int64_t stride = q[0], start = q[1], tks = q[2], ns = q[3], nsamp = q[4];
+      int64_t *out = rows + row_off[l];
+      status[l] = 0; cnt_out[l] = 0;
+      if (ns >= n) {
+        for (int64_t j = 0; j < n; ++j) out[j] = ustart[l] + j;
+        cnt_out[l] = n;
+        continue;
+      }
+      if (cap < n) {
+        cap = n;
+        free(cv); free(tmp); free(ci);
+        cv = (float *)malloc(cap * sizeof(float)); tmp = (float *)malloc(cap * sizeof(float));
+        ci = (int64_t *)malloc(cap * sizeof(int64_t));
+        if (!cv || !tmp || !ci) { status[l] = 2; cap = 0; continue; }
+      }
+      const int64_t nb = n / TOPK_BLOCK;
+      const float *h0 = bhi + bstart[l], *l0 = blo + bstart[l];
+      int nan = 0;
+      for (int64_t b = 0; b < nb; ++b) {             /* block maxima of |x| into cv */
+        float h = h0[b], nl = -l0[b];
+        h = nl > h ? nl : h; nan |= h != h; cv[b] = h;
+      }
+      for (int64_t j = nb * TOPK_BLOCK; j < n; ++j) nan |= x[j] != x[j];
+      if (nan) { status[l] = 1; continue; }
+      int64_t m = 0;
+      for (int64_t j = start; j < n; j += stride) tmp[m++] = fabsf(x[j]);
+      float t = kth_largest(tmp, m, tks);
+      int64_t cnt = 0;
+      for (int round = 0;; ++round) {
+        cnt = 0;                                  /* the entries with |x| >= t, ascending */
+        for (int64_t b = 0; b < nb; ++b) {
+          if (cv[b] < t) continue;
+          for (int64_t j = b * TOPK_BLOCK; j < (b + 1) * TOPK_BLOCK; ++j) {
+            const float y = fabsf(x[j]); ci[cnt] = j; tmp[cnt] = y; cnt += y >= t;
+          }
+        }
+        for (int64_t j = nb * TOPK_BLOCK; j < n; ++j) {
+          const float y = fabsf(x[j]); ci[cnt] = j; tmp[cnt] = y; cnt += y >= t;
+        }
+        if (n <= nsamp || round == 10) break;
+        if (cnt > ns) {
+          if ((double)cnt > 1.3 * (double)ns) {   /* the ns largest of them, ascending */
+            for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];   /* block maxima not needed now */
+            const float kv = kth_largest(tmp, cnt, ns);
+            int64_t above = 0;
+            for (int64_t c = 0; c < cnt; ++c) above += cv[c] > kv;
+            int64_t ties = ns - above, w = 0;
+            for (int64_t c = 0; c < cnt; ++c) {
+              const int take = cv[c] > kv || (cv[c] == kv && ties > 0);
+              if (cv[c] == kv && take) --ties;
+              if (take) ci[w++] = ci[c];
+            }
+            cnt = w;
+          }
+          break;
+        }
+        if ((double)cnt < 0.8 * (double)ns) { t = t * 0.8f; continue; }
+        break;
+      }
+      if (cnt > ns) cnt = ns;
+      for (int64_t c = 0; c < cnt; ++c) out[c] = ci[c] + ustart[l];
+      cnt_out[l] = cnt;
+    }
+    free(cv); free(tmp); free(ci);
+  }
+}
+
 /* the chosen units of every layer (rows + row_off[l], group-global) into the message: row r
    of msg (cols floats) gets the unit's S values from v (cell order of layout.gather_units:
    a tile's cells row by row) and the row index in the columns after them (int32, or int64
@@ -608,10 +694,11 @@ def library() -> ctypes.CDLL:
     lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32, p, p, p, i32]
     lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, i32]
     lib.hr_group_keep.argtypes = [i64, p, p, p, p, p, p, i32]
+    lib.hr_group_sampled.argtypes = [i64, p, p, p, p, p, p, p, p, p, p, p, i32]
     lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
     lib.hr_group_scores.restype = i32
     for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take,
-               lib.hr_group_blocks, lib.hr_group_keep):
+               lib.hr_group_blocks, lib.hr_group_keep, lib.hr_group_sampled):
         fn.restype = None
     lib.hr_tiles.restype = i32
     lib.hr_atleast.restype = i64
@@ -788,7 +875,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
         g = grads.get(st.name)
         if g is None:
             continue
-        if scoring == "magnitude" and st.layout.unit_size != 1:
+        if scoring != "nsi" and st.layout.unit_size != 1:
             return None
         g = (g.float() if g.dtype != torch.float32 else g).contiguous()
         rows_, cols_ = st.layout.storage_shape
@@ -829,7 +916,11 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     else:
         ubufs = [st.memory["u"] for st in st_of]
         vbufs = [st.memory["v"] for st in st_of]
-    ks = [max(0, min(int(st.k), st.layout.num_units)) for st in st_of]
+    if scoring == "sampled":            # room for at most num_selects (all: n) per layer
+        ks = [st.layout.num_units if st.plan.num_selects >= st.layout.num_units
+              else st.plan.num_selects for st in st_of]
+    else:
+        ks = [max(0, min(int(st.k), st.layout.num_units)) for st in st_of]
     row_off = [0]
     for k_ in ks:
         row_off.append(row_off[-1] + k_)
@@ -858,21 +949,53 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     K = row_off[-1]
     rows = torch.empty(K, dtype=torch.int64)
     status = torch.zeros(L, dtype=torch.int32)
-    lib.hr_group_topk(L, xp, start_t.data_ptr(), geo_t.data_ptr(), kp, rp, rows.data_ptr(),
-                      status.data_ptr(), int(scoring == "magnitude"),
-                      hi.data_ptr() if hi is not None else None,
-                      lo.data_ptr() if lo is not None else None, bstart_t.data_ptr(), nt)
+    starts: list[int | None] = []
+    if scoring == "sampled":
+        # the sample offsets drawn in layer order, as the per-layer route draws them
+        pl = []
+        for st in st_of:
+            plan = st.plan
+            start = 0
+            if plan.num_selects < plan.n and plan.stride != 1:
+                start = int(torch.randint(0, plan.stride, (1,), generator=method.generator).item())
+            starts.append(start)
+            pl += [plan.stride, start, plan.top_k_samples, plan.num_selects, plan.num_samples, 0]
+        pl_t = torch.tensor(pl, dtype=torch.int64)
+        assert hi is not None and lo is not None
+        cnt = torch.zeros(L, dtype=torch.int64)
+        lib.hr_group_sampled(L, xp, start_t.data_ptr(), geo_t.data_ptr(), pl_t.data_ptr(), rp,
+                             rows.data_ptr(), cnt.data_ptr(), status.data_ptr(), hi.data_ptr(),
+                             lo.data_ptr(), bstart_t.data_ptr(), nt)
+    else:
+        lib.hr_group_topk(L, xp, start_t.data_ptr(), geo_t.data_ptr(), kp, rp, rows.data_ptr(),
+                          status.data_ptr(), int(scoring == "magnitude"),
+                          hi.data_ptr() if hi is not None else None,
+                          lo.data_ptr() if lo is not None else None, bstart_t.data_ptr(), nt)
     if bool(status.any()):
-        from .select import topk_indices
+        from .select import sampled_threshold_indices, topk_indices
         for l_, code in enumerate(status.tolist()):
             if code == 2:
                 raise MemoryError(f"native top-k of '{st_of[l_].name}': no memory for candidates")
-            if code == 1:                      # a NaN score: torch.topk's order, as per layer
+            if code == 1:                      # a NaN met: selected as per layer
                 uoff = present[l_][1]
                 n_ = st_of[l_].layout.num_units
                 sc = score[uoff:uoff + n_] if scoring == "nsi" else vbufs[l_].view(-1)[:n_]
-                rows[row_off[l_]:row_off[l_ + 1]] = \
-                    topk_indices(sc, ks[l_], magnitude=scoring == "magnitude") + uoff
+                if scoring == "sampled":
+                    sel = sampled_threshold_indices(sc, st_of[l_].plan, magnitude=True,
+                                                    start=starts[l_])
+                    rows[row_off[l_]:row_off[l_] + sel.numel()] = sel + uoff
+                    cnt[l_] = sel.numel()
+                else:
+                    rows[row_off[l_]:row_off[l_ + 1]] = \
+                        topk_indices(sc, ks[l_], magnitude=scoring == "magnitude") + uoff
+    if scoring == "sampled":            # each layer's rows to the front of its room
+        ks = cnt.tolist()
+        rows = torch.cat([rows[a:a + c] for a, c in zip(row_off, ks)])
+        row_off = [0]
+        for k_ in ks:
+            row_off.append(row_off[-1] + k_)
+        tab[4 * L:] = torch.tensor(ks + row_off, dtype=torch.int64)    # k, row offsets
+        K = row_off[-1]
     msg = torch.empty(K, width, dtype=torch.float32)
     zero_u = int(kind >= 2 and getattr(method.memory, "masking", True))
     lib.hr_group_take(L, up, vp, geo_t.data_ptr(), start_t.data_ptr(), rp, rows.data_ptr(),

@@ -208,12 +208,13 @@ class SamplePlan:
 def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
                               generator: torch.Generator | None = None,
                               magnitude: bool = False, extremes: tuple | None = None,
-                              native: bool = False) -> torch.Tensor:
+                              native: bool = False, start: int | None = None) -> torch.Tensor:
     """DGC selection: threshold from a strided sample, then re-adjust (at most 10 rounds):
     too many (> 1.3x) -> exact top-k among the selected; too few (< 0.8x) -> threshold *= 0.8.
     Returns at most ``plan.num_selects`` indices (ascending). ``magnitude=True``: the
     importance is ``|importance|``; the entries above a threshold are found by
-    :class:`AtLeast` (no full-length ``|x|`` or mask when few pass)."""
+    :class:`AtLeast` (no full-length ``|x|`` or mask when few pass). ``start``: the sample's
+    offset when already drawn from ``generator`` (``native.encode_group``)."""
     n = plan.n
     if plan.num_selects >= n:
         return torch.arange(n, device=importance.device)
@@ -221,7 +222,8 @@ def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
     if plan.stride == 1:
         samples = filt.importance()
     else:
-        start = int(torch.randint(0, plan.stride, (1,), generator=generator).item())
+        if start is None:
+            start = int(torch.randint(0, plan.stride, (1,), generator=generator).item())
         samples = filt.sample(start, plan.stride)
     thr = torch.topk(samples, plan.top_k_samples, sorted=False).values.min()
     idx = filt(thr)
