@@ -213,3 +213,14 @@ def test_check_build_lists_pytorch_gloo_mpi():
     out = subprocess.run([horovodrun(), "--check-build"], capture_output=True, text=True, timeout=60).stdout
     for line in ("[X] PyTorch", "[X] MPI", "[X] Gloo"):
         assert line in out, out
+
+
+@pytest.mark.parametrize("kind", ["topk", "dgc", "rsdgc", "rsdgc_int8"])
+def test_np2_fused_trains_bit_identically_to_per_tensor(np2, kind):
+    """At -np 2 with op=Average (the default): the bucketed path (one allgather per bucket, the
+    sum divided in place in its decode buffer) and the per-tensor path train to the same
+    parameters, bit for bit, on every rank."""
+    for r in np2:
+        a, b = r["train"][kind], r["train"][kind + "+fused"]
+        assert a["identical"] and b["identical"]
+        assert a["params_sha"] == b["params_sha"], kind

@@ -160,9 +160,12 @@ class DDPBinding:
                     views[i].copy_(eng.nonfinite_result(e, g))
                     continue
                 dense = fz_out[e.name]
+                if self.comp.average and n > 1 and views[i].dtype == torch.float32:
+                    torch.div(dense, n, out=views[i])   # straight into the bucket's output
+                    continue
                 if self.comp.average and n > 1:
-                    dense = dense / n
-                views[i].copy_(dense.to(g.dtype))
+                    dense.div_(n)                       # in place: this step's decode buffer
+                views[i].copy_(dense)
                 continue
             if i in rs_out:
                 dense, mk = rs_out[i]

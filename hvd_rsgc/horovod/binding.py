@@ -218,7 +218,7 @@ class HorovodBinding:
             return self.engine.nonfinite_result(e, tensor.to(ctx["dtype"]))
         n = self.transport.size
         if self.comp.average and n > 1:
-            dense = dense / n
+            dense.div_(n)       # in place: a view of this step's own decode buffer
         return dense.to(ctx["dtype"])
 
     def _reduce_scatter(self, step: int) -> bool:

@@ -2,6 +2,7 @@
 writes ``<out>/rank<r>.json``. Bytes are counted by wrapping torch.distributed's collective
 functions (what the library hands to torch.distributed), not by the library's own meter."""
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -20,7 +21,10 @@ OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"densit
         "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4},
         "powersgd": {"rank": 2}, "signsgd": {}, "efsignsgd": {}, "terngrad": {}, "natural": {},
         "threshold": {"threshold": 0.005}}
-VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True})}   # kind -> (registry name, options)
+VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True}),    # kind -> (registry name, options)
+            # the per-tensor reference path of the bucketed defaults
+            "topk-pt": ("topk", {"fused": False}), "dgc-pt": ("dgc", {"fused": False}),
+            "rsdgc-pt": ("rsdgc", {"fused": False})}
 LR = {"signsgd": 0.002}           # signSGD's step is +-lr per element
 
 
@@ -121,7 +125,8 @@ def train(kind, steps, counter, **extra):
         after = F.cross_entropy(model(ex), ey).item()
     st = comp.stats() if comp is not None else {}
     return {"collective": st.get("collective"), "identical": same, "before": before, "after": after, "wire": wire, "lib": lib,
-            "dense": st.get("step_dense_bytes"), "flat": flat(model).tolist() if kind in ("plain", "topk1") else None}
+            "dense": st.get("step_dense_bytes"), "flat": flat(model).tolist() if kind in ("plain", "topk1") else None,
+            "sha": hashlib.sha256(flat(model).numpy().tobytes()).hexdigest()}
 
 
 def equivalence(steps):
@@ -203,7 +208,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc-int8,lgc-rar,powersgd,"
-                                       "signsgd,efsignsgd,terngrad,natural,threshold")
+                                       "signsgd,efsignsgd,terngrad,natural,threshold,topk-pt,dgc-pt,"
+                                       "rsdgc-pt")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
     ap.add_argument("--options", default="{}", help="JSON: extra compressor options")
