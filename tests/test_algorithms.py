@@ -375,6 +375,31 @@ def test_dynamic_densities_hand_built():
     assert d[0] * 4 + d[1] * 16 == 4
 
 
+def test_dynamic_densities_ties_at_tau_share_the_places_left():
+    """Ties at tau: the layers keep ceil(rho*M) weights in all, not every tied one. All-zero
+    weights (counting ties in full gave density 1 everywhere: more bytes than dense) -> every
+    layer at rho; weights on a coarse grid -> the configured total, the strictly larger weights
+    in full, the ties shared in proportion."""
+    ws = [torch.zeros(64, 32, 3, 3), torch.zeros(128, 64), torch.zeros(10, 128)]
+    M = sum(w.numel() for w in ws)
+    d = dynamic_densities(ws, 0.01, floor=0.0)
+    assert d == [pytest.approx(math.ceil(0.01 * M) / M)] * 3
+    # weights on a coarse grid (quantised, e.g. 4-bit): many exact ties at tau
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.round(torch.randn(s, generator=g) * sc * 20) / 20 for s, sc in
+          (((256, 128, 3, 3), 0.02), ((512, 256), 0.05), ((10, 512), 0.1))]
+    M = sum(w.numel() for w in ws)
+    K = math.ceil(0.001 * M)
+    d = dynamic_densities(ws, 0.001, floor=0.0)
+    assert sum(di * w.numel() for di, w in zip(d, ws)) == pytest.approx(K)
+    flat = torch.cat([w.abs().float().reshape(-1) for w in ws])
+    tau = torch.topk(flat, K).values.min()
+    assert int((flat >= tau).sum()) > 5 * K            # the case: literal >= overshoots 6x
+    for di, w in zip(d, ws):                            # strictly above tau: kept in full
+        a = w.abs().float()
+        assert int((a > tau).sum()) <= di * w.numel() <= int((a >= tau).sum())
+
+
 def test_bad_input_names_parameter():
     with pytest.raises(ValueError, match="beta"):
         RSDGC(NoMemory(), beta=1.5)

@@ -5,6 +5,12 @@ Dynamic ratio (RS-DGC III-B): rank every weight of the compressed tensors togeth
 ``|w| >= tau``:  rho_l = (1/N_l) * sum_j 1(|w_j^l| >= tau).  So sum_l rho_l*N_l ~= rho*M.
 Guard rail (our choice, documented): a layer entirely below tau would never communicate, so
 ``rho_l = min(1, max(rho_l, floor * rho))`` (the caller still keeps at least one unit).
+Ties at tau (the papers are silent; our choice): the weights strictly above tau count in full
+and the ``ceil(rho*M) - #(|w| > tau)`` places left go to the layers in proportion to how many
+of their weights equal tau, so the layers keep ``ceil(rho*M)`` in all. Counting every tie
+(``|w| >= tau`` literally) gave every layer density 1 when most weights are equal -- all-zero
+(zero-initialised) weights sent more than dense fp32 -- and more than rho*M whenever many
+weights share tau's value (quantised weights). Without ties it is eq. 5 exactly.
 """
 from __future__ import annotations
 
@@ -55,9 +61,12 @@ def dynamic_densities(weights: Sequence[torch.Tensor], density: float,
         tau = flat.min()
     else:
         tau = torch.topk(flat, K, sorted=False).values.min()
+    mags = [w.detach().abs().float() for w in weights]
+    above = torch.stack([(a > tau).sum() for a in mags]).tolist()      # one host sync each
+    tied = torch.stack([(a == tau).sum() for a in mags]).tolist()
+    rest, T = K - sum(above), sum(tied)          # 1 <= rest <= T: places left for the ties
     out = []
-    for w in weights:
-        n = w.numel()
-        kept = int((w.detach().abs().float() >= tau).sum().item())
-        out.append(min(1.0, max(kept / n, floor * density)))
+    for w, a, t in zip(weights, above, tied):
+        kept = a + (t if rest >= T else rest * t / T)
+        out.append(min(1.0, max(kept / w.numel(), floor * density)))
     return out
