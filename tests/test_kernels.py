@@ -371,6 +371,57 @@ def test_bucket_codec_equals_per_tensor_path():
     assert_buckets_equal_per_tensor(cases, shapes)
 
 
+def test_bucket_decode_buffer_reused_only_when_nobody_holds_it():
+    """The decode output is last step's buffer, zeroed, once nothing outside the codec holds
+    its storage (no page faults for a fresh bucket every step), and a new one while anything
+    does (a kept gradient, or a view of one, never changes). Sums equal a fresh decode's."""
+    from hvd_rsgc.algorithms.base import make_layer
+    from hvd_rsgc.algorithms.bucket import BucketCodec
+    from hvd_rsgc.algorithms.memory import MomentumCorrection
+    from hvd_rsgc.algorithms.rsdgc import RSDGC
+    from hvd_rsgc.algorithms import bucket as bucket_mod
+    if bucket_mod._USE_COUNT is None:
+        pytest.skip("this PyTorch has no storage use count: decode buffers are never reused")
+    shapes = [(16, 8, 3, 3), (40, 31)]
+    m = RSDGC(MomentumCorrection(0.9))
+    layers = [make_layer(m, sh, 0.05, name=f"t{i}", index=i) for i, sh in enumerate(shapes)]
+    codec = BucketCodec(m, layers)
+
+    def step(seed):
+        gs = {f"t{i}": torch.randn(sh, generator=torch.Generator().manual_seed(seed + i))
+              for i, sh in enumerate(shapes)}
+        msgs = codec.encode(gs, {st.name: {} for st in layers})
+        for st in layers:
+            st.step += 1
+        return msgs
+
+    def fresh(msgs):                  # the reference: a decode into new buffers
+        saved, codec._out = codec._out, {}
+        ref = {k: v.clone() for k, v in codec.decode(msgs).items()}
+        codec._out = saved
+        return ref
+
+    msgs = step(0)
+    out = codec.decode(msgs)
+    ptr = out["t0"].untyped_storage().data_ptr()
+    out["t0"].add_(1.0)                              # a caller may write into its gradient
+    del out
+    msgs = step(10)
+    ref = fresh(msgs)
+    out = codec.decode(msgs)
+    assert out["t0"].untyped_storage().data_ptr() == ptr            # reused
+    assert all(torch.equal(out[k], ref[k]) for k in ref)            # and zeroed first
+    kept = out["t1"].view(-1)[5:]                                   # a view of a view, kept
+    before = kept.clone()
+    del out
+    msgs = step(20)
+    ref = fresh(msgs)
+    out = codec.decode(msgs)
+    assert out["t0"].untyped_storage().data_ptr() != ptr            # held: a new buffer
+    assert torch.equal(kept, before)                                # the held one unchanged
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
 def test_fused_bad_input():
     import pytest
     from hvd_rsgc import QSGDCompression, TopKCompression

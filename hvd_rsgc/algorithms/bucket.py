@@ -23,6 +23,18 @@ from . import native
 from .base import add_in_order, message_columns, pack_sparse, to_wire, unpack_sparse
 
 
+def _storage_use_count():
+    """How many tensors share a tensor's storage (PyTorch's own reference count of it), or None
+    where this PyTorch has no such call (then decode buffers are never reused)."""
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    if fn is None:
+        return None
+    return lambda t: int(fn(t.untyped_storage()._cdata))
+
+
+_USE_COUNT = _storage_use_count()
+
+
 class Group:
     """Tensors of one unit size within a bucket: unit and element offsets."""
 
@@ -72,6 +84,7 @@ class BucketCodec:
         self.numel = sum(st.layout.numel for st in self.layers)
         # the decode in C where the method's kernels are native (the same sums, bit for bit)
         self.native = getattr(method, "kernels", None) == "native"
+        self._out: dict = {}                # group -> (decode buffer, its storage's own use count)
         idx_bytes = torch.empty((), dtype=method.index_dtype).element_size()
         for g in self.groups:
             if g.units >= 2 ** (8 * idx_bytes - 1):
@@ -112,9 +125,9 @@ class BucketCodec:
         """Gathered messages (every rank's, one per group) -> layer name -> dense fp32 *sum*
         (views of one flat buffer per group)."""
         out = {}
-        for g, msg in zip(self.groups, gathered):
+        for gi, (g, msg) in enumerate(zip(self.groups, gathered)):
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
-            flat = torch.zeros(g.numel + 1, dtype=torch.float32, device=msg.device)   # + spare slot
+            flat = self._buffer(gi, g.numel + 1, msg.device)                         # + spare slot
             if rows.numel():
                 v = vals.float()
                 if self.native and flat.device.type == "cpu":
@@ -124,6 +137,24 @@ class BucketCodec:
             for st, lo, hi in zip(g.layers, g.elem_off[:-1], g.elem_off[1:]):
                 out[st.name] = flat[lo:hi].view(st.shape)
         return out
+
+    def _buffer(self, gi: int, n: int, device) -> torch.Tensor:
+        """Group ``gi``'s zeroed decode output. On a CPU, last step's buffer is zeroed and used
+        again once nothing outside this codec holds its storage any more (Horovod made its views
+        the parameters' ``.grad``; ``zero_grad()`` or the next step's ``set_`` let them go):
+        a fresh buffer of a bucket's size page-faults on every page when written (glibc hands
+        the freed buckets back to the kernel), ~18k faults and ~30 ms a ResNet-50 step. Where
+        something still holds it (gradients kept across steps, ``zero_grad(set_to_none=False)``
+        accumulating into it) a new buffer is made, so nothing a caller holds ever changes."""
+        held = self._out.get(gi)
+        if held is not None and _USE_COUNT is not None:
+            buf, own = held
+            if buf.numel() == n and buf.device == device and _USE_COUNT(buf) == own:
+                return buf.zero_()
+        buf = torch.zeros(n, dtype=torch.float32, device=device)
+        if device.type == "cpu" and _USE_COUNT is not None:       # CUDA's allocator caches
+            self._out[gi] = (buf, _USE_COUNT(buf))
+        return buf
 
     @staticmethod
     def _scatter(g, flat, vals, rows):

@@ -126,7 +126,10 @@ class DDPBinding:
         op = "average" if self.comp.average else "sum"
         dense_h = self.transport.allreduce_async(flat, f"hvd_rsgc.ddp.bucket{bucket.index()}", op,
                                                  count=False)
-        out = torch.empty_like(buf)
+        # the result goes into the bucket's own buffer, as DDP's allreduce hook returns it:
+        # every gradient of it was read above (encode, the dense allreduce's copy), and a
+        # fresh bucket-sized tensor would page-fault on every page each step
+        out = buf
         views, off = [], 0
         for g in grads:
             views.append(out[off:off + g.numel()].view_as(g))
