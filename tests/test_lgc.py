@@ -25,7 +25,13 @@ def test_stages_identity_loss_and_learning(np2, mode):
         x = r[mode]
         assert x["stages"] == [1] * WARM + [2] * AE + [3] * S3
         assert x["identical"]
-        assert x["evals"]["end"] < x["evals"]["stage3_start"], x["evals"]       # loss falls in stage 3
+        # stage 3 (codes only) learns: the held-out loss, smoothed over four evaluations and
+        # with the lr decayed at stage 3, falls well below where stage 2 left it (0.17-0.38x
+        # measured; codes replaced by noise of the same norm: 0.78x, the 1-D tensors that go
+        # dense still learning). One point against one point at lr 0.05 was a coin toss: the
+        # loss swings 0.3-1.0 between evaluations there.
+        e = x["evals"]
+        assert e["end"] < 0.6 * e["stage3_start"], e
         a = [v for _, v in x["ae_loss"]]
         assert len(a) == AE and sum(a[-5:]) / 5 < 0.8 * sum(a[:5]) / 5          # reconstruction error falls
         rt = x["roundtrip"]                                                       # held-out vectors

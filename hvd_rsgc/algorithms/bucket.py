@@ -4,8 +4,9 @@ per tensor (``fused=True`` on those compressors). Pure tensor code.
 
 Each tensor is still selected with its own k (``method.pick`` per tensor: the same
 accumulation, scores and exact top-k as the per-tensor path, so the same units are chosen),
-or, where the method can, the whole group at once (``method.encode_group``: RS-DGC with native
-kernels, three C calls per group, the same message and residuals).
+or, where the method can, the whole group at once (``method.encode_group``: RS-DGC, Top-k and
+DGC with native kernels, a few C calls per group, the same message and residuals). On a CPU
+the decode writes into last step's buffer once nobody holds it any more (``_buffer``).
 The bucket's message is the per-tensor wire format with *bucket-global* unit rows (tensor
 offset + unit row); tensors of different unit sizes (RS-DGC's 3x3 and 7x7 kernels) form
 separate groups, one message each. Decoding maps every received unit to its elements in the

@@ -22,11 +22,14 @@ correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + 
 * ``hr_scatter``: a bucket's decode (``bucket.BucketCodec``) -- every received unit added to
   its cells in message order, the cells' positions computed per unit instead of as index
   tensors (bit-identical to the index-tensor route, ``base.add_in_order``);
-* ``hr_group_scores`` / ``hr_group_topk`` / ``hr_group_take``: RS-DGC's encode of a whole
-  bucket group (``encode_group``): every layer's update and NSI, every layer's exact top-k
-  (quickselect over the candidates that the k-th largest block maximum leaves), the chosen
-  units copied into the message and zeroed in the residual -- three calls per group instead
-  of a dozen PyTorch calls per layer.
+* ``hr_group_scores`` / ``hr_group_blocks``, ``hr_group_topk`` / ``hr_group_sampled``,
+  ``hr_group_take`` (+ ``hr_group_keep`` for fp16 / int8 values): the encode of a whole
+  bucket group (``encode_group``; RS-DGC, Top-k, DGC): every layer's update and scores (NSI,
+  or block extremes), every layer's selection (exact top-k by radix select over the
+  candidates that the k-th largest block maximum leaves; DGC's sampled threshold and its
+  re-adjust rounds), the chosen units copied into the message and out of the residual --
+  three or four calls per group instead of a dozen PyTorch calls per layer. The candidate
+  blocks lie scattered and are read with a software prefetch (``gather_at_least``).
 
 Arithmetic: IEEE single precision, no FMA contraction (``-ffp-contract=off``), vectorised
 across units and never within one unit's sum, so the clone chosen at load for each x86-64
