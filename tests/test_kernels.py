@@ -507,3 +507,14 @@ def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method
             sel = ((rows >= lo) & (rows < hi)).nonzero().view(-1)
             want = scatter_sum(st.layout, vals[sel], rows[sel] - lo, torch.float32)
             assert torch.equal(got[st.name], want), st.name
+    # the average in the decode (op=Average over 3 ranks): == the sum divided, bit for bit,
+    # cells reached by several units divided once, the rest +0 (not -0); twice, so a mark
+    # not left zeroed by the first would show
+    sums = {k: v.clone() for k, v in got.items()}
+    for _ in range(2):
+        avg = codec.decode(msgs, divide=3)
+        for name, v in sums.items():                  # bits, so the sign of zero counts
+            assert torch.equal(avg[name].view(torch.int32), (v / 3).view(torch.int32)), name
+    assert all(not mk.any() for mk in codec._marks.values())
+    with pytest.raises(ValueError, match="divide"):
+        codec.decode(msgs, divide=0)

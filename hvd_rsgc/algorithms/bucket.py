@@ -86,6 +86,7 @@ class BucketCodec:
         # the decode in C where the method's kernels are native (the same sums, bit for bit)
         self.native = getattr(method, "kernels", None) == "native"
         self._out: dict = {}                # group -> (decode buffer, its storage's own use count)
+        self._marks: dict = {}              # group -> zeroed bit per cell (decode's divide)
         idx_bytes = torch.empty((), dtype=method.index_dtype).element_size()
         for g in self.groups:
             if g.units >= 2 ** (8 * idx_bytes - 1):
@@ -122,9 +123,13 @@ class BucketCodec:
                                         dtype=m.value_dtype, device=dev))
         return msgs
 
-    def decode(self, gathered: list[torch.Tensor]) -> dict:
+    def decode(self, gathered: list[torch.Tensor], divide: int = 1) -> dict:
         """Gathered messages (every rank's, one per group) -> layer name -> dense fp32 *sum*
-        (views of one flat buffer per group)."""
+        (views of one flat buffer per group); ``divide`` > 1: the sum divided by it (the
+        average over ``divide`` ranks, the same values as ``sum.div_(divide)``; with native
+        kernels only the cells some unit reached are divided, the rest stay +0)."""
+        if divide < 1:
+            raise ValueError(f"divide must be >= 1, got {divide}")
         out = {}
         for gi, (g, msg) in enumerate(zip(self.groups, gathered)):
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
@@ -132,9 +137,17 @@ class BucketCodec:
             if rows.numel():
                 v = vals.float()
                 if self.native and flat.device.type == "cpu":
-                    native.scatter(flat, v, rows, g.S, g.s, g.geometry(flat.device))
+                    mark = None
+                    if divide > 1:
+                        mark = self._marks.get(gi)
+                        if mark is None:
+                            mark = self._marks[gi] = torch.zeros((flat.numel() + 8) // 8,
+                                                                 dtype=torch.uint8)
+                    native.scatter(flat, v, rows, g.S, g.s, g.geometry(flat.device), divide, mark)
                 else:
                     self._scatter(g, flat, v, rows)
+                    if divide > 1:
+                        flat.div_(divide)
             for st, lo, hi in zip(g.layers, g.elem_off[:-1], g.elem_off[1:]):
                 out[st.name] = flat[lo:hi].view(st.shape)
         return out

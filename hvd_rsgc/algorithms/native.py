@@ -308,6 +308,42 @@ void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride
     }
   }
 }
+/* after hr_scatter (same units, same geometry): every cell that some unit reached divided by d
+   once -- the cells no unit reached are +0 and stay +0 = +0 / d -- so the sum becomes the
+   average without a pass over the whole output. mark: (cells + 8) / 8 zero bytes, a bit per
+   cell (a cell reached by several ranks' units is divided once); left zero again. */
+#define HR_CELLS(BODY)                                                                        \
+  int64_t l = 0;                                                                              \
+  for (int64_t k = 0; k < n; ++k) {                                                           \
+    const int64_t row = rows[k];                                                              \
+    if (row < (l ? unit_end[l - 1] : 0) || row >= unit_end[l]) {                              \
+      int64_t a = 0, b = L - 1;                                                               \
+      while (a < b) { int64_t mid = (a + b) / 2; if (row < unit_end[mid]) b = mid; else a = mid + 1; } \
+      l = a;                                                                                  \
+    }                                                                                         \
+    const int64_t loc = row - (l ? unit_end[l - 1] : 0), base = elem_off[l];                  \
+    if (H[l] > 0) {                                                                           \
+      const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];              \
+      const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;                               \
+      const int64_t cn = w - tc * s < s ? w - tc * s : s;                                     \
+      for (int64_t i = 0; i < rn; ++i)                                                        \
+        for (int64_t j = 0; j < cn; ++j) { const int64_t c = base + (tr * s + i) * w + tc * s + j; BODY } \
+    } else {                                                                                  \
+      for (int64_t j = 0; j < S; ++j) { const int64_t c = base + loc * S + j; BODY }          \
+    }                                                                                         \
+  }
+void hr_divide_touched(float *restrict out, const int64_t *restrict rows, int64_t n, int64_t S,
+                       int64_t s, int64_t L, const int64_t *restrict unit_end,
+                       const int64_t *restrict elem_off, const int64_t *restrict tiles_w,
+                       const int64_t *restrict H, const int64_t *restrict W, float d,
+                       uint8_t *restrict mark) {
+  {
+    HR_CELLS(if (!(mark[c >> 3] & (1u << (c & 7)))) { mark[c >> 3] |= (uint8_t)(1u << (c & 7)); out[c] = out[c] / d; })
+  }
+  {
+    HR_CELLS(mark[c >> 3] = 0;)
+  }
+}
 /* ---- a bucket group in three calls (bucket.BucketCodec through SparseMethod.encode_group) ----
    Per layer l of the group, geo[8 l ..]: kind (1: tile), U (units), S, H, W, Hp, Wp, s. */
 enum { G_KIND, G_U, G_S, G_H, G_W, G_HP, G_WP, G_SIDE, G_N };
@@ -705,6 +741,7 @@ def library() -> ctypes.CDLL:
     lib.hr_atleast.argtypes = [p, i64, p, p, i64, f, i32, p, i64]
     lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
     lib.hr_scatter.argtypes = [p, p, i64, p, i64, i64, i64, i64, p, p, p, p, p]
+    lib.hr_divide_touched.argtypes = [p, p, i64, i64, i64, i64, p, p, p, p, p, f, p]
     lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, i32]
     lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32, p, p, p, i32]
     lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, i32]
@@ -712,7 +749,8 @@ def library() -> ctypes.CDLL:
     lib.hr_group_sampled.argtypes = [i64, p, p, p, p, p, p, p, p, p, p, p, i32]
     lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
     lib.hr_group_scores.restype = i32
-    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_group_topk, lib.hr_group_take,
+    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_divide_touched,
+               lib.hr_group_topk, lib.hr_group_take,
                lib.hr_group_blocks, lib.hr_group_keep, lib.hr_group_sampled):
         fn.restype = None
     lib.hr_tiles.restype = i32
@@ -837,18 +875,26 @@ def extremes(x: torch.Tensor, block: int, magnitude: bool, hi: torch.Tensor,
 
 
 def scatter(flat: torch.Tensor, vals: torch.Tensor, rows: torch.Tensor, S: int, s: int,
-            geometry: dict) -> None:
+            geometry: dict, divide: int = 1, mark: torch.Tensor | None = None) -> None:
     """Add the units ``rows`` (int64, group-global, in range) with values ``vals`` ((n, S)
-    fp32, rows may be strided) into the group's ``flat`` output in message order
-    (``bucket.BucketCodec``'s decode; the same sums as ``base.add_in_order``, bit for bit)."""
+    fp32, rows may be strided) into the group's zeroed ``flat`` output in message order
+    (``bucket.BucketCodec``'s decode; the same sums as ``base.add_in_order``, bit for bit).
+    ``divide`` > 1: then every cell a unit reached divided by it once (``mark``: a zeroed
+    uint8 workspace of ``(flat.numel() + 8) // 8`` bytes, left zeroed) -- the same values as
+    ``flat.div_(divide)``, without a pass over the cells no unit reached (they stay +0)."""
     if vals.stride(1) != 1:
         vals = vals.contiguous()
     rows = rows.contiguous()
     g = geometry
-    library().hr_scatter(flat.data_ptr(), vals.data_ptr(), vals.stride(0), rows.data_ptr(),
-                         rows.numel(), S, s, g["unit_end"].numel(), g["unit_end"].data_ptr(),
-                         g["elem_off"].data_ptr(), g["tiles_w"].data_ptr(), g["H"].data_ptr(),
-                         g["W"].data_ptr())
+    lib = library()
+    args = (rows.data_ptr(), rows.numel(), S, s, g["unit_end"].numel(), g["unit_end"].data_ptr(),
+            g["elem_off"].data_ptr(), g["tiles_w"].data_ptr(), g["H"].data_ptr(), g["W"].data_ptr())
+    lib.hr_scatter(flat.data_ptr(), vals.data_ptr(), vals.stride(0), *args)
+    if divide > 1:
+        if mark is None or mark.dtype != torch.uint8 or mark.numel() < (flat.numel() + 8) // 8:
+            raise ValueError("native.scatter: divide needs a zeroed uint8 mark of "
+                             f"{(flat.numel() + 8) // 8} bytes")
+        lib.hr_divide_touched(flat.data_ptr(), *args, float(divide), mark.data_ptr())
 
 
 def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: int, t: float,

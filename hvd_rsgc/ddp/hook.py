@@ -140,7 +140,9 @@ class DDPBinding:
         reduced = self.transport.wait(dense_h)
         bad = reduced[-len(entries):] != FLAG_OK
         done = {i: h for i, h, _ in works}
-        fz_out = codec.decode([self.transport.wait(h) for h in fz_handles]) if codec is not None else {}
+        fz_out = codec.decode([self.transport.wait(h) for h in fz_handles],       # op=Average:
+                              divide=n if self.comp.average and n > 1 else 1) \
+            if codec is not None else {}                                           # divided there
         rs_out = {}
         if rs_items:        # one balanced sparse reduce-scatter + allgather for the bucket
             sums, marks = self.comp.collective.exchange(
@@ -162,13 +164,7 @@ class DDPBinding:
                 if bad[i]:
                     views[i].copy_(eng.nonfinite_result(e, g))
                     continue
-                dense = fz_out[e.name]
-                if self.comp.average and n > 1 and views[i].dtype == torch.float32:
-                    torch.div(dense, n, out=views[i])   # straight into the bucket's output
-                    continue
-                if self.comp.average and n > 1:
-                    dense.div_(n)                       # in place: this step's decode buffer
-                views[i].copy_(dense)
+                views[i].copy_(fz_out[e.name])          # averaged in the decode
                 continue
             if i in rs_out:
                 dense, mk = rs_out[i]

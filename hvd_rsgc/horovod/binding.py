@@ -212,13 +212,12 @@ class HorovodBinding:
                                f"were compressed ({len(b['ctxs'])} of {len(b['members'])}); call "
                                "optimizer.synchronize() / step() as Horovod does")
         if b["results"] is None:
-            b["results"] = b["codec"].decode([self.transport.wait(h) for h in b["handles"]])
+            n = self.transport.size           # op=Average: divided in the decode itself
+            b["results"] = b["codec"].decode([self.transport.wait(h) for h in b["handles"]],
+                                             divide=n if self.comp.average and n > 1 else 1)
         dense = b["results"].pop(e.name)
         if float(tensor.reshape(-1)[0]) != FLAG_OK:
             return self.engine.nonfinite_result(e, tensor.to(ctx["dtype"]))
-        n = self.transport.size
-        if self.comp.average and n > 1:
-            dense.div_(n)       # in place: a view of this step's own decode buffer
         return dense.to(ctx["dtype"])
 
     def _reduce_scatter(self, step: int) -> bool:
