@@ -518,3 +518,27 @@ def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method
     assert all(not mk.any() for mk in codec._marks.values())
     with pytest.raises(ValueError, match="divide"):
         codec.decode(msgs, divide=0)
+    # straight into a caller's buffer (DDP's bucket): the layers at scattered offsets between
+    # other data, which is left as it was; the same bits as decode()
+    offsets, o = {}, 3
+    for st in layers:
+        offsets[st.name] = o
+        o += st.layout.numel + 5
+    for div in (1, 3):
+        base = torch.full((o + 2,), 7.0)
+        written = codec.decode_into(msgs, base, offsets, divide=div)
+        assert written == (kernels == "native")
+        if not written:
+            assert torch.equal(base, torch.full((o + 2,), 7.0))
+            continue
+        want = codec.decode(msgs, divide=div)
+        keep = torch.ones(o + 2, dtype=torch.bool)
+        for st in layers:
+            a = offsets[st.name]
+            got_l = base[a:a + st.layout.numel].view(st.shape)
+            assert torch.equal(got_l.view(torch.int32), want[st.name].view(torch.int32)), (div, st.name)
+            keep[a:a + st.layout.numel] = False
+        assert (base[keep] == 7.0).all()
+    if kernels == "native":
+        with pytest.raises(ValueError, match="does not fit"):
+            codec.decode_into(msgs, torch.zeros(10), offsets)

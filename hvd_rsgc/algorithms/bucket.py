@@ -152,6 +152,40 @@ class BucketCodec:
                 out[st.name] = flat[lo:hi].view(st.shape)
         return out
 
+    def decode_into(self, gathered: list[torch.Tensor], base: torch.Tensor, offsets: dict,
+                    divide: int = 1) -> bool:
+        """Decode straight into ``base``, a flat fp32 CPU tensor that holds each layer at
+        element ``offsets[name]`` (DDP's bucket buffer): every layer's region zeroed, the units
+        added in message order, the cells they reached divided by ``divide`` -- the same values
+        as :meth:`decode`, without its buffer and the copy out of it. Returns False (nothing
+        written) where the codec cannot: no native kernels, or ``base`` not a contiguous fp32
+        CPU tensor; use :meth:`decode` then."""
+        if divide < 1:
+            raise ValueError(f"divide must be >= 1, got {divide}")
+        if not (self.native and base.device.type == "cpu" and base.dtype == torch.float32
+                and base.dim() == 1 and base.is_contiguous()):
+            return False
+        for gi, (g, msg) in enumerate(zip(self.groups, gathered)):
+            offs = [int(offsets[st.name]) for st in g.layers]
+            for st, o in zip(g.layers, offs):
+                if o < 0 or o + st.layout.numel > base.numel():
+                    raise ValueError(f"decode_into: layer '{st.name}' at {o} does not fit a "
+                                     f"buffer of {base.numel()} elements")
+                base[o:o + st.layout.numel].zero_()
+            vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
+            if not rows.numel():
+                continue
+            geo = dict(g.geometry(base.device))
+            geo["elem_off"] = torch.tensor(offs, dtype=torch.int64)
+            mark = None
+            if divide > 1:
+                key = ("into", gi, base.numel())
+                mark = self._marks.get(key)
+                if mark is None:
+                    mark = self._marks[key] = torch.zeros((base.numel() + 8) // 8, dtype=torch.uint8)
+            native.scatter(base, vals.float(), rows, g.S, g.s, geo, divide, mark)
+        return True
+
     def _buffer(self, gi: int, n: int, device) -> torch.Tensor:
         """Group ``gi``'s zeroed decode output. On a CPU, last step's buffer is zeroed and used
         again once nothing outside this codec holds its storage any more (Horovod made its views

@@ -130,9 +130,10 @@ class DDPBinding:
         # every gradient of it was read above (encode, the dense allreduce's copy), and a
         # fresh bucket-sized tensor would page-fault on every page each step
         out = buf
-        views, off = [], 0
+        views, starts, off = [], [], 0
         for g in grads:
             views.append(out[off:off + g.numel()].view_as(g))
+            starts.append(off)
             off += g.numel()
         if off != buf.numel():
             raise RuntimeError(f"DDP bucket {bucket.index()}: gradients cover {off} of "
@@ -140,9 +141,17 @@ class DDPBinding:
         reduced = self.transport.wait(dense_h)
         bad = reduced[-len(entries):] != FLAG_OK
         done = {i: h for i, h, _ in works}
-        fz_out = codec.decode([self.transport.wait(h) for h in fz_handles],       # op=Average:
-                              divide=n if self.comp.average and n > 1 else 1) \
-            if codec is not None else {}                                           # divided there
+        fz_out, fz_direct = {}, False
+        if codec is not None:                  # op=Average: divided in the decode itself
+            gathered = [self.transport.wait(h) for h in fz_handles]
+            divide = n if self.comp.average and n > 1 else 1
+            # straight into the bucket's buffer where the codec can (native kernels, fp32 CPU
+            # bucket): no decode buffer and no copy of it into the bucket
+            fz_direct = codec.decode_into(gathered, out, {entries[i].name: starts[i] for i in fz_idx},
+                                          divide)
+            if not fz_direct:
+                fz_out = codec.decode(gathered, divide=divide)
+        fz_set = set(fz_idx) if fz_direct else set()
         rs_out = {}
         if rs_items:        # one balanced sparse reduce-scatter + allgather for the bucket
             sums, marks = self.comp.collective.exchange(
@@ -159,6 +168,10 @@ class DDPBinding:
                                else eng.nonfinite_result(e, g))
                 continue
             if multi:
+                continue
+            if i in fz_set:                             # decoded in place above
+                if bad[i]:
+                    views[i].copy_(eng.nonfinite_result(e, g))
                 continue
             if e.name in fz_out:
                 if bad[i]:
