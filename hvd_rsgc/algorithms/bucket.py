@@ -49,7 +49,18 @@ class Group:
         # tiles of one unit size S = s*s share their side s (0: no tile in the group)
         self.s = next((st.layout.s for st in layers if st.layout.kind == "tile"), 0)
         self._geo: dict = {}
+        self._geo_at: dict = {}
         self.native_tables: dict = {}       # native.encode_group's per-layer tables, cached
+
+    def geometry_at(self, offsets: list[int]) -> dict:
+        """:meth:`geometry` on the CPU with the layers' elements at ``offsets`` of another
+        buffer instead of one after the other (``BucketCodec.decode_into``; cached)."""
+        key = tuple(offsets)
+        geo = self._geo_at.get(key)
+        if geo is None:
+            geo = self._geo_at[key] = {**self.geometry(torch.device("cpu")),
+                                       "elem_off": torch.tensor(offsets, dtype=torch.int64)}
+        return geo
 
     def geometry(self, device) -> dict:
         """Per tensor of the group, as tensors on ``device`` (cached): unit and element offsets,
@@ -86,7 +97,7 @@ class BucketCodec:
         # the decode in C where the method's kernels are native (the same sums, bit for bit)
         self.native = getattr(method, "kernels", None) == "native"
         self._out: dict = {}                # group -> (decode buffer, its storage's own use count)
-        self._marks: dict = {}              # group -> zeroed bit per cell (decode's divide)
+        self._marks: dict = {}              # bytes -> zeroed bit per cell (decode's divide)
         idx_bytes = torch.empty((), dtype=method.index_dtype).element_size()
         for g in self.groups:
             if g.units >= 2 ** (8 * idx_bytes - 1):
@@ -137,13 +148,8 @@ class BucketCodec:
             if rows.numel():
                 v = vals.float()
                 if self.native and flat.device.type == "cpu":
-                    mark = None
-                    if divide > 1:
-                        mark = self._marks.get(gi)
-                        if mark is None:
-                            mark = self._marks[gi] = torch.zeros((flat.numel() + 8) // 8,
-                                                                 dtype=torch.uint8)
-                    native.scatter(flat, v, rows, g.S, g.s, g.geometry(flat.device), divide, mark)
+                    native.scatter(flat, v, rows, g.S, g.s, g.geometry(flat.device), divide,
+                                   self._mark(flat, divide))
                 else:
                     self._scatter(g, flat, v, rows)
                     if divide > 1:
@@ -165,7 +171,7 @@ class BucketCodec:
         if not (self.native and base.device.type == "cpu" and base.dtype == torch.float32
                 and base.dim() == 1 and base.is_contiguous()):
             return False
-        for gi, (g, msg) in enumerate(zip(self.groups, gathered)):
+        for g, msg in zip(self.groups, gathered):
             offs = [int(offsets[st.name]) for st in g.layers]
             for st, o in zip(g.layers, offs):
                 if o < 0 or o + st.layout.numel > base.numel():
@@ -173,18 +179,21 @@ class BucketCodec:
                                      f"buffer of {base.numel()} elements")
                 base[o:o + st.layout.numel].zero_()
             vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
-            if not rows.numel():
-                continue
-            geo = dict(g.geometry(base.device))
-            geo["elem_off"] = torch.tensor(offs, dtype=torch.int64)
-            mark = None
-            if divide > 1:
-                key = ("into", gi, base.numel())
-                mark = self._marks.get(key)
-                if mark is None:
-                    mark = self._marks[key] = torch.zeros((base.numel() + 8) // 8, dtype=torch.uint8)
-            native.scatter(base, vals.float(), rows, g.S, g.s, geo, divide, mark)
+            if rows.numel():
+                native.scatter(base, vals.float(), rows, g.S, g.s, g.geometry_at(offs), divide,
+                               self._mark(base, divide))
         return True
+
+    def _mark(self, out: torch.Tensor, divide: int) -> torch.Tensor | None:
+        """``native.scatter``'s zeroed bit per cell of ``out`` (kept: the scatter leaves it
+        zeroed), or None without a division."""
+        if divide <= 1:
+            return None
+        nbytes = (out.numel() + 8) // 8
+        mark = self._marks.get(nbytes)
+        if mark is None:
+            mark = self._marks[nbytes] = torch.zeros(nbytes, dtype=torch.uint8)
+        return mark
 
     def _buffer(self, gi: int, n: int, device) -> torch.Tensor:
         """Group ``gi``'s zeroed decode output. On a CPU, last step's buffer is zeroed and used

@@ -61,7 +61,7 @@ def dynamic_densities(weights: Sequence[torch.Tensor], density: float,
         tau = flat.min()
     else:
         tau = torch.topk(flat, K, sorted=False).values.min()
-    mags = [w.detach().abs().float() for w in weights]
+    mags = torch.split(flat, [w.numel() for w in weights])            # views of the ranking
     above = torch.stack([(a > tau).sum() for a in mags]).tolist()      # one host sync each
     tied = torch.stack([(a == tau).sum() for a in mags]).tolist()
     rest, T = K - sum(above), sum(tied)          # 1 <= rest <= T: places left for the ties

@@ -273,6 +273,32 @@ int64_t hr_atleast(const float *restrict x, int64_t n, const float *restrict hi,
   return cnt;
 }
 
+/* every cell c of every received unit k, in message order (row rows[k], group-global: the
+   layer l by binary search over unit_end, its cells from elem_off[l] -- tiles through their
+   tile row / column, padded cells skipped; kernel and element units contiguous), with q the
+   cell's position among the unit's S values; BODY runs once per (k, c, q). */
+#define HR_CELLS(BODY)                                                                        \
+  int64_t l = 0;                                                                              \
+  for (int64_t k = 0; k < n; ++k) {                                                           \
+    const int64_t row = rows[k];                                                              \
+    if (row < (l ? unit_end[l - 1] : 0) || row >= unit_end[l]) {   /* binary search */       \
+      int64_t a = 0, b = L - 1;                                                               \
+      while (a < b) { int64_t mid = (a + b) / 2; if (row < unit_end[mid]) b = mid; else a = mid + 1; } \
+      l = a;                                                                                  \
+    }                                                                                         \
+    const int64_t loc = row - (l ? unit_end[l - 1] : 0), base = elem_off[l];                  \
+    if (H[l] > 0) {                                                                           \
+      const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];              \
+      const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;                               \
+      const int64_t cn = w - tc * s < s ? w - tc * s : s;                                     \
+      for (int64_t i = 0; i < rn; ++i)                                                        \
+        for (int64_t j = 0; j < cn; ++j) {                                                    \
+          const int64_t c = base + (tr * s + i) * w + tc * s + j, q = i * s + j; BODY         \
+        }                                                                                     \
+    } else {                                                                                  \
+      for (int64_t j = 0; j < S; ++j) { const int64_t c = base + loc * S + j, q = j; BODY }   \
+    }                                                                                         \
+  }
 /* a bucket group's decode: the n received units (rows: group-global unit indices, checked in
    range by the caller; vals: row r's S values at vals + r * vstride) added into the flat
    output, one unit after the other in message order, cells in order -- every element gets
@@ -285,63 +311,22 @@ void hr_scatter(float *restrict out, const float *restrict vals, int64_t vstride
                 const int64_t *restrict unit_end, const int64_t *restrict elem_off,
                 const int64_t *restrict tiles_w, const int64_t *restrict H,
                 const int64_t *restrict W) {
-  int64_t l = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t row = rows[k];
-    if (row < (l ? unit_end[l - 1] : 0) || row >= unit_end[l]) {   /* binary search */
-      int64_t a = 0, b = L - 1;
-      while (a < b) { int64_t mid = (a + b) / 2; if (row < unit_end[mid]) b = mid; else a = mid + 1; }
-      l = a;
-    }
-    const int64_t loc = row - (l ? unit_end[l - 1] : 0);
-    const float *restrict x = vals + k * vstride;
-    float *restrict o = out + elem_off[l];
-    if (H[l] > 0) {
-      const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];
-      const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;
-      const int64_t cn = w - tc * s < s ? w - tc * s : s;
-      for (int64_t i = 0; i < rn; ++i)
-        for (int64_t j = 0; j < cn; ++j) o[(tr * s + i) * w + tc * s + j] += x[i * s + j];
-    } else {
-      o += loc * S;
-      for (int64_t j = 0; j < S; ++j) o[j] += x[j];
-    }
-  }
+  HR_CELLS(out[c] += vals[k * vstride + q];)
 }
 /* after hr_scatter (same units, same geometry): every cell that some unit reached divided by d
    once -- the cells no unit reached are +0 and stay +0 = +0 / d -- so the sum becomes the
    average without a pass over the whole output. mark: (cells + 8) / 8 zero bytes, a bit per
    cell (a cell reached by several ranks' units is divided once); left zero again. */
-#define HR_CELLS(BODY)                                                                        \
-  int64_t l = 0;                                                                              \
-  for (int64_t k = 0; k < n; ++k) {                                                           \
-    const int64_t row = rows[k];                                                              \
-    if (row < (l ? unit_end[l - 1] : 0) || row >= unit_end[l]) {                              \
-      int64_t a = 0, b = L - 1;                                                               \
-      while (a < b) { int64_t mid = (a + b) / 2; if (row < unit_end[mid]) b = mid; else a = mid + 1; } \
-      l = a;                                                                                  \
-    }                                                                                         \
-    const int64_t loc = row - (l ? unit_end[l - 1] : 0), base = elem_off[l];                  \
-    if (H[l] > 0) {                                                                           \
-      const int64_t tr = loc / tiles_w[l], tc = loc - tr * tiles_w[l], w = W[l];              \
-      const int64_t rn = H[l] - tr * s < s ? H[l] - tr * s : s;                               \
-      const int64_t cn = w - tc * s < s ? w - tc * s : s;                                     \
-      for (int64_t i = 0; i < rn; ++i)                                                        \
-        for (int64_t j = 0; j < cn; ++j) { const int64_t c = base + (tr * s + i) * w + tc * s + j; BODY } \
-    } else {                                                                                  \
-      for (int64_t j = 0; j < S; ++j) { const int64_t c = base + loc * S + j; BODY }          \
-    }                                                                                         \
-  }
 void hr_divide_touched(float *restrict out, const int64_t *restrict rows, int64_t n, int64_t S,
                        int64_t s, int64_t L, const int64_t *restrict unit_end,
                        const int64_t *restrict elem_off, const int64_t *restrict tiles_w,
                        const int64_t *restrict H, const int64_t *restrict W, float d,
                        uint8_t *restrict mark) {
   {
-    HR_CELLS(if (!(mark[c >> 3] & (1u << (c & 7)))) { mark[c >> 3] |= (uint8_t)(1u << (c & 7)); out[c] = out[c] / d; })
+    HR_CELLS((void)q; if (!(mark[c >> 3] & (1u << (c & 7)))) { mark[c >> 3] |= (uint8_t)(1u << (c & 7)); out[c] = out[c] / d; })
   }
   {
-    HR_CELLS(mark[c >> 3] = 0;)
+    HR_CELLS((void)q; mark[c >> 3] = 0;)
   }
 }
 /* ---- a bucket group in three calls (bucket.BucketCodec through SparseMethod.encode_group) ----

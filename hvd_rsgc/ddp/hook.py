@@ -169,15 +169,11 @@ class DDPBinding:
                 continue
             if multi:
                 continue
-            if i in fz_set:                             # decoded in place above
+            if i in fz_set or e.name in fz_out:        # averaged in the decode
                 if bad[i]:
                     views[i].copy_(eng.nonfinite_result(e, g))
-                continue
-            if e.name in fz_out:
-                if bad[i]:
-                    views[i].copy_(eng.nonfinite_result(e, g))
-                    continue
-                views[i].copy_(fz_out[e.name])          # averaged in the decode
+                elif i not in fz_set:                   # not decoded in place above
+                    views[i].copy_(fz_out[e.name])
                 continue
             if i in rs_out:
                 dense, mk = rs_out[i]
