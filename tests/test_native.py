@@ -287,7 +287,9 @@ GROUP_SHAPES = [(256, 256, 3, 3), (512, 1024, 1, 1), (40, 31), (16, 8, 3, 3), (8
 GROUP_METHODS = {"rsdgc": lambda mem, **kw: RSDGC(mem, kernels="native", **kw),
                  "rsdgc-beta1": lambda mem, **kw: RSDGC(mem, beta=1.0, kernels="native", **kw),
                  "topk": lambda mem, **kw: TopK(mem, kernels="native", **kw),
-                 "dgc": lambda mem, **kw: DGC(mem, seed=3, kernels="native", **kw)}
+                 "dgc": lambda mem, **kw: DGC(mem, seed=3, kernels="native", **kw),
+                 "rsdgc-sampled": lambda mem, **kw: RSDGC(mem, selection="sampled", seed=3,
+                                                          kernels="native", **kw)}
 
 
 @pytest.mark.parametrize("method", list(GROUP_METHODS))
@@ -347,7 +349,9 @@ def test_group_encode_missing_layers_dynamic_k_and_nan():
 
     for make in (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"),
                  lambda: TopK(ErrorFeedback(), kernels="native"),
-                 lambda: DGC(MomentumCorrection(0.9), seed=4, kernels="native")):
+                 lambda: DGC(MomentumCorrection(0.9), seed=4, kernels="native"),
+                 lambda: RSDGC(MomentumCorrection(0.9), selection="sampled", seed=4,
+                               kernels="native")):
         runs = _group_vs_layers(make, GROUP_SHAPES, 0.001, steps=5, grads_of=grads_of)
         _assert_same(runs)
         assert runs[0][1][1]["t0"]["sent_units"] == 0
@@ -389,7 +393,8 @@ def test_group_sampled_threshold_equals_dgc_selection():
     with the same sample offset: random vectors, a periodic one whose sample sees only small
     entries (far more than 1.3x pass: the exact-top-k branch), one whose sample sees only the
     largest (too few pass: threshold * 0.8 rounds, up to the 10th), all entries (k >= n),
-    and tails past the last full block."""
+    and tails past the last full block; with the block extremes given (DGC) and read from x
+    by the kernel itself (RS-DGC's scores)."""
     from hvd_rsgc.algorithms.select import SamplePlan, sampled_threshold_indices
     lib = native.library()
     g = torch.Generator().manual_seed(9)
@@ -419,12 +424,14 @@ def test_group_sampled_threshold_equals_dgc_selection():
         geo, xp, ustart = t([0, n, 1, 0, 0, 0, 0, 1]), t([x.data_ptr()]), t([0])
         pl = t([plan.stride, start, plan.top_k_samples, plan.num_selects, plan.num_samples, 0])
         off, bstart = t([0, room]), t([0, nb])
-        rows, cnt = torch.empty(room, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-        status = torch.zeros(1, dtype=torch.int32)
-        lib.hr_group_sampled(1, xp.data_ptr(), ustart.data_ptr(), geo.data_ptr(), pl.data_ptr(),
-                             off.data_ptr(), rows.data_ptr(), cnt.data_ptr(), status.data_ptr(),
-                             hi.data_ptr(), lo.data_ptr(), bstart.data_ptr(), 1)
-        assert status.item() == 0
-        assert rows[: int(cnt)].tolist() == ref.tolist(), (n, dens)
+        for given in (True, False):
+            rows, cnt = torch.empty(room, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+            status = torch.zeros(1, dtype=torch.int32)
+            lib.hr_group_sampled(1, xp.data_ptr(), ustart.data_ptr(), geo.data_ptr(), pl.data_ptr(),
+                                 off.data_ptr(), rows.data_ptr(), cnt.data_ptr(), status.data_ptr(),
+                                 hi.data_ptr() if given else None, lo.data_ptr() if given else None,
+                                 bstart.data_ptr(), 1)
+            assert status.item() == 0
+            assert rows[: int(cnt)].tolist() == ref.tolist(), (n, dens, given)
         branches.add(len(ref) == plan.num_selects)
     assert branches == {True, False}       # some ended short of num_selects (the 0.8 rounds)

@@ -41,4 +41,4 @@ class DGC(SparseMethod):
         # sampled thresholds, sample offsets drawn from this generator in the same order
         if self.kernels != "native":
             return None
-        return native.encode_group(self, group, grads, ctxs, "sampled")
+        return native.encode_group(self, group, grads, ctxs, "magnitude", selection="sampled")

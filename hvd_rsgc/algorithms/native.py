@@ -27,7 +27,8 @@ correction ``u = m*u + g; v += u``, its Nesterov form ``u = m*(u + g); v += u + 
   bucket group (``encode_group``; RS-DGC, Top-k, DGC): every layer's update and scores (NSI,
   or block extremes), every layer's selection (exact top-k by radix select over the
   candidates that the k-th largest block maximum leaves; DGC's sampled threshold and its
-  re-adjust rounds), the chosen units copied into the message and out of the residual --
+  re-adjust rounds, over |v| for DGC and over the NSI scores for RS-DGC's
+  ``selection="sampled"``), the chosen units copied into the message and out of the residual --
   three or four calls per group instead of a dozen PyTorch calls per layer. The candidate
   blocks lie scattered and are read with a software prefetch (``gather_at_least``).
 
@@ -525,6 +526,7 @@ void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const in
    then at most 10 rounds: more than 1.3x num_selects pass -> the num_selects largest of them
    (ties: the lowest rows); fewer than 0.8x -> threshold * 0.8 and again. At most num_selects
    rows (ustart[l] + position, ascending) into rows + row_off[l], their count into cnt_out[l].
+   bhi = NULL: the block maxima are read from x (RS-DGC's NSI scores, which are >= 0).
    status 1: a NaN met (nothing written: the caller selects as per layer); 2: out of memory. */
 void hr_group_sampled(int64_t L, const int64_t *xp, const int64_t *ustart, const int64_t *geo,
                       const int64_t *pl, const int64_t *row_off, int64_t *rows,
@@ -554,11 +556,23 @@ void hr_group_sampled(int64_t L, const int64_t *xp, const int64_t *ustart, const
         if (!cv || !tmp || !ci || !bl) { status[l] = 2; cap = 0; continue; }
       }
       const int64_t nb = n / TOPK_BLOCK;
-      const float *h0 = bhi + bstart[l], *l0 = blo + bstart[l];
       int nan = 0;
-      for (int64_t b = 0; b < nb; ++b) {             /* block maxima of |x| into cv */
-        float h = h0[b], nl = -l0[b];
-        h = nl > h ? nl : h; nan |= h != h; cv[b] = h;
+      if (bhi) {                                     /* block maxima of |x| into cv */
+        const float *h0 = bhi + bstart[l], *l0 = blo + bstart[l];
+        for (int64_t b = 0; b < nb; ++b) {
+          float h = h0[b], nl = -l0[b];
+          h = nl > h ? nl : h; nan |= h != h; cv[b] = h;
+        }
+      } else {                                       /* none given: from x itself */
+        for (int64_t b = 0; b < nb; ++b) {
+          const float *xb = x + b * TOPK_BLOCK;
+          float h = -INFINITY; int bad = 0;
+          for (int64_t j = 0; j < TOPK_BLOCK; ++j) {
+            const float y = fabsf(xb[j]);
+            h = y > h ? y : h; bad |= y != y;
+          }
+          nan |= bad; cv[b] = h;
+        }
       }
       for (int64_t j = nb * TOPK_BLOCK; j < n; ++j) nan |= x[j] != x[j];
       if (nan) { status[l] = 1; continue; }
@@ -899,14 +913,16 @@ def at_least(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, block: 
 
 
 def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
-                 beta: float = 0.5) -> torch.Tensor | None:
+                 beta: float = 0.5, selection: str = "topk") -> torch.Tensor | None:
     """One bucket group's message (``bucket.BucketCodec``) for a method with exact top-k and a
     residual (values fp32, or fp16 / int8 through ``base.to_wire`` with the rounding kept in
     the residual by ``hr_group_keep``), in three C calls for the whole group instead of a dozen PyTorch
     calls per layer: every layer's update and what selection reads (``scoring="nsi"``: the NSI
     of its units, ``hr_group_scores``, RS-DGC; ``"magnitude"``: the block extremes of the
-    residual, whose |entries| are the scores, ``hr_group_blocks``, Top-k), every layer's top-k
-    (``hr_group_topk``), the chosen units into the message and out of the residual
+    residual, whose |entries| are the scores, ``hr_group_blocks``, Top-k and DGC), every
+    layer's selection (``selection="topk"``: its exact top-k, ``hr_group_topk``; ``"sampled"``:
+    DGC's sampled threshold over the scores, ``hr_group_sampled``, DGC and RS-DGC with
+    ``selection="sampled"``), the chosen units into the message and out of the residual
     (``hr_group_take``). The message and the residual are what the per-layer route
     (``SparseMethod.pick``, ``to_wire``, ``memory.mark_sent``, ``pack_sparse``) gives, bit for
     bit (tested), save that ties at a layer's k-th score go to the lowest rows. Fills
@@ -962,7 +978,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     else:
         ubufs = [st.memory["u"] for st in st_of]
         vbufs = [st.memory["v"] for st in st_of]
-    if scoring == "sampled":            # room for at most num_selects (all: n) per layer
+    if selection == "sampled":          # room for at most num_selects (all: n) per layer
         ks = [st.layout.num_units if st.plan.num_selects >= st.layout.num_units
               else st.plan.num_selects for st in st_of]
     else:
@@ -996,7 +1012,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     rows = torch.empty(K, dtype=torch.int64)
     status = torch.zeros(L, dtype=torch.int32)
     starts: list[int | None] = []
-    if scoring == "sampled":
+    if selection == "sampled":
         # the sample offsets drawn in layer order, as the per-layer route draws them
         pl = []
         for st in st_of:
@@ -1007,11 +1023,12 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
             starts.append(start)
             pl += [plan.stride, start, plan.top_k_samples, plan.num_selects, plan.num_samples, 0]
         pl_t = torch.tensor(pl, dtype=torch.int64)
-        assert hi is not None and lo is not None
         cnt = torch.zeros(L, dtype=torch.int64)
+        # NSI scores: no block extremes yet, hr_group_sampled takes the maxima from the scores
         lib.hr_group_sampled(L, xp, start_t.data_ptr(), geo_t.data_ptr(), pl_t.data_ptr(), rp,
-                             rows.data_ptr(), cnt.data_ptr(), status.data_ptr(), hi.data_ptr(),
-                             lo.data_ptr(), bstart_t.data_ptr(), nt)
+                             rows.data_ptr(), cnt.data_ptr(), status.data_ptr(),
+                             hi.data_ptr() if hi is not None else None,
+                             lo.data_ptr() if lo is not None else None, bstart_t.data_ptr(), nt)
     else:
         lib.hr_group_topk(L, xp, start_t.data_ptr(), geo_t.data_ptr(), kp, rp, rows.data_ptr(),
                           status.data_ptr(), int(scoring == "magnitude"),
@@ -1026,15 +1043,16 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
                 uoff = present[l_][1]
                 n_ = st_of[l_].layout.num_units
                 sc = score[uoff:uoff + n_] if scoring == "nsi" else vbufs[l_].view(-1)[:n_]
-                if scoring == "sampled":
-                    sel = sampled_threshold_indices(sc, st_of[l_].plan, magnitude=True,
+                if selection == "sampled":
+                    sel = sampled_threshold_indices(sc, st_of[l_].plan,
+                                                    magnitude=scoring == "magnitude",
                                                     start=starts[l_])
                     rows[row_off[l_]:row_off[l_] + sel.numel()] = sel + uoff
                     cnt[l_] = sel.numel()
                 else:
                     rows[row_off[l_]:row_off[l_ + 1]] = \
                         topk_indices(sc, ks[l_], magnitude=scoring == "magnitude") + uoff
-    if scoring == "sampled":            # each layer's rows to the front of its room
+    if selection == "sampled":          # each layer's rows to the front of its room
         ks = cnt.tolist()
         rows = torch.cat([rows[a:a + c] for a, c in zip(row_off, ks)])
         row_off = [0]

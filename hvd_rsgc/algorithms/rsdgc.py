@@ -70,10 +70,10 @@ class RSDGC(SparseMethod):
         return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels, exact top-k: three C calls per bucket group
-        if self.kernels != "native" or self.selection != "topk":
+        # native kernels: three C calls per bucket group (exact top-k or the sampled threshold)
+        if self.kernels != "native":
             return None
-        return native.encode_group(self, group, grads, ctxs, "nsi", self.beta)
+        return native.encode_group(self, group, grads, ctxs, "nsi", self.beta, self.selection)
 
     def select(self, layer, acc, pre=None):
         s = self.scores(layer, acc) if pre is None else pre
