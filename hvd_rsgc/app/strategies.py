@@ -88,7 +88,7 @@ class AllreduceStrategy:
             self.opt.step()
             return
         self.comp.synchronize(self.opt)
-        if self.comp.step_nonfinite:          # every rank agrees; the state was not touched
+        if self.comp.step_nonfinite:          # every rank agrees; no NaN reached any state
             self.opt.zero_grad()
             return
         with self.opt.skip_synchronize():
