@@ -405,6 +405,32 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
   return funkey(prefix);
 }
 
+/* the maximum of each of the nb full TOPK_BLOCK blocks of x (of |x| with magnitude) into cv:
+   from given block extremes (h0: maxima; l0: minima, or NULL) where h0 is not NULL, else
+   from x itself. Returns 1 if a block holds a NaN (its maximum is then NaN). */
+static int block_maxima(const float *x, int64_t nb, int magnitude, const float *h0,
+                        const float *l0, float *cv) {
+  int nan = 0;
+  if (h0) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float h = h0[b];
+      if (magnitude && l0) { float nl = -l0[b]; h = nl > h ? nl : h; }
+      nan |= h != h; cv[b] = h;                    /* a block with a NaN has NaN extremes */
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float *xb = x + b * TOPK_BLOCK;
+      float h = -INFINITY; int bad = 0;
+      for (int64_t j = 0; j < TOPK_BLOCK; ++j) {
+        const float y = magnitude ? fabsf(xb[j]) : xb[j];
+        h = y > h ? y : h; bad |= y != y;
+      }
+      nan |= bad; cv[b] = h;
+    }
+  }
+  return nan;
+}
+
 /* the entries y (|x| with mag, else x) >= t of the blocks whose maximum cv[b] reaches t and
    of the tail past the nb full blocks: index into ci, value into tmp, ascending; returns how
    many. The passing blocks lie scattered (~6% of them at density 0.001), each a demand miss
@@ -469,25 +495,9 @@ void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const in
       }
       float t = -INFINITY;
       int nan = 0;
-      if (blocked && bhi) {                          /* block maxima (into cv, then tmp) */
-        const float *h0 = bhi + bstart[l], *l0 = blo ? blo + bstart[l] : NULL;
-        for (int64_t b = 0; b < nb; ++b) {
-          float h = h0[b];
-          if (magnitude && l0) { float nl = -l0[b]; h = nl > h ? nl : h; }
-          nan |= h != h; cv[b] = h;                  /* a block with a NaN has NaN extremes */
-        }
-      } else if (blocked) {
-        for (int64_t b = 0; b < nb; ++b) {
-          const float *xb = x + b * TOPK_BLOCK;
-          float h = -INFINITY; int bad = 0;
-          for (int64_t j = 0; j < TOPK_BLOCK; ++j) {
-            const float y = magnitude ? fabsf(xb[j]) : xb[j];
-            h = y > h ? y : h; bad |= y != y;
-          }
-          nan |= bad; cv[b] = h;
-        }
-      }
-      if (blocked) {
+      if (blocked) {                                 /* block maxima (into cv, then tmp) */
+        nan = block_maxima(x, nb, magnitude, bhi ? bhi + bstart[l] : NULL,
+                           bhi && blo ? blo + bstart[l] : NULL, cv);
         for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) nan |= x[j] != x[j];
         if (!nan) {
           for (int64_t b = 0; b < nb; ++b) tmp[b] = cv[b];
@@ -556,24 +566,9 @@ void hr_group_sampled(int64_t L, const int64_t *xp, const int64_t *ustart, const
         if (!cv || !tmp || !ci || !bl) { status[l] = 2; cap = 0; continue; }
       }
       const int64_t nb = n / TOPK_BLOCK;
-      int nan = 0;
-      if (bhi) {                                     /* block maxima of |x| into cv */
-        const float *h0 = bhi + bstart[l], *l0 = blo + bstart[l];
-        for (int64_t b = 0; b < nb; ++b) {
-          float h = h0[b], nl = -l0[b];
-          h = nl > h ? nl : h; nan |= h != h; cv[b] = h;
-        }
-      } else {                                       /* none given: from x itself */
-        for (int64_t b = 0; b < nb; ++b) {
-          const float *xb = x + b * TOPK_BLOCK;
-          float h = -INFINITY; int bad = 0;
-          for (int64_t j = 0; j < TOPK_BLOCK; ++j) {
-            const float y = fabsf(xb[j]);
-            h = y > h ? y : h; bad |= y != y;
-          }
-          nan |= bad; cv[b] = h;
-        }
-      }
+      /* block maxima of |x| into cv: from the given extremes, or from x (NSI scores) */
+      int nan = block_maxima(x, nb, 1, bhi ? bhi + bstart[l] : NULL,
+                             bhi ? blo + bstart[l] : NULL, cv);
       for (int64_t j = nb * TOPK_BLOCK; j < n; ++j) nan |= x[j] != x[j];
       if (nan) { status[l] = 1; continue; }
       int64_t m = 0;
