@@ -337,9 +337,11 @@ class Engine:
         self.schedule.set_epoch(epoch)
 
     # -- one tensor's step ----------------------------------------------------------------
-    def begin(self, e: Entry, tensor: torch.Tensor, world: int):
+    def begin(self, e: Entry, tensor: torch.Tensor, world: int, check: bool = True):
         """Start ``e``'s step: allocate memory, update densities, count the step, check the
-        gradient. Returns ``(finite, g)`` with ``g`` locally clipped when ``clip_norm``."""
+        gradient (``check=False``: the caller's codec checks it, ``bucket.BucketCodec``;
+        ``finite`` is then True). Returns ``(finite, g)`` with ``g`` locally clipped when
+        ``clip_norm`` (a clipped non-finite gradient keeps a non-finite entry)."""
         if tensor.is_sparse:
             raise TypeError(f"parameter '{e.name}': torch.sparse gradients are not supported "
                             "(use nn.Embedding(sparse=False) or sparse_as_dense=True)")
@@ -354,7 +356,7 @@ class Engine:
         st.step += 1
         if st.step > self.meter.cur_step:
             self.step_nonfinite = False
-        finite = all_finite(tensor)
+        finite = all_finite(tensor) if check else True
         g = clip_local(tensor, self.clip_norm, world) if finite and e.sparse and self.clip_norm \
             else tensor
         return finite, g

@@ -75,6 +75,22 @@ def test_ddp_double_momentum_is_refused(np2):
         assert r["momentum"] and "double momentum" in r["momentum"]
 
 
+def test_ddp_nonfinite_gradient_skip_and_raise(tmp_path):
+    """One layer's gradient is NaN on rank 1 at step 2 (buckets: the flag row of the message;
+    per tensor and dense: the flag in the bucket's allreduce). skip: every rank skips exactly
+    that step, leaves the parameters alone, keeps its state finite and trains on identically;
+    raise: every rank's backward raises, naming the parameter."""
+    for r in run(2, tmp_path, "--scenarios", "nonfinite", "--kinds", "none"):
+        for kind, x in r["nonfinite"].items():
+            if kind.endswith("!"):
+                assert x["raised"] and "non-finite gradient" in x["raised"] \
+                    and "conv2.weight" in x["raised"] and x["step"] == 2, (kind, x)
+                continue
+            assert x["raised"] is None and x["skipped"] == [2], (kind, x)
+            assert x["unchanged"] and all(x["identical"]) and len(x["identical"]) == 5, (kind, x)
+            assert x["params_finite"] and x["memory_finite"] and x["stats_skipped"] == 1, (kind, x)
+
+
 def test_ddp_four_processes(tmp_path):
     for r in run(4, tmp_path, "--scenarios", "train", "--kinds", "rsdgc,topk,dgc", "--steps", "6"):
         for kind, x in r["train"].items():

@@ -331,18 +331,26 @@ def test_group_encode_equals_per_layer_route(method, memory):
 
 
 def test_group_encode_missing_layers_dynamic_k_and_nan():
-    """Non-finite layers (absent from ``grads``) send nothing and keep their residual; k
-    changing between steps (dynamic density); a residual holding an infinity gives NaN scores,
-    which take torch.topk's order as per layer. All == the per-layer route."""
+    """Absent layers send nothing and keep their residual; gradients holding inf / NaN are
+    not accumulated and travel as flag rows; k changing between steps (dynamic density); a
+    residual holding NaN / inf gives NaN scores, which take torch.topk's order as per layer.
+    All == the per-layer route (``_encode_layers``)."""
+    seen = {}
+
     def grads_of(step, grads, layers):
         if step == 1:
             grads.pop("t0")
             grads.pop("t4")
-        if step == 2:
-            grads["t2"][0, 0] = float("inf")     # finite checks are the caller's: inf gives a
-            grads["t1"][3, 7] = float("nan")     # NaN NSI; NaN a NaN magnitude
-        if step == 3:                            # the block-maximum route meets a NaN
-            grads["t0"][1, 2, 0, 0] = float("nan")
+        if step == 2:                            # not finite: flagged, only finite entries kept
+            grads["t2"][0, 0] = float("inf")
+            grads["t1"][3, 7] = float("nan")
+            seen["before"] = [b.clone() for st in layers[1:3] for b in st.memory.values()]
+            seen["layers"] = layers
+        if step == 3:                            # a residual holding NaN / inf: NaN scores,
+            for st in layers:                    # the block-maximum route meets a NaN
+                if st.name in ("t0", "t2", "t6"):
+                    for b in st.memory.values():
+                        b.view(-1)[5] = float("nan") if st.name != "t2" else float("inf")
         for st in layers:                        # k moves (dynamic density)
             st.k = max(1, st.k + (1 if step % 2 else -1) * (st.index + 1))
         return grads
@@ -355,6 +363,133 @@ def test_group_encode_missing_layers_dynamic_k_and_nan():
         runs = _group_vs_layers(make, GROUP_SHAPES, 0.001, steps=5, grads_of=grads_of)
         _assert_same(runs)
         assert runs[0][1][1]["t0"]["sent_units"] == 0
+        msgs, ctxs, state = runs[0][2]
+        assert ctxs["t1"].get("nonfinite") and ctxs["t2"].get("nonfinite")
+        assert ctxs["t1"]["sent_units"] == ctxs["t2"]["sent_units"] == 0
+        assert not any(ctxs[f"t{i}"].get("nonfinite") for i in (0, 3, 4, 5, 6, 7))
+        # their residuals after step 2: finite, the entries of the non-finite gradient entries
+        # as they were, the finite entries accumulated (the group route's run; the per-layer run == it)
+        from hvd_rsgc.algorithms.bucket import BucketCodec
+        codec = BucketCodec(make(), seen["layers"])
+        n_state = len(seen["layers"][0].memory)
+        after = state[n_state:n_state + len(seen["before"])]
+        per = len(seen["layers"][1].memory)
+        for i, (a, b) in enumerate(zip(after, seen["before"])):
+            st = seen["layers"][1 if i < per else 2]
+            spot = torch.zeros(st.shape, dtype=torch.bool)
+            spot[(3, 7) if i < per else (0, 0)] = True            # where the gradient was not finite
+            spot = st.layout.source_view(spot, None)
+            assert bool(torch.isfinite(a).all())
+            assert torch.equal(st.layout.target_view(a)[spot], st.layout.target_view(b)[spot])
+            assert not torch.equal(a, b)
+        # one flag row per such layer in its group's message: row = group units + position
+        flags = []
+        for g, msg in zip(codec.groups, msgs):
+            _, rows = unpack_sparse(msg, g.S, codec.method.index_dtype, g.units + len(g.layers))
+            flags += [g.layers[int(r) - g.units].name for r in rows if r >= g.units]
+        assert sorted(flags) == ["t1", "t2"]
+
+
+@pytest.mark.parametrize("kernels", ["native", "eager"])
+@pytest.mark.parametrize("memory", ["momentum", "nesterov", "ef"])
+def test_accumulate_finite_leaves_non_finite_entries_out(kernels, memory):
+    """A gradient holding inf / NaN (bucket route): its finite entries go into the residual by
+    the memory's formula, the others leave it as it was; on a padded tile layout (RS-DGC),
+    element layouts (Top-k, with and without block extremes: every native update loop) and a
+    kernel layout."""
+    mem = {"momentum": lambda: MomentumCorrection(0.9),
+           "nesterov": lambda: MomentumCorrection(0.9, nesterov=True),
+           "ef": ErrorFeedback}[memory]
+    gen = torch.Generator().manual_seed(6)
+    for make, shape in ((lambda: RSDGC(mem(), kernels=kernels), (40, 31)),
+                        (lambda: TopK(mem(), kernels=kernels), (600, 70)),     # block extremes
+                        (lambda: TopK(mem(), kernels=kernels), (30, 70)),      # update only
+                        (lambda: RSDGC(mem(), kernels=kernels), (16, 8, 3, 3))):
+        m = make()
+        st = make_layer(m, shape, 0.001, name="w")
+        for b in st.memory.values():
+            b.copy_(torch.randn(b.shape, generator=gen))
+        old = {k: b.clone() for k, b in st.memory.items()}
+        g = torch.randn(shape, generator=gen)
+        g.view(-1)[::97] = float("nan")
+        g.view(-1)[5::101] = float("-inf")
+        m.accumulate_finite(st, g)
+        lay = st.layout
+        ok = lay.source_view(torch.isfinite(g), None)
+        g0 = lay.source_view(torch.nan_to_num(g, nan=0.0, neginf=0.0), None)
+        view = {k: lay.target_view(b) for k, b in old.items()}
+        if memory == "ef":
+            want = {"e": view["e"] + g0}
+        elif memory == "momentum":
+            u = g0 + 0.9 * view["u"]
+            want = {"u": u, "v": view["v"] + u}
+        else:
+            u = (view["u"] + g0) * 0.9
+            want = {"u": u, "v": (view["v"] + u) + g0}
+        for k, b in st.memory.items():
+            got = lay.target_view(b)
+            assert torch.equal(got[~ok], view[k][~ok]), (shape, k)       # as they were
+            assert torch.allclose(got[ok], want[k][ok], rtol=1e-6, atol=1e-6), (shape, k)
+            assert bool(torch.isfinite(b).all())
+
+
+def test_bucket_flag_rows_reach_every_decode():
+    """A rank's non-finite layer reaches every rank's decode (``BucketCodec.flagged``, both
+    decodes); the other layers' sums are those of the same messages without the flag rows;
+    finite steps add no byte. Flag rows pass the index-range check, a row past them fails it."""
+    from hvd_rsgc.algorithms.bucket import BucketCodec
+    shapes = [(16, 8, 3, 3), (40, 31), (64, 600), (8, 4, 5, 5)]
+    gen = torch.Generator().manual_seed(2)
+    for make in (lambda: RSDGC(MomentumCorrection(0.9), kernels="native"),
+                 lambda: TopK(ErrorFeedback(), kernels="native"),
+                 lambda: RSDGC(MomentumCorrection(0.9), kernels="eager")):
+        ranks = []
+        for _ in range(3):
+            m = make()
+            layers = [make_layer(m, s, 0.05, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
+            ranks.append((m, layers, BucketCodec(m, layers)))
+        msgs = []
+        for r, (_, layers, codec) in enumerate(ranks):
+            grads = {st.name: torch.randn(st.shape, generator=gen) for st in layers}
+            if r == 1:
+                grads["t2"][5, 5] = float("-inf")
+                grads["t3"][0, 0, 1, 1] = float("nan")
+            ctxs = {st.name: {} for st in layers}
+            msgs.append(codec.encode(grads, ctxs))
+        _, layers, codec = ranks[0]
+        clean = codec.encode({st.name: torch.randn(st.shape, generator=gen) for st in layers},
+                             {st.name: {} for st in layers})
+        for g, msg in zip(codec.groups, clean):                 # finite: no flag row
+            assert unpack_sparse(msg, g.S, codec.method.index_dtype, g.units)[1].numel()
+        gathered = [torch.cat([m_[i] for m_ in msgs]) for i in range(len(codec.groups))]
+        out = codec.decode(gathered, divide=3)
+        assert codec.flagged == {"t2", "t3"}
+        # the same sums from messages with the flag rows taken out by hand
+        stripped = []
+        for g, msg in zip(codec.groups, gathered):
+            _, rows = unpack_sparse(msg, g.S, codec.method.index_dtype, g.units + len(g.layers))
+            stripped.append(msg[rows < g.units])
+        ref = ranks[2][2].decode(stripped, divide=3)
+        assert ranks[2][2].flagged == set()
+        for name in ("t0", "t1"):
+            assert torch.equal(out[name], ref[name])
+        if codec.native:
+            base = torch.full((sum(st.layout.numel for st in ranks[0][1]) + 7,), 9.0)
+            offs, o = {}, 7
+            for st in ranks[0][1]:
+                offs[st.name] = o
+                o += st.layout.numel
+            codec.flagged = set()
+            assert codec.decode_into(gathered, base, offs, divide=3)
+            assert codec.flagged == {"t2", "t3"}
+            for st in ranks[0][1][:2]:
+                assert torch.equal(base[offs[st.name]:offs[st.name] + st.layout.numel].view(st.shape),
+                                   ref[st.name])
+        bad = gathered[0].clone()
+        g0 = codec.groups[0]
+        bad[0, -1] = torch.tensor([g0.units + len(g0.layers)], dtype=torch.int32).view(torch.float32)
+        with pytest.raises(ValueError, match="out of range"):
+            codec.decode([bad] + gathered[1:])
 
 
 def test_group_topk_ties_take_the_lowest_rows():

@@ -310,6 +310,26 @@ class SparseMethod(Method):
         rows = self.select(layer, acc)
         return rows, lay.gather_units(acc, rows)
 
+    def accumulate_finite(self, layer, g) -> None:
+        """A gradient holding inf / NaN that is not sent (``bucket.BucketCodec``): its finite
+        entries go into the residual as ``pick`` would add them, its other entries leave the
+        residual as it was (the native kernels' update skips them itself)."""
+        if not self.memory.error_feedback:
+            return
+        g = g.float() if g.dtype != torch.float32 else g
+        if self.kernels == "native" and _native_supports(self.memory, layer, g):
+            self.native_pass(layer, g)
+            return
+        ok = torch.isfinite(g)
+        lay = layer.layout
+        bad = lay.source_view(~ok, self.workspace)
+        bufs = [b for b in layer.memory.values() if isinstance(b, torch.Tensor)]
+        old = [lay.target_view(b)[bad] for b in bufs]
+        self.memory.accumulate(layer.memory, lay.source_view(torch.where(ok, g, 0.0), self.workspace),
+                               lay.target_view)
+        for b, o in zip(bufs, old):
+            lay.target_view(b)[bad] = o
+
     def encode(self, layer, g, ctx):
         rows, values = self.pick(layer, g)
         wire, sent = to_wire(values, self.value_dtype)

@@ -22,6 +22,7 @@ import torch
 
 from . import native
 from .base import add_in_order, message_columns, pack_sparse, to_wire, unpack_sparse
+from .memory import all_finite
 
 
 def _storage_use_count():
@@ -98,41 +99,76 @@ class BucketCodec:
         self.native = getattr(method, "kernels", None) == "native"
         self._out: dict = {}                # group -> (decode buffer, its storage's own use count)
         self._marks: dict = {}              # bytes -> zeroed bit per cell (decode's divide)
+        # the layers some rank flagged as not finite in the messages decoded last
+        self.flagged: set[str] = set()
         idx_bytes = torch.empty((), dtype=method.index_dtype).element_size()
-        for g in self.groups:
-            if g.units >= 2 ** (8 * idx_bytes - 1):
-                raise ValueError(f"a bucket of {g.units} units overflows index_dtype {method.index_dtype}: "
+        for g in self.groups:                   # + one flag row index per layer
+            if g.units + len(g.layers) >= 2 ** (8 * idx_bytes - 1):
+                raise ValueError(f"a bucket of {g.units + len(g.layers)} units overflows index_dtype {method.index_dtype}: "
                                  "use smaller buckets or index_dtype=torch.int64")
 
     def encode(self, grads: dict, ctxs: dict) -> list[torch.Tensor]:
-        """``grads``: layer name -> gradient (absent: not finite, nothing sent for it).
-        Returns one message per group; ``ctxs[name]["sent_units"]`` is filled."""
+        """``grads``: layer name -> gradient (absent: nothing sent for it). Returns one message
+        per group; ``ctxs[name]["sent_units"]`` is filled. A gradient holding inf / NaN: its
+        non-finite entries never reach the residual (its finite ones are accumulated as
+        usual), nothing of the layer is sent, the layer is marked ``ctxs[name]["nonfinite"]``
+        and the message carries a *flag row* for it (unit row ``group units + the layer's
+        position``, zero values), so every rank's decode learns of it (:attr:`flagged`). With
+        native kernels the check is part of the residual update (no extra pass, no host sync
+        per tensor); a finite step adds no byte."""
         m = self.method
         msgs = []
         for g in self.groups:
             msg = m.encode_group(g, grads, ctxs)        # the whole group at once, where it can
-            if msg is not None:
-                msgs.append(msg)
-                continue
-            vals, rows = [], []
-            for st, off in zip(g.layers, g.unit_off):
-                grad = grads.get(st.name)
-                if grad is None:
-                    ctxs[st.name]["sent_units"] = 0
-                    continue
-                r, v = m.pick(st, grad)
-                wire, sent = to_wire(v, m.value_dtype)
-                m.memory.mark_sent(st.memory, r, sent, st.layout)
-                ctxs[st.name]["sent_units"] = int(r.numel())
-                vals.append(wire)
-                rows.append(r + off)
-            if vals:
-                msgs.append(pack_sparse(torch.cat(vals), torch.cat(rows), m.index_dtype))
-            else:
-                dev = next(iter(grads.values())).device if grads else torch.device("cpu")
-                msgs.append(torch.zeros(0, message_columns(g.S, m.value_dtype, m.index_dtype),
-                                        dtype=m.value_dtype, device=dev))
+            if msg is None:
+                msg = self._encode_layers(g, grads, ctxs)
+            bad = [g.units + i for i, st in enumerate(g.layers)
+                   if st.name in grads and ctxs[st.name].get("nonfinite")]
+            if bad:
+                zeros = torch.zeros(len(bad), g.S, dtype=torch.float32, device=msg.device)
+                flags = pack_sparse(to_wire(zeros, m.value_dtype)[0],
+                                    torch.tensor(bad, dtype=torch.int64, device=msg.device),
+                                    m.index_dtype)
+                msg = torch.cat([msg, flags])
+            msgs.append(msg)
         return msgs
+
+    def _encode_layers(self, g: Group, grads: dict, ctxs: dict) -> torch.Tensor:
+        """One group's message, layer by layer (``method.pick``): where ``encode_group`` cannot."""
+        m = self.method
+        vals, rows = [], []
+        for st, off in zip(g.layers, g.unit_off):
+            grad = grads.get(st.name)
+            ctxs[st.name]["sent_units"] = 0
+            if grad is None:
+                continue
+            if not all_finite(grad):
+                m.accumulate_finite(st, grad)
+                ctxs[st.name]["nonfinite"] = True
+                continue
+            r, v = m.pick(st, grad)
+            wire, sent = to_wire(v, m.value_dtype)
+            m.memory.mark_sent(st.memory, r, sent, st.layout)
+            ctxs[st.name]["sent_units"] = int(r.numel())
+            vals.append(wire)
+            rows.append(r + off)
+        if vals:
+            return pack_sparse(torch.cat(vals), torch.cat(rows), m.index_dtype)
+        dev = next(iter(grads.values())).device if grads else torch.device("cpu")
+        return torch.zeros(0, message_columns(g.S, m.value_dtype, m.index_dtype),
+                           dtype=m.value_dtype, device=dev)
+
+    def _received(self, g: Group, msg: torch.Tensor):
+        """A gathered group message -> (values, rows) of its units, flag rows taken out and
+        their layers added to :attr:`flagged`."""
+        vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units + len(g.layers))
+        if rows.numel() and int(rows.max()) >= g.units:            # some rank flagged a layer
+            flag = rows >= g.units
+            for i in sorted(set((rows[flag] - g.units).tolist())):
+                self.flagged.add(g.layers[i].name)
+            keep = ~flag
+            vals, rows = vals[keep], rows[keep]
+        return vals, rows
 
     def decode(self, gathered: list[torch.Tensor], divide: int = 1) -> dict:
         """Gathered messages (every rank's, one per group) -> layer name -> dense fp32 *sum*
@@ -142,8 +178,9 @@ class BucketCodec:
         if divide < 1:
             raise ValueError(f"divide must be >= 1, got {divide}")
         out = {}
+        self.flagged = set()
         for gi, (g, msg) in enumerate(zip(self.groups, gathered)):
-            vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
+            vals, rows = self._received(g, msg)
             flat = self._buffer(gi, g.numel + 1, msg.device)                         # + spare slot
             if rows.numel():
                 v = vals.float()
@@ -171,6 +208,7 @@ class BucketCodec:
         if not (self.native and base.device.type == "cpu" and base.dtype == torch.float32
                 and base.dim() == 1 and base.is_contiguous()):
             return False
+        self.flagged = set()
         for g, msg in zip(self.groups, gathered):
             offs = [int(offsets[st.name]) for st in g.layers]
             for st, o in zip(g.layers, offs):
@@ -178,7 +216,7 @@ class BucketCodec:
                     raise ValueError(f"decode_into: layer '{st.name}' at {o} does not fit a "
                                      f"buffer of {base.numel()} elements")
                 base[o:o + st.layout.numel].zero_()
-            vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units)
+            vals, rows = self._received(g, msg)
             if rows.numel():
                 native.scatter(base, vals.float(), rows, g.S, g.s, g.geometry_at(offs), divide,
                                self._mark(base, divide))

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 SOURCE = r"""
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -73,9 +74,25 @@ enum { MEM_NONE = 0, MEM_EF = 1, MEM_MOMENTUM = 2, MEM_NESTEROV = 3 };
 #define CLONES
 #endif
 
+/* finite: neither inf nor NaN */
+#define FIN(x) (fabsf(x) <= FLT_MAX)
+
+/* the gradient is checked for inf / NaN in stretches of about CHECK entries, each just before
+   its update reads it again from L1 (longer stretches cost more: the check then streams g
+   alone, without u and v beside it). Measured with `bench update`: hr_units / hr_blocks as
+   fast as without a check, hr_tiles (SEL_ below) +0.03-0.09x its abs pass. */
+#define CHECK 256
+
+/* 1 when an entry of x[a, b) is not finite */
+static inline int any_nonfinite(const float *restrict x, int64_t a, int64_t b) {
+  int nf = 0;
+  for (int64_t j = a; j < b; ++j) nf |= !FIN(x[j]);
+  return nf;
+}
+
 /* the residual update of entries [a, b): straight loops the compiler vectorises */
-static inline void update(int mem, float m, const float *restrict g, float *restrict u,
-                          float *restrict v, int64_t a, int64_t b) {
+static inline void update_plain(int mem, float m, const float *restrict g, float *restrict u,
+                                float *restrict v, int64_t a, int64_t b) {
   switch (mem) {
   case MEM_EF:
     for (int64_t j = a; j < b; ++j) v[j] = v[j] + g[j];
@@ -89,6 +106,32 @@ static inline void update(int mem, float m, const float *restrict g, float *rest
   default:
     break;
   }
+}
+
+/* the same where the gradient holds an entry that is not finite: that entry is skipped (its
+   u, v stay as they were: no inf / NaN reaches the residual) */
+static inline void update_safe(int mem, float m, const float *restrict g, float *restrict u,
+                               float *restrict v, int64_t a, int64_t b) {
+  for (int64_t j = a; j < b; ++j) {
+    const float gj = g[j];
+    if (!FIN(gj)) continue;
+    switch (mem) {
+    case MEM_EF: v[j] = v[j] + gj; break;
+    case MEM_MOMENTUM: { float uu = gj + m * u[j]; u[j] = uu; v[j] = v[j] + uu; break; }
+    case MEM_NESTEROV: { float uu = (u[j] + gj) * m; u[j] = uu; v[j] = (v[j] + uu) + gj; break; }
+    default: break;
+    }
+  }
+}
+
+/* a stretch [a, b) of the gradient checked (MEM_NONE: nothing to protect, not checked), then
+   updated, read again from cache. Returns 1 when it held an entry that is not finite. */
+static inline int update(int mem, float m, const float *restrict g, float *restrict u,
+                         float *restrict v, int64_t a, int64_t b) {
+  const int rb = mem != MEM_NONE && any_nonfinite(g, a, b);
+  if (rb) update_safe(mem, m, g, u, v, a, b);
+  else update_plain(mem, m, g, u, v, a, b);
+  return rb;
 }
 
 static inline float nsi(float sa, float s1, float s2, float n, float beta) {
@@ -111,23 +154,52 @@ static inline void nsi_rows(const float *restrict x, int64_t i0, int64_t cnt, in
   for (int64_t k = 0; k < cnt; ++k) score[i0 + k] = nsi(sa[k], s1[k], s2[k], (float)S, beta);
 }
 
-/* U units of S contiguous cells: update, then the NSI of every unit */
-CLONES void hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, int mem,
-                     float m, float *score, float beta, int nt) {
+/* U units of S contiguous cells: update, then the NSI of every unit. Returns 1 when a
+   gradient entry was not finite (skipped by the update) */
+CLONES int hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, int mem,
+                    float m, float *score, float beta, int nt) {
   const float *x = mem == MEM_NONE ? g : v;
   const int64_t nchunks = (U + LANES - 1) / LANES;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    int64_t i0 = c * LANES, cnt = U - i0 < LANES ? U - i0 : LANES;
-    update(mem, m, g, u, v, i0 * S, (i0 + cnt) * S);
-    nsi_rows(x, i0, cnt, S, beta, score);
+  const int64_t per = CHECK / (LANES * S) > 1 ? CHECK / (LANES * S) : 1;   /* chunks per check */
+  const int64_t ntask = (nchunks + per - 1) / per;
+  int nf = 0;
+  #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : nf)
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t c1 = (t + 1) * per < nchunks ? (t + 1) * per : nchunks;
+    const int64_t u1 = c1 * LANES < U ? c1 * LANES : U;
+    const int rb = mem != MEM_NONE && any_nonfinite(g, t * per * LANES * S, u1 * S);
+    nf |= rb;
+    for (int64_t c = t * per; c < c1; ++c) {
+      int64_t i0 = c * LANES, cnt = U - i0 < LANES ? U - i0 : LANES;
+      if (rb) update_safe(mem, m, g, u, v, i0 * S, (i0 + cnt) * S);
+      else update_plain(mem, m, g, u, v, i0 * S, (i0 + cnt) * S);
+      nsi_rows(x, i0, cnt, S, beta, score);
+    }
   }
+  return nf;
 }
 
-/* the update of one entry j, leaving the accumulated value in y */
+/* the update of one entry j, leaving the accumulated value in y (STEP_: the stretch's gradient
+   is finite; SAFE_: it holds an entry that is not, which is skipped: u, v as they were; SEL_:
+   not checked before, each entry selects its result and a non-finite one sets nf -- in the
+   tiles' loop, which does more per entry, one select costs less than a check ahead) */
 #define STEP_EF(g, u, v)   { y = v[j] + g[j]; v[j] = y; }
 #define STEP_MOM(g, u, v)  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
 #define STEP_NES(g, u, v)  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
+#define SAFE_EF(g, u, v)   { const float gj = g[j]; y = v[j];                                  \
+                             if (FIN(gj)) { y = y + gj; v[j] = y; } }
+#define SAFE_MOM(g, u, v)  { const float gj = g[j]; y = v[j];                                  \
+                             if (FIN(gj)) { float uu = gj + m * u[j]; u[j] = uu; y = y + uu; v[j] = y; } }
+#define SAFE_NES(g, u, v)  { const float gj = g[j]; y = v[j];                                  \
+                             if (FIN(gj)) { float uu = (u[j] + gj) * m; u[j] = uu; y = (y + uu) + gj; v[j] = y; } }
+#define SEL_EF(g, u, v)    { const float gj = g[j], vj = v[j]; const int ok = FIN(gj);             \
+                             y = ok ? vj + gj : vj; v[j] = y; nf |= !ok; }
+#define SEL_MOM(g, u, v)   { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
+                             const float uu = gj + m * uj;                                         \
+                             u[j] = ok ? uu : uj; y = ok ? vj + uu : vj; v[j] = y; nf |= !ok; }
+#define SEL_NES(g, u, v)   { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
+                             const float uu = (uj + gj) * m;                                       \
+                             u[j] = ok ? uu : uj; y = ok ? (vj + uu) + gj : vj; v[j] = y; nf |= !ok; }
 #define STEP_NONE(g, u, v) { y = g[j]; }
 /* one row of W entries: update, and add |y|, y, y*y into the column sums */
 #define ROW(STEP)                                                                           \
@@ -155,13 +227,14 @@ static inline void tiles_nsi3(const float *restrict ca, const float *restrict c1
 /* g (H, W) into u, v (Hp, Wp): the rows a*s .. a*s+s-1 are updated while their column sums
    (over the tile-row) are taken, then each tile sums its s columns: the NSI of the tiles in
    row-major order. Padded cells are not written and do not count. Per tile, cells are summed
-   rows first, then columns: one fixed order. */
+   rows first, then columns: one fixed order. Returns 1 when out of memory (nothing scored),
+   else 2 when a gradient entry was not finite (skipped by the update), else 0. */
 CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, int64_t W,
                      int64_t Hp, int64_t Wp, int64_t s, int mem, float m,
                      float *restrict score, float beta, int nt) {
   const int64_t A = Hp / s, B = Wp / s;
-  int failed = 0;
-  #pragma omp parallel num_threads(nt)
+  int failed = 0, nf = 0;
+  #pragma omp parallel num_threads(nt) reduction(| : nf)
   {
     float *const buf = (float *)malloc(3 * (size_t)W * sizeof(float));
     float *restrict ca = buf, *restrict c1 = buf + W, *restrict c2 = buf + 2 * W;
@@ -175,9 +248,9 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
         const float *restrict g = gm + r * W;
         float *u = um + r * Wp, *v = vm + r * Wp;
         switch (mem) {
-        case MEM_EF: ROW(STEP_EF) break;
-        case MEM_MOMENTUM: ROW(STEP_MOM) break;
-        case MEM_NESTEROV: ROW(STEP_NES) break;
+        case MEM_EF: ROW(SEL_EF) break;
+        case MEM_MOMENTUM: ROW(SEL_MOM) break;
+        case MEM_NESTEROV: ROW(SEL_NES) break;
         default: ROW(STEP_NONE) break;
         }
       }
@@ -195,20 +268,26 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
     }
     free(buf);
   }
-  return failed;                     /* 1: out of memory (nothing scored) */
+  return failed ? 1 : (nf ? 2 : 0);
 }
 
-/* blocks [b0, b1) of `block` entries: update and extremes in one loop, lanes over entries */
-#define BLOCKS(STEP)                                                                        \
-  for (int64_t b = b0; b < b1; ++b) {                                                       \
-    float h[LANES], l[LANES]; int bad[LANES];                                               \
-    for (int64_t k = 0; k < LANES; ++k) { h[k] = -INFINITY; l[k] = INFINITY; bad[k] = 0; }  \
+/* blocks [b0, b1) of `block` entries: update and extremes in one loop, lanes over entries;
+   a block whose gradient holds an entry that is not finite (checked first, then read from
+   L1) takes SAFE, which skips that entry */
+#define BLOCK_LOOP(STEP)                                                                    \
     for (int64_t j0 = b * block; j0 < (b + 1) * block; j0 += LANES)                         \
       for (int64_t k = 0; k < LANES; ++k) {                                                 \
         const int64_t j = j0 + k; float y;                                                  \
         STEP(g, u, v)                                                                       \
         h[k] = y > h[k] ? y : h[k]; l[k] = y < l[k] ? y : l[k]; bad[k] |= y != y;           \
-      }                                                                                     \
+      }
+#define BLOCKS(STEP, SAFE)                                                                  \
+  for (int64_t b = b0; b < b1; ++b) {                                                       \
+    float h[LANES], l[LANES]; int bad[LANES];                                               \
+    for (int64_t k = 0; k < LANES; ++k) { h[k] = -INFINITY; l[k] = INFINITY; bad[k] = 0; }  \
+    const int rb = mem != MEM_NONE && any_nonfinite(g, b * block, (b + 1) * block);         \
+    nf |= rb;                                                                               \
+    if (!rb) { BLOCK_LOOP(STEP) } else { BLOCK_LOOP(SAFE) }                                 \
     float hh = h[0], ll = l[0]; int nan = bad[0];                                           \
     for (int64_t k = 1; k < LANES; ++k) {                                                   \
       hh = h[k] > hh ? h[k] : hh; ll = l[k] < ll ? l[k] : ll; nan |= bad[k];                \
@@ -219,30 +298,33 @@ CLONES int hr_tiles(const float *restrict gm, float *um, float *vm, int64_t H, i
 
 /* n entries: update, and the max / min of each of the n / block full blocks of the
    accumulated vector (block: a multiple of LANES; a block holding a NaN gets NaN, as
-   amax / amin; hi = NULL: the update only) */
-CLONES void hr_blocks(const float *restrict g, float *u, float *v, int64_t n, int mem,
-                      float m, float *restrict hi, float *restrict lo, int64_t block, int nt) {
+   amax / amin; hi = NULL: the update only). Returns 1 when a gradient entry was not finite
+   (skipped by the update). */
+CLONES int hr_blocks(const float *restrict g, float *u, float *v, int64_t n, int mem,
+                     float m, float *restrict hi, float *restrict lo, int64_t block, int nt) {
   const int64_t nb = hi ? n / block : 0;
   const int64_t per = 64;                      /* blocks per task */
   const int64_t ntask = (nb + per - 1) / per;
-  #pragma omp parallel for num_threads(nt) schedule(static)
+  int nf = 0;
+  #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : nf)
   for (int64_t t = 0; t < ntask; ++t) {
     const int64_t b0 = t * per, b1 = (t + 1) * per < nb ? (t + 1) * per : nb;
     switch (mem) {
-    case MEM_EF: BLOCKS(STEP_EF) break;
-    case MEM_MOMENTUM: BLOCKS(STEP_MOM) break;
-    case MEM_NESTEROV: BLOCKS(STEP_NES) break;
-    default: BLOCKS(STEP_NONE) break;
+    case MEM_EF: BLOCKS(STEP_EF, SAFE_EF) break;
+    case MEM_MOMENTUM: BLOCKS(STEP_MOM, SAFE_MOM) break;
+    case MEM_NESTEROV: BLOCKS(STEP_NES, SAFE_NES) break;
+    default: BLOCKS(STEP_NONE, STEP_NONE) break;
     }
   }
   /* entries past the full blocks: update only, in parallel chunks */
   const int64_t start = nb * block, rest = n - start, chunk = 1 << 14;
   const int64_t nc = (rest + chunk - 1) / chunk;
-  #pragma omp parallel for num_threads(nt) schedule(static)
+  #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : nf)
   for (int64_t c = 0; c < nc; ++c) {
     int64_t a = start + c * chunk, e = a + chunk < n ? a + chunk : n;
-    update(mem, m, g, u, v, a, e);
+    nf |= update(mem, m, g, u, v, a, e);
   }
+  return nf;
 }
 
 /* indices (ascending) of the entries of x (n) with x >= t, or |x| >= t with `magnitude`,
@@ -336,33 +418,37 @@ enum { G_KIND, G_U, G_S, G_H, G_W, G_HP, G_WP, G_SIDE, G_N };
 #define TOPK_BLOCK 64                       /* = select.BLOCK */
 
 /* every layer: the residual update and the NSI of its units into score + ustart[l]
-   (hr_units / hr_tiles, each parallel inside). Returns 1 when a tile layer is out of memory. */
+   (hr_units / hr_tiles, each parallel inside); bad[l] = 1 where layer l's gradient held an
+   entry that is not finite (skipped by the update). Returns 1 when a tile layer is out of
+   memory. */
 int hr_group_scores(int64_t L, const int64_t *gp, const int64_t *up, const int64_t *vp,
                     const int64_t *geo, const int64_t *ustart, int mem, float m,
-                    float *score, float beta, int nt) {
+                    float *score, float beta, int32_t *bad, int nt) {
   for (int64_t l = 0; l < L; ++l) {
     const int64_t *q = geo + G_N * l;
     const float *g = (const float *)gp[l];
     float *u = (float *)up[l], *v = (float *)vp[l];
     if (q[G_KIND] == 1) {
-      if (hr_tiles(g, u, v, q[G_H], q[G_W], q[G_HP], q[G_WP], q[G_SIDE], mem, m,
-                   score + ustart[l], beta, nt))
-        return 1;
+      const int rc = hr_tiles(g, u, v, q[G_H], q[G_W], q[G_HP], q[G_WP], q[G_SIDE], mem, m,
+                              score + ustart[l], beta, nt);
+      if (rc == 1) return 1;
+      bad[l] = rc == 2;
     } else {
-      hr_units(g, u, v, q[G_U], q[G_S], mem, m, score + ustart[l], beta, nt);
+      bad[l] = hr_units(g, u, v, q[G_U], q[G_S], mem, m, score + ustart[l], beta, nt);
     }
   }
   return 0;
 }
 
 /* every layer (element units, U = geo[G_U] entries): the residual update and the max / min
-   of each full block of TOPK_BLOCK entries into hi / lo + bstart[l] (hr_blocks) */
+   of each full block of TOPK_BLOCK entries into hi / lo + bstart[l] (hr_blocks); bad[l] as
+   in hr_group_scores */
 void hr_group_blocks(int64_t L, const int64_t *gp, const int64_t *up, const int64_t *vp,
                      const int64_t *geo, const int64_t *bstart, int mem, float m,
-                     float *hi, float *lo, int nt) {
+                     float *hi, float *lo, int32_t *bad, int nt) {
   for (int64_t l = 0; l < L; ++l)
-    hr_blocks((const float *)gp[l], (float *)up[l], (float *)vp[l], geo[G_N * l + G_U], mem, m,
-              hi + bstart[l], lo + bstart[l], TOPK_BLOCK, nt);
+    bad[l] = hr_blocks((const float *)gp[l], (float *)up[l], (float *)vp[l], geo[G_N * l + G_U],
+                       mem, m, hi + bstart[l], lo + bstart[l], TOPK_BLOCK, nt);
 }
 
 /* floats <-> unsigned keys in the same order (negatives flipped; NaN excluded by callers) */
@@ -736,18 +822,20 @@ def library() -> ctypes.CDLL:
     lib.hr_blocks.argtypes = [p, p, p, i64, i32, f, p, p, i64, i32]
     lib.hr_scatter.argtypes = [p, p, i64, p, i64, i64, i64, i64, p, p, p, p, p]
     lib.hr_divide_touched.argtypes = [p, p, i64, i64, i64, i64, p, p, p, p, p, f, p]
-    lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, i32]
+    lib.hr_group_scores.argtypes = [i64, p, p, p, p, p, i32, f, p, f, p, i32]
     lib.hr_group_topk.argtypes = [i64, p, p, p, p, p, p, p, i32, p, p, p, i32]
-    lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, i32]
+    lib.hr_group_blocks.argtypes = [i64, p, p, p, p, p, i32, f, p, p, p, i32]
     lib.hr_group_keep.argtypes = [i64, p, p, p, p, p, p, i32]
     lib.hr_group_sampled.argtypes = [i64, p, p, p, p, p, p, p, p, p, p, p, i32]
     lib.hr_group_take.argtypes = [i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
     lib.hr_group_scores.restype = i32
-    for fn in (lib.hr_units, lib.hr_blocks, lib.hr_scatter, lib.hr_divide_touched,
+    for fn in (lib.hr_scatter, lib.hr_divide_touched,
                lib.hr_group_topk, lib.hr_group_take,
                lib.hr_group_blocks, lib.hr_group_keep, lib.hr_group_sampled):
         fn.restype = None
     lib.hr_tiles.restype = i32
+    lib.hr_units.restype = i32
+    lib.hr_blocks.restype = i32
     lib.hr_atleast.restype = i64
     _LIB = lib
     return lib
@@ -824,7 +912,9 @@ def _threads() -> int:
 
 def accumulate_scores(memory, layer, g: torch.Tensor, beta: float, out: torch.Tensor):
     """Residual update of ``layer`` with gradient ``g`` and the NSI of every unit into ``out``
-    ((U,) fp32). Returns the accumulated buffer in storage form (``g`` itself without memory)."""
+    ((U,) fp32). Returns the accumulated buffer in storage form (``g`` itself without memory).
+    ``g`` is finite (the engine checked it; an entry that is not would be left out of the
+    residual by the kernel)."""
     lib = library()
     g = g.contiguous()
     lay = layer.layout
@@ -833,7 +923,7 @@ def accumulate_scores(memory, layer, g: torch.Tensor, beta: float, out: torch.Te
         if kind == 0 and lay.padded:
             raise ValueError("native tiles without a residual need an unpadded layout")
         if lib.hr_tiles(g.data_ptr(), u.data_ptr(), v.data_ptr(), lay.H, lay.W, lay.Hp, lay.Wp,
-                        lay.s, kind, m, out.data_ptr(), beta, _threads()):
+                        lay.s, kind, m, out.data_ptr(), beta, _threads()) == 1:
             raise MemoryError(f"native NSI of {layer.name}: no memory for {3 * lay.W} column sums")
         return v if kind else g.view(lay.H, lay.W)
     lib.hr_units(g.data_ptr(), u.data_ptr(), v.data_ptr(), lay.num_units, lay.unit_size, kind,
@@ -973,6 +1063,45 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     else:
         ubufs = [st.memory["u"] for st in st_of]
         vbufs = [st.memory["v"] for st in st_of]
+    cpu = torch.device("cpu")
+    nt = _threads()
+    if scoring == "nsi":
+        score = method.workspace.get("group_scores", group.units, cpu)
+        xs = [score.data_ptr() + 4 * uoff for _, uoff in present]
+    else:
+        xs = [b.data_ptr() for b in vbufs]
+    # the update; it skips a gradient's entries that are not finite (they never reach the
+    # residual) and marks their layer: nothing of it is selected, ctxs[name]["nonfinite"]
+    ptrs = torch.tensor([g.data_ptr() for g in gs] + [b.data_ptr() for b in ubufs]
+                        + [b.data_ptr() for b in vbufs], dtype=torch.int64)
+    gp, up, vp = (ptrs.data_ptr() + 8 * L * i for i in range(3))
+    bad = torch.zeros(L, dtype=torch.int32)
+    hi = lo = None
+    if scoring == "nsi":
+        if lib.hr_group_scores(L, gp, up, vp, geo_t.data_ptr(), start_t.data_ptr(), kind, mom,
+                               score.data_ptr(), beta, bad.data_ptr(), nt):
+            raise MemoryError(f"native NSI of a bucket group of {L} layers: no memory for column sums")
+    else:
+        nb = int(bstart_t[-1])
+        hi = method.workspace.get("group_hi", max(nb, 1), cpu)
+        lo = method.workspace.get("group_lo", max(nb, 1), cpu)
+        lib.hr_group_blocks(L, gp, up, vp, geo_t.data_ptr(), bstart_t.data_ptr(), kind, mom,
+                            hi.data_ptr(), lo.data_ptr(), bad.data_ptr(), nt)
+    if bool(bad.any()):                 # select from the finite layers only
+        keep = [i for i, b in enumerate(bad.tolist()) if not b]
+        for i, b in enumerate(bad.tolist()):
+            if b:
+                ctxs[st_of[i].name]["nonfinite"] = True
+        if not keep:
+            return torch.zeros(0, message_columns(group.S, method.value_dtype, method.index_dtype),
+                               dtype=method.value_dtype)
+        present, st_of = [present[i] for i in keep], [st_of[i] for i in keep]
+        ubufs, vbufs, xs = [ubufs[i] for i in keep], [vbufs[i] for i in keep], [xs[i] for i in keep]
+        idx = torch.tensor(keep, dtype=torch.int64)
+        # the same per-layer offsets (hi / lo were written at the layers' own bstart)
+        geo_t = geo_t.view(L, -1)[idx].reshape(-1).contiguous()
+        start_t, bstart_t = start_t[idx].contiguous(), bstart_t[idx].contiguous()
+        L = len(keep)
     if selection == "sampled":          # room for at most num_selects (all: n) per layer
         ks = [st.layout.num_units if st.plan.num_selects >= st.layout.num_units
               else st.plan.num_selects for st in st_of]
@@ -981,28 +1110,10 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     row_off = [0]
     for k_ in ks:
         row_off.append(row_off[-1] + k_)
-    cpu = torch.device("cpu")
-    nt = _threads()
-    if scoring == "nsi":
-        score = method.workspace.get("group_scores", group.units, cpu)
-        xs = [score.data_ptr() + 4 * uoff for _, uoff in present]
-    else:
-        xs = [b.data_ptr() for b in vbufs]
-    # one int64 table: pointers of g, u, v, x (what top-k reads), then k and the row offsets
-    tab = torch.tensor([g.data_ptr() for g in gs] + [b.data_ptr() for b in ubufs]
-                       + [b.data_ptr() for b in vbufs] + xs + ks + row_off, dtype=torch.int64)
-    gp, up, vp, xp, kp, rp = (tab.data_ptr() + 8 * L * i for i in range(6))
-    hi = lo = None
-    if scoring == "nsi":
-        if lib.hr_group_scores(L, gp, up, vp, geo_t.data_ptr(), start_t.data_ptr(), kind, mom,
-                               score.data_ptr(), beta, nt):
-            raise MemoryError(f"native NSI of a bucket group of {L} layers: no memory for column sums")
-    else:
-        nb = int(bstart_t[-1])
-        hi = method.workspace.get("group_hi", max(nb, 1), cpu)
-        lo = method.workspace.get("group_lo", max(nb, 1), cpu)
-        lib.hr_group_blocks(L, gp, up, vp, geo_t.data_ptr(), bstart_t.data_ptr(), kind, mom,
-                            hi.data_ptr(), lo.data_ptr(), nt)
+    # one int64 table: pointers of u, v, x (what top-k reads), then k and the row offsets
+    tab = torch.tensor([b.data_ptr() for b in ubufs] + [b.data_ptr() for b in vbufs] + xs
+                       + ks + row_off, dtype=torch.int64)
+    up, vp, xp, kp, rp = (tab.data_ptr() + 8 * L * i for i in range(5))
     K = row_off[-1]
     rows = torch.empty(K, dtype=torch.int64)
     status = torch.zeros(L, dtype=torch.int32)
@@ -1053,7 +1164,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
         row_off = [0]
         for k_ in ks:
             row_off.append(row_off[-1] + k_)
-        tab[4 * L:] = torch.tensor(ks + row_off, dtype=torch.int64)    # k, row offsets
+        tab[3 * L:] = torch.tensor(ks + row_off, dtype=torch.int64)    # k, row offsets
         K = row_off[-1]
     msg = torch.empty(K, width, dtype=torch.float32)
     zero_u = int(kind >= 2 and getattr(method.memory, "masking", True))

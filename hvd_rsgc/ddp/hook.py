@@ -9,7 +9,7 @@ For each of DDP's gradient buckets (several parameters in one flat buffer, the h
 output), in the bucket's parameter order, which is the same on every rank:
 
 1. every parameter's gradient goes through the engine (memory, density schedule, non-finite
-   check, clipping) as with Horovod;
+   check, clipping) as with Horovod (with ``fused=True`` the bucket's encode checks them);
 2. dense tensors (1-D, small, excluded; ``dense_dtype`` on the wire) and one health flag per
    parameter travel in ONE allreduce per bucket;
 3. sparse methods' messages (values + indices) are allgathered per tensor (or, with
@@ -75,7 +75,9 @@ class DDPBinding:
                  and m.communicator == "allgather")
         fz_grads, fz_ctxs, fz_idx = {}, {}, []
         for i, (e, g) in enumerate(zip(entries, grads)):
-            finite, gc = eng.begin(e, g, n)
+            # a bucket's codec checks its gradients (in the native update pass; a non-finite
+            # one travels as a flag row of the message): no sum and no host sync per tensor
+            finite, gc = eng.begin(e, g, n, check=not (fused and e.sparse))
             flags.append(FLAG_OK if finite else FLAG_NONFINITE)
             if not e.sparse:
                 w = eng.wire_dense(g)
@@ -89,8 +91,7 @@ class DDPBinding:
                 continue
             ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
             if fused:
-                if finite:
-                    fz_grads[e.name] = gc
+                fz_grads[e.name] = gc
                 fz_ctxs[e.name] = ctx
                 fz_idx.append(i)
                 continue
@@ -170,7 +171,7 @@ class DDPBinding:
             if multi:
                 continue
             if i in fz_set or e.name in fz_out:        # averaged in the decode
-                if bad[i]:
+                if e.name in codec.flagged:            # not finite on some rank
                     views[i].copy_(eng.nonfinite_result(e, g))
                 elif i not in fz_set:                   # not decoded in place above
                     views[i].copy_(fz_out[e.name])

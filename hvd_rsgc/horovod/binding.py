@@ -21,14 +21,15 @@ respects.
 * ``fused=True`` (sparse methods): ``compress`` holds each tensor until its bucket (about
   ``bucket_mb`` of gradient, consecutive in backward order) is complete, then encodes the whole
   bucket into one message and starts ONE allgather per bucket (``algorithms/bucket.py``);
-  every ``compress`` returns the health flag; ``decompress`` decodes the bucket once (one
-  scatter) and returns each tensor's slice.
+  every ``compress`` returns the placeholder, always FLAG_OK: the bucket's encode checks the
+  gradients and a non-finite one travels as a flag row of the message; ``decompress``
+  decodes the bucket once (one scatter) and returns each tensor's slice.
 * Multi-round methods (LGC) accumulate in ``compress``; the first ``decompress`` of a step runs
   the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
   calls every ``compress()`` of a step before the first ``decompress()``).
 
 Non-finite gradients are never accumulated: the rank sends an empty message and raises the
-flag; every rank then follows the engine's policy (raise ``FloatingPointError`` naming the
+flag (in a bucket: no units of that tensor, and its flag row); every rank then follows the engine's policy (raise ``FloatingPointError`` naming the
 parameter, after that tensor's collectives completed, or hand back NaN with ``skip``).
 
 At ``-np 1`` Horovod registers no gradient hooks, so ``compress`` would never run and momentum
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from ..algorithms.memory import all_finite
 from ..transport import LocalTransport
 from .transport import HorovodTransport, hvd
 
@@ -73,7 +75,8 @@ class HorovodBinding:
         e = eng.table.find_grad(tensor, type(self.comp).__name__)
         # rank: stochastic methods (TernGrad, natural compression) seed their draws with it
         ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype, rank=self.transport.rank)
-        finite, g = eng.begin(e, tensor, self.transport.size)
+        bucket = self._bucket_of(e)           # a bucket's codec checks its gradients itself
+        finite, g = eng.begin(e, tensor, self.transport.size, check=bucket is None)
         if not e.sparse:
             out = eng.wire_dense(tensor)
             ctx["kind"] = "dense"
@@ -85,15 +88,15 @@ class HorovodBinding:
                 m.accumulate(e.layer, g)
             return self._flag(finite, tensor, ctx, e, "multi")
         if m.communicator == "allgather" and self._reduce_scatter(e.layer.step):
+            if bucket is not None:
+                finite = all_finite(tensor)
             rows, values = m.pick(e.layer, g, finite)
             ctx["sent_units"] = int(rows.numel())
             ctx["pieces"] = (rows, values)
             self._rs_pending.append(ctx)
             return self._flag(finite, tensor, ctx, e, "rs")
-        bucket = self._buckets_by_name().get(e.name) if self.comp.fused and m.communicator == "allgather" \
-            else None
         if bucket is not None:
-            return self._fused_compress(bucket, e, finite, g, tensor, ctx)
+            return self._fused_compress(bucket, e, g, tensor, ctx)
         if finite:
             msg = m.encode(e.layer, g, ctx)
         else:
@@ -163,6 +166,15 @@ class HorovodBinding:
         return dense.to(ctx["dtype"])
 
     # -- fused buckets (fused=True) ------------------------------------------------------
+    def _bucket_of(self, e):
+        """``e``'s bucket state where its gradient goes through a bucket (a sparse single-round
+        allgather method with ``fused=True``; the reduce-scatter steps excepted), else None."""
+        m = self.method
+        if not (e.sparse and self.comp.fused and m.communicator == "allgather"
+                and getattr(m, "rounds", "single") != "multi"):
+            return None
+        return self._buckets_by_name().get(e.name)
+
     def _buckets_by_name(self) -> dict:
         """Bucket state by parameter name, built on first use (parameters outside any bucket
         take the per-tensor path)."""
@@ -181,18 +193,20 @@ class HorovodBinding:
                     self._bucket_by_name[e.name] = state
         return self._bucket_by_name
 
-    def _fused_compress(self, b, e, finite, g, tensor, ctx):
+    def _fused_compress(self, b, e, g, tensor, ctx):
         """Hold the tensor until its bucket ``b`` is complete (every member's compress() ran:
         stock synchronize() calls compress() for every parameter before any decompress()), then
-        encode the bucket and start one allgather per unit-size group, named by the bucket."""
+        encode the bucket and start one allgather per unit-size group, named by the bucket.
+        The gradient is not checked here: the bucket's encode checks it (in the native update
+        pass) and a non-finite layer travels as a flag row of the message, so the placeholder
+        returned is always FLAG_OK (no sum and no host sync per tensor)."""
         if b.get("step") != e.layer.step:                  # a new step: fresh bucket state
             b.update(step=e.layer.step, grads={}, ctxs={}, tensors={}, handles=None, results=None)
         ctx["kind"], ctx["bucket"] = "fused", b["id"]
-        if finite:
-            b["grads"][e.name] = g
+        b["grads"][e.name] = g
         b["ctxs"][e.name] = ctx
         b["tensors"][e.name] = (e, tensor)
-        flag = self._flag_tensor(finite, tensor)
+        flag = self._flag_tensor(True, tensor)
         if len(b["ctxs"]) == len(b["members"]):
             msgs = b["codec"].encode(b["grads"], b["ctxs"])
             key = f"hvd_rsgc.bucket{b['id']}"
@@ -215,8 +229,9 @@ class HorovodBinding:
             n = self.transport.size           # op=Average: divided in the decode itself
             b["results"] = b["codec"].decode([self.transport.wait(h) for h in b["handles"]],
                                              divide=n if self.comp.average and n > 1 else 1)
+            b["flagged"] = set(b["codec"].flagged)     # not finite on some rank
         dense = b["results"].pop(e.name)
-        if float(tensor.reshape(-1)[0]) != FLAG_OK:
+        if e.name in b["flagged"]:
             return self.engine.nonfinite_result(e, tensor.to(ctx["dtype"]))
         return dense.to(ctx["dtype"])
 

@@ -89,13 +89,13 @@ def identical(model):
 EXTRA: dict = {}           # --options: extra compressor options for every run
 
 
-def build(kind, bucket_mb=0.01, **extra):
+def build(kind, bucket_mb=0.01, comp_opts=None, **extra):
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **extra)
     name, more = VARIANTS.get(kind, (kind, {}))
     comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL,
-                                     **{**OPTS.get(name, {}), **more, **EXTRA},
+                                     **{**OPTS.get(name, {}), **more, **EXTRA, **(comp_opts or {})},
                                      ignore_unknown=True) \
         if kind != "plain" else None
     if comp is not None:
@@ -192,6 +192,40 @@ def resume(steps):
     return {"equal": torch.equal(flat(straight), flat(resumed))}
 
 
+def nonfinite(kind, steps=6):
+    """One layer's gradient (conv2.weight, compressed) holds NaN on rank 1 at step 2, set by a
+    tensor hook so the other layers stay finite. ``kind``'s compressor with nonfinite="skip":
+    every rank must see step_nonfinite at step 2 only, skip it, keep its state finite and
+    train on in step; with "raise" (kind ending in "!"), every rank's backward raises."""
+    raising = kind.endswith("!")
+    kind = kind.rstrip("!")
+    model, ddp, comp, opt = build(kind, comp_opts={"nonfinite": "raise" if raising else "skip"})
+    x, y = make_data(800 + dist.get_rank(), steps * 16)
+    skipped, unchanged, same = [], True, []
+    for s in range(steps):
+        opt.zero_grad()
+        h = model.conv2.weight.register_hook(lambda g: g * float("nan")) \
+            if s == 2 and dist.get_rank() == 1 else None
+        before = flat(model).clone()
+        try:
+            F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+        except Exception as e:          # noqa: BLE001 -- what the raise policy gives
+            return {"raised": f"{type(e).__name__}: {e}"[:500], "step": s}
+        if h is not None:
+            h.remove()
+        if comp.step_nonfinite:
+            skipped.append(s)
+            unchanged = unchanged and torch.equal(before, flat(model))
+            continue
+        opt.step()
+        same.append(identical(model))
+    mem = [v for lay in comp.state_dict()["layers"].values() for v in lay["memory"].values()]
+    return {"skipped": skipped, "unchanged": unchanged, "identical": same,
+            "params_finite": bool(torch.isfinite(flat(model)).all()),
+            "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
+            "stats_skipped": comp.stats()["skipped_steps"], "raised": None}
+
+
 def double_momentum():
     model, ddp, comp, _ = build("dgc")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -230,6 +264,8 @@ def main():
         res["resume"] = resume(4)
     if "momentum" in scen:
         res["momentum"] = double_momentum()
+    if "nonfinite" in scen:
+        res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!")}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(res, f)

@@ -260,7 +260,10 @@ def nonfinite():
 
 def nonfinite_skip(kind):
     """nonfinite="skip": rank 1 gets a NaN gradient on step 2; every rank must see
-    step_nonfinite, skip that step, keep its state finite and go on training in step."""
+    step_nonfinite, skip that step, keep its state finite and go on training in step.
+    ``kind@conv2``: only conv2.weight's gradient holds NaN (a tensor hook), the rest is finite:
+    in a bucket, its flag row is all the other rank learns it from."""
+    kind, _, only = kind.partition("@")
     torch.manual_seed(0)
     model = Net()
     comp = compressor(kind, model, nonfinite="skip")
@@ -270,9 +273,15 @@ def nonfinite_skip(kind):
     for s in range(6):
         opt.zero_grad()
         loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
+        hook = None
         if s == 2 and hvd.rank() == 1:
-            loss = loss * float("nan")
+            if only:
+                hook = getattr(model, only).weight.register_hook(lambda g: g * float("nan"))
+            else:
+                loss = loss * float("nan")
         loss.backward()
+        if hook is not None:
+            hook.remove()
         before = flat_params(model).clone()
         comp.synchronize(opt)
         if comp.step_nonfinite:
@@ -381,7 +390,8 @@ def main():
     if "momentum" in scen:
         res["momentum"] = momentum_error()
     if "skip" in scen:
-        res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16")}
+        res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
+                                                      "rsdgc@conv2", "dgc@fc")}
     if "fp16big" in scen:
         res["fp16big"] = fp16_large_gradients()
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
