@@ -276,8 +276,8 @@ class Engine:
 
     ``method=None`` sends every tensor dense (``dense_dtype`` on the wire: fp16 compression).
     ``nonfinite``: ``"raise"`` (every rank raises ``FloatingPointError`` naming the
-    parameter) or ``"skip"`` (every rank gets a NaN gradient for the step, the state is not
-    touched, ``step_nonfinite`` is True: the caller skips the optimizer step).
+    parameter) or ``"skip"`` (every rank gets a NaN gradient for the step, no inf / NaN
+    reaches the state, ``step_nonfinite`` is True: the caller skips the optimizer step).
     """
 
     def __init__(self, model, method, *, density: float = 1.0, dynamic: bool = False,
@@ -370,7 +370,7 @@ class Engine:
         if self.nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite gradient for parameter '{e.name}' on at least one rank "
-                f"(step {e.layer.step}); it was not accumulated into the compressor state{where}")
+                f"(step {e.layer.step}); no inf / NaN reached the compressor state{where}")
         if not self.step_nonfinite:
             self.skipped_steps += 1
         self.step_nonfinite = True

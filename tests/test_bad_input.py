@@ -13,7 +13,7 @@ import torch
 
 from support import ROOT
 
-from hvd_rsgc.algorithms.memory import all_finite
+from hvd_rsgc.algorithms.memory import all_finite, all_finite_each
 from hvd_rsgc.app import checkpoint as ckpt
 from hvd_rsgc.app.config import Config, coerce, load_config, parse_overrides
 from hvd_rsgc.app.report import Reporter, json_safe
@@ -33,6 +33,15 @@ def test_all_finite_does_not_overflow_in_half_precision():
         x[17] = bad
         assert not all_finite(x)
     assert all_finite(torch.empty(0))
+    # the bucket's form: one host sync for many tensors, the same answers
+    bad = [torch.ones(1000, dtype=torch.float16) for _ in range(3)]
+    for x, v in zip(bad, (float("inf"), float("nan"), float("-inf"))):
+        x[17] = v
+    ts = [g, bad[0], big, torch.empty(0), bad[1], g.bfloat16(), torch.ones(5, dtype=torch.float64),
+          bad[2], torch.tensor([float("nan")], dtype=torch.float64)]
+    assert all_finite_each(ts) == [all_finite(t) for t in ts] == \
+        [True, False, True, True, False, True, True, False, False]
+    assert all_finite_each([]) == []
 
 
 def test_fp16_compression_at_size_one_has_no_false_alarm():

@@ -331,8 +331,8 @@ def test_group_encode_equals_per_layer_route(method, memory):
 
 
 def test_group_encode_missing_layers_dynamic_k_and_nan():
-    """Absent layers send nothing and keep their residual; gradients holding inf / NaN are
-    not accumulated and travel as flag rows; k changing between steps (dynamic density); a
+    """Absent layers send nothing and keep their residual; gradients holding inf / NaN send
+    nothing, keep their inf / NaN entries out of the residual and travel as flag rows; k changing between steps (dynamic density); a
     residual holding NaN / inf gives NaN scores, which take torch.topk's order as per layer.
     All == the per-layer route (``_encode_layers``)."""
     seen = {}

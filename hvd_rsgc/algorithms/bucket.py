@@ -22,7 +22,7 @@ import torch
 
 from . import native
 from .base import add_in_order, message_columns, pack_sparse, to_wire, unpack_sparse
-from .memory import all_finite
+from .memory import all_finite_each
 
 
 def _storage_use_count():
@@ -137,12 +137,14 @@ class BucketCodec:
         """One group's message, layer by layer (``method.pick``): where ``encode_group`` cannot."""
         m = self.method
         vals, rows = [], []
+        given = [grads[st.name] for st in g.layers if st.name in grads]
+        finite = iter(all_finite_each(given))       # one host sync for the group, not per tensor
         for st, off in zip(g.layers, g.unit_off):
             grad = grads.get(st.name)
             ctxs[st.name]["sent_units"] = 0
             if grad is None:
                 continue
-            if not all_finite(grad):
+            if not next(finite):
                 m.accumulate_finite(st, grad)
                 ctxs[st.name]["nonfinite"] = True
                 continue

@@ -46,6 +46,18 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def all_finite_each(ts: list[torch.Tensor]) -> list[bool]:
+    """:func:`all_finite` of every tensor, with one host sync for all of them (plus one per
+    tensor whose fp32 sum is not finite): the fp32 sums are stacked and read at once."""
+    if not ts:
+        return []
+    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype != torch.float64
+                        else t.sum().float() for t in ts])
+    ok = torch.isfinite(sums).tolist()
+    return [True if good or t.numel() == 0 else bool(torch.isfinite(t).all())
+            for good, t in zip(ok, ts)]
+
+
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(x.shape[0] * x.shape[1], -1)
 
