@@ -140,7 +140,7 @@ class DDPBinding:
             raise RuntimeError(f"DDP bucket {bucket.index()}: gradients cover {off} of "
                                f"{buf.numel()} buffer elements")
         reduced = self.transport.wait(dense_h)
-        bad = reduced[-len(entries):] != FLAG_OK
+        bad = (reduced[-len(entries):] != FLAG_OK).tolist()      # one host sync per bucket
         done = {i: h for i, h, _ in works}
         fz_out, fz_direct = {}, False
         if codec is not None:                  # op=Average: divided in the decode itself
@@ -198,7 +198,7 @@ class DDPBinding:
         if not multi:
             fut.set_result(out)
             return fut
-        self._pending.append((fut, out, views, entries, [bool(b) for b in bad]))
+        self._pending.append((fut, out, views, entries, bad))
         if bucket.is_last():
             self._finish_multi()
         return fut
