@@ -166,8 +166,7 @@ class BucketCodec:
         vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units + len(g.layers))
         if rows.numel() and int(rows.max()) >= g.units:            # some rank flagged a layer
             flag = rows >= g.units
-            for i in sorted(set((rows[flag] - g.units).tolist())):
-                self.flagged.add(g.layers[i].name)
+            self.flagged.update(g.layers[i].name for i in (rows[flag] - g.units).tolist())
             keep = ~flag
             vals, rows = vals[keep], rows[keep]
         return vals, rows

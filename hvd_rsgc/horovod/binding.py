@@ -28,9 +28,11 @@ respects.
   the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
   calls every ``compress()`` of a step before the first ``decompress()``).
 
-Non-finite gradients are never accumulated: the rank sends an empty message and raises the
-flag (in a bucket: no units of that tensor, and its flag row); every rank then follows the engine's policy (raise ``FloatingPointError`` naming the
-parameter, after that tensor's collectives completed, or hand back NaN with ``skip``).
+No inf / NaN reaches the residual: per tensor, a non-finite gradient is not accumulated, the
+rank sends an empty message and raises the flag; in a bucket, its finite entries are
+accumulated, nothing of it is sent and the message carries its flag row. Every rank then
+follows the engine's policy (raise ``FloatingPointError`` naming the parameter, after that
+tensor's collectives completed, or hand back NaN with ``skip``).
 
 At ``-np 1`` Horovod registers no gradient hooks, so ``compress`` would never run and momentum
 correction would silently vanish: the compressor's ``torch.optim`` step pre-hook calls
