@@ -108,19 +108,31 @@ static inline void update_plain(int mem, float m, const float *restrict g, float
   }
 }
 
-/* the same where the gradient holds an entry that is not finite: that entry is skipped (its
-   u, v stay as they were: no inf / NaN reaches the residual) */
+/* the update of one entry j, leaving the accumulated value in y (STEP_: the stretch's gradient
+   is finite; SAFE_: it holds an entry that is not, which is skipped: u, v as they were; SEL_:
+   not checked before, each entry selects its result and a non-finite one sets nf -- in the
+   tiles' loop, which does more per entry, one select costs less than a check ahead) */
+#define STEP_EF(g, u, v)   { y = v[j] + g[j]; v[j] = y; }
+#define STEP_MOM(g, u, v)  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
+#define STEP_NES(g, u, v)  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
+#define SAFE(STEP)         { y = v[j]; if (FIN(g[j])) STEP(g, u, v) }
+#define SAFE_EF(g, u, v)   SAFE(STEP_EF)
+#define SAFE_MOM(g, u, v)  SAFE(STEP_MOM)
+#define SAFE_NES(g, u, v)  SAFE(STEP_NES)
+
+/* update_plain where the gradient holds an entry that is not finite: that entry is skipped
+   (its u, v stay as they were: no inf / NaN reaches the residual) */
 static inline void update_safe(int mem, float m, const float *restrict g, float *restrict u,
                                float *restrict v, int64_t a, int64_t b) {
   for (int64_t j = a; j < b; ++j) {
-    const float gj = g[j];
-    if (!FIN(gj)) continue;
+    float y;
     switch (mem) {
-    case MEM_EF: v[j] = v[j] + gj; break;
-    case MEM_MOMENTUM: { float uu = gj + m * u[j]; u[j] = uu; v[j] = v[j] + uu; break; }
-    case MEM_NESTEROV: { float uu = (u[j] + gj) * m; u[j] = uu; v[j] = (v[j] + uu) + gj; break; }
+    case MEM_EF: SAFE_EF(g, u, v) break;
+    case MEM_MOMENTUM: SAFE_MOM(g, u, v) break;
+    case MEM_NESTEROV: SAFE_NES(g, u, v) break;
     default: break;
     }
+    (void)y;
   }
 }
 
@@ -179,19 +191,6 @@ CLONES int hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, in
   return nf;
 }
 
-/* the update of one entry j, leaving the accumulated value in y (STEP_: the stretch's gradient
-   is finite; SAFE_: it holds an entry that is not, which is skipped: u, v as they were; SEL_:
-   not checked before, each entry selects its result and a non-finite one sets nf -- in the
-   tiles' loop, which does more per entry, one select costs less than a check ahead) */
-#define STEP_EF(g, u, v)   { y = v[j] + g[j]; v[j] = y; }
-#define STEP_MOM(g, u, v)  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
-#define STEP_NES(g, u, v)  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
-#define SAFE_EF(g, u, v)   { const float gj = g[j]; y = v[j];                                  \
-                             if (FIN(gj)) { y = y + gj; v[j] = y; } }
-#define SAFE_MOM(g, u, v)  { const float gj = g[j]; y = v[j];                                  \
-                             if (FIN(gj)) { float uu = gj + m * u[j]; u[j] = uu; y = y + uu; v[j] = y; } }
-#define SAFE_NES(g, u, v)  { const float gj = g[j]; y = v[j];                                  \
-                             if (FIN(gj)) { float uu = (u[j] + gj) * m; u[j] = uu; y = (y + uu) + gj; v[j] = y; } }
 #define SEL_EF(g, u, v)    { const float gj = g[j], vj = v[j]; const int ok = FIN(gj);             \
                              y = ok ? vj + gj : vj; v[j] = y; nf |= !ok; }
 #define SEL_MOM(g, u, v)   { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
