@@ -1036,9 +1036,11 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
     width = group.S + (2 if idx64 else 1) if exact else group.S
     for st in group.layers:
         ctxs[st.name]["sent_units"] = 0
-    if not present:
+    def empty():                        # a message of no units
         return torch.zeros(0, message_columns(group.S, method.value_dtype, method.index_dtype),
                            dtype=method.value_dtype)
+    if not present:
+        return empty()
     L = len(present)
     key = tuple(st.name for st, _ in present)
     static = group.native_tables.get(key)
@@ -1087,13 +1089,14 @@ def encode_group(method, group, grads: dict, ctxs: dict, scoring: str = "nsi",
         lib.hr_group_blocks(L, gp, up, vp, geo_t.data_ptr(), bstart_t.data_ptr(), kind, mom,
                             hi.data_ptr(), lo.data_ptr(), bad.data_ptr(), nt)
     if bool(bad.any()):                 # select from the finite layers only
-        keep = [i for i, b in enumerate(bad.tolist()) if not b]
+        keep = []
         for i, b in enumerate(bad.tolist()):
             if b:
                 ctxs[st_of[i].name]["nonfinite"] = True
+            else:
+                keep.append(i)
         if not keep:
-            return torch.zeros(0, message_columns(group.S, method.value_dtype, method.index_dtype),
-                               dtype=method.value_dtype)
+            return empty()
         present, st_of = [present[i] for i in keep], [st_of[i] for i in keep]
         ubufs, vbufs, xs = [ubufs[i] for i in keep], [vbufs[i] for i in keep], [xs[i] for i in keep]
         idx = torch.tensor(keep, dtype=torch.int64)
