@@ -492,6 +492,38 @@ def test_bucket_flag_rows_reach_every_decode():
             codec.decode([bad] + gathered[1:])
 
 
+def test_zero_streams_large_buffers_and_leaves_neighbours():
+    """``native.zero`` (non-temporal stores from ``ZERO_STREAM`` bytes, memset below): every
+    cell of the slice becomes +0 (bits, so -0 and NaN count), for starts and ends off 16-byte
+    alignment and sizes on both sides of the threshold, pieces of work and their tails; the
+    cells beside the slice are left as they were. Then a decode buffer of that size used again
+    for a second step holds that step's sums only."""
+    from hvd_rsgc.algorithms.bucket import BucketCodec
+    stream = 1 << 18                                  # ZERO_STREAM bytes in floats
+    for n in (1, 5, 4099, stream - 1, stream, stream + 3, 3 * 65536 + 5, 1_000_003):
+        for off in (0, 1, 2, 3):
+            buf = torch.full((n + off + 9,), float("nan"))
+            buf[off:off + n:7] = -0.0
+            native.zero(buf[off:off + n])
+            assert (buf[off:off + n].view(torch.int32) == 0).all(), (n, off)
+            assert buf[:off].isnan().all() and buf[off + n:].isnan().all(), (n, off)
+    x = torch.full((8,), 3.0, dtype=torch.float64)        # not fp32: zero_()
+    assert native.zero(x[::2]).eq(0).all() and x[1::2].eq(3.0).all()
+    m = TopK(ErrorFeedback(), kernels="native")
+    layers = [make_layer(m, (700, 600), 0.01, name="a", index=0),
+              make_layer(m, (3, 5), 0.5, name="b", index=1)]
+    codec = BucketCodec(m, layers)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(2):
+        grads = {st.name: torch.randn(st.shape, generator=gen) for st in layers}
+        msgs = codec.encode(grads, {st.name: {} for st in layers})
+        fresh = BucketCodec(m, layers).decode(msgs)
+        got = codec.decode(msgs)
+        for name in ("a", "b"):
+            assert torch.equal(got[name].view(torch.int32), fresh[name].view(torch.int32)), (step, name)
+        del got, fresh                                # nothing holds the buffer: used again
+
+
 def test_group_topk_ties_take_the_lowest_rows():
     """Exact top-k in C: the k largest scores (of |x| with magnitude), ties at the k-th value
     to the lowest rows, on both routes (every score; block maxima, computed here or from

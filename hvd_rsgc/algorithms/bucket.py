@@ -216,7 +216,7 @@ class BucketCodec:
                 if o < 0 or o + st.layout.numel > base.numel():
                     raise ValueError(f"decode_into: layer '{st.name}' at {o} does not fit a "
                                      f"buffer of {base.numel()} elements")
-                base[o:o + st.layout.numel].zero_()
+                native.zero(base[o:o + st.layout.numel])
             vals, rows = self._received(g, msg)
             if rows.numel():
                 native.scatter(base, vals.float(), rows, g.S, g.s, g.geometry_at(offs), divide,
@@ -246,7 +246,7 @@ class BucketCodec:
         if held is not None and _USE_COUNT is not None:
             buf, own = held
             if buf.numel() == n and buf.device == device and _USE_COUNT(buf) == own:
-                return buf.zero_()
+                return native.zero(buf) if self.native else buf.zero_()
         buf = torch.zeros(n, dtype=torch.float32, device=device)
         if device.type == "cpu" and _USE_COUNT is not None:       # CUDA's allocator caches
             self._out[gi] = (buf, _USE_COUNT(buf))
