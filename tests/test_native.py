@@ -559,7 +559,9 @@ def test_group_sampled_threshold_equals_dgc_selection():
     """DGC's sampled threshold in C (``hr_group_sampled``) == ``select.sampled_threshold_indices``
     with the same sample offset: random vectors, a periodic one whose sample sees only small
     entries (far more than 1.3x pass: the exact-top-k branch), one whose sample sees only the
-    largest (too few pass: threshold * 0.8 rounds, up to the 10th), all entries (k >= n),
+    largest (too few pass: threshold * 0.8 rounds, up to the 10th), one whose passing entries
+    crowd into a few blocks (more than 1.3x pass, but not from more than 1.3x blocks: the
+    kernel's shortcut to the block top-k does not apply), all entries (k >= n),
     and tails past the last full block; with the block extremes given (DGC) and read from x
     by the kernel itself (RS-DGC's scores)."""
     from hvd_rsgc.algorithms.select import SamplePlan, sampled_threshold_indices
@@ -575,6 +577,9 @@ def test_group_sampled_threshold_equals_dgc_selection():
     y = torch.rand(200_000, generator=g) * 0.01
     y[0::plan.stride] += 100 + torch.rand(y[0::plan.stride].shape, generator=g)     # on-sample
     cases.append((y, 0.001))
+    z = torch.rand(200_000, generator=g) * 0.01
+    z[64 * 100:64 * 110] += 5 + torch.rand(640, generator=g)   # > 1.3x pass, in 10 blocks
+    cases.append((z, 0.001))
     branches = set()
     for x, dens in cases:
         n = x.numel()

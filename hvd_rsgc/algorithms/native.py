@@ -576,6 +576,36 @@ static int64_t gather_at_least(const float *x, int64_t n, const float *cv, int64
   return cnt;
 }
 
+/* the kk largest of the cnt candidates (values tmp, indices ci; 1 <= kk <= cnt), ascending
+   as they come, ties at the kk-th value to the first (lowest rows): their indices into dst
+   (may be ci itself); cv is overwritten (a copy of the values). Returns kk. */
+static int64_t take_largest(int64_t cnt, int64_t kk, float *cv, float *tmp, const int64_t *ci,
+                            int64_t *dst) {
+  for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];
+  const float kv = kth_largest(tmp, cnt, kk);
+  int64_t above = 0;
+  for (int64_t c = 0; c < cnt; ++c) above += cv[c] > kv;
+  int64_t ties = kk - above, w = 0;
+  for (int64_t c = 0; c < cnt; ++c) {
+    const int take = cv[c] > kv || (cv[c] == kv && ties > 0);
+    if (cv[c] == kv && take) --ties;
+    if (take) dst[w++] = ci[c];
+  }
+  return w;
+}
+
+/* the exact top-kk of y (|x| with mag) over n entries whose nb full blocks have maxima cv
+   (1 <= kk <= nb): only the blocks whose maximum reaches the kk-th largest block maximum (kk
+   blocks hold an entry at or above it, so at least kk entries pass) are read; indices of the
+   chosen, ascending, ties to the lowest, into ci; cv and tmp are overwritten. Returns kk. */
+static int64_t top_of_blocks(const float *x, int64_t n, float *cv, int64_t nb, int64_t kk,
+                             int mag, int64_t *bl, int64_t *ci, float *tmp) {
+  for (int64_t b = 0; b < nb; ++b) tmp[b] = cv[b];
+  const float t = kth_largest(tmp, nb, kk);
+  const int64_t cnt = gather_at_least(x, n, cv, nb, t, mag, bl, ci, tmp);
+  return take_largest(cnt, kk, cv, tmp, ci, ci);
+}
+
 /* exact top-k of every layer's scores (layer l: the U = geo[G_U] floats at xp[l], of which
    |x| with `magnitude`; k[l] of them), the rows of the chosen units (ustart[l] + position,
    ascending) into rows + row_off[l]. The threshold is the k-th largest of the candidates:
@@ -609,37 +639,24 @@ void hr_group_topk(int64_t L, const int64_t *xp, const int64_t *ustart, const in
         bl = (int64_t *)malloc((cap / TOPK_BLOCK + 1) * sizeof(int64_t));
         if (!cv || !tmp || !ci || !bl) { status[l] = 2; cap = 0; continue; }
       }
-      float t = -INFINITY;
       int nan = 0;
-      if (blocked) {                                 /* block maxima (into cv, then tmp) */
+      if (blocked) {                                 /* block maxima into cv */
         nan = block_maxima(x, nb, magnitude, bhi ? bhi + bstart[l] : NULL,
                            bhi && blo ? blo + bstart[l] : NULL, cv);
         for (int64_t j = nb * TOPK_BLOCK; j < U; ++j) nan |= x[j] != x[j];
-        if (!nan) {
-          for (int64_t b = 0; b < nb; ++b) tmp[b] = cv[b];
-          t = kth_largest(tmp, nb, kk);
-        }
       } else {
         for (int64_t j = 0; j < U; ++j) nan |= x[j] != x[j];
       }
       if (nan) { status[l] = 1; continue; }
-      int64_t cnt = 0;
+      int64_t w;
       if (blocked) {
-        cnt = gather_at_least(x, U, cv, nb, t, magnitude, bl, ci, tmp);
+        w = top_of_blocks(x, U, cv, nb, kk, magnitude, bl, ci, tmp);
       } else {
-        for (int64_t j = 0; j < U; ++j) { ci[cnt] = j; tmp[cnt] = magnitude ? fabsf(x[j]) : x[j]; ++cnt; }
+        for (int64_t j = 0; j < U; ++j) { ci[j] = j; tmp[j] = magnitude ? fabsf(x[j]) : x[j]; }
+        w = take_largest(U, kk, cv, tmp, ci, ci);
       }
-      for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];
-      const float kv = kth_largest(tmp, cnt, kk);
-      int64_t above = 0;
-      for (int64_t c = 0; c < cnt; ++c) above += cv[c] > kv;
-      int64_t ties = kk - above, w = 0;
       int64_t *out = rows + row_off[l];
-      for (int64_t c = 0; c < cnt; ++c) {
-        const int take = cv[c] > kv || (cv[c] == kv && ties > 0);
-        if (cv[c] == kv && take) --ties;
-        if (take) out[w++] = ci[c] + ustart[l];
-      }
+      for (int64_t c = 0; c < w; ++c) out[c] = ci[c] + ustart[l];
     }
     free(cv); free(tmp); free(ci); free(bl);
   }
@@ -692,22 +709,23 @@ void hr_group_sampled(int64_t L, const int64_t *xp, const int64_t *ustart, const
       float t = kth_largest(tmp, m, tks);
       int64_t cnt = 0;
       for (int round = 0;; ++round) {
+        if (n > nsamp && round < 10 && ns >= 1) {
+          /* more than 1.3x ns blocks reach t: as many entries do, so the round below would
+             end in "the ns largest of them", which are the ns largest of all -- taken from
+             the blocks that reach the ns-th largest block maximum instead of from every
+             block that reaches t (a threshold lowered by 0.8 lets ~1/3 of the blocks pass) */
+          int64_t nbp = 0;
+          for (int64_t b = 0; b < nb; ++b) nbp += !(cv[b] < t);
+          if ((double)nbp > 1.3 * (double)ns) {
+            cnt = top_of_blocks(x, n, cv, nb, ns, 1, bl, ci, tmp);
+            break;
+          }
+        }
         cnt = gather_at_least(x, n, cv, nb, t, 1, bl, ci, tmp);   /* |x| >= t, ascending */
         if (n <= nsamp || round == 10) break;
         if (cnt > ns) {
-          if ((double)cnt > 1.3 * (double)ns) {   /* the ns largest of them, ascending */
-            for (int64_t c = 0; c < cnt; ++c) cv[c] = tmp[c];   /* block maxima not needed now */
-            const float kv = kth_largest(tmp, cnt, ns);
-            int64_t above = 0;
-            for (int64_t c = 0; c < cnt; ++c) above += cv[c] > kv;
-            int64_t ties = ns - above, w = 0;
-            for (int64_t c = 0; c < cnt; ++c) {
-              const int take = cv[c] > kv || (cv[c] == kv && ties > 0);
-              if (cv[c] == kv && take) --ties;
-              if (take) ci[w++] = ci[c];
-            }
-            cnt = w;
-          }
+          if ((double)cnt > 1.3 * (double)ns)     /* the ns largest of them, ascending */
+            cnt = take_largest(cnt, ns, cv, tmp, ci, ci);   /* block maxima not needed now */
           break;
         }
         if ((double)cnt < 0.8 * (double)ns) { t = t * 0.8f; continue; }
