@@ -76,8 +76,9 @@ class DDPBinding:
         fz_grads, fz_ctxs, fz_idx = {}, {}, []
         for i, (e, g) in enumerate(zip(entries, grads)):
             # a bucket's codec checks its gradients (in the native update pass; a non-finite
-            # one travels as a flag row of the message): no sum and no host sync per tensor
-            finite, gc = eng.begin(e, g, n, check=not (fused and e.sparse))
+            # one travels as a flag row of the message): no sum and no host sync per tensor;
+            # a dense tensor is checked once reduced (eng.dense_result below)
+            finite, gc = eng.begin(e, g, n, check=e.sparse and not fused)
             flags.append(FLAG_OK if finite else FLAG_NONFINITE)
             if not e.sparse:
                 w = eng.wire_dense(g)

@@ -78,7 +78,9 @@ class HorovodBinding:
         # rank: stochastic methods (TernGrad, natural compression) seed their draws with it
         ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype, rank=self.transport.rank)
         bucket = self._bucket_of(e)           # a bucket's codec checks its gradients itself
-        finite, g = eng.begin(e, tensor, self.transport.size, check=bucket is None)
+        # a dense tensor is checked once reduced (engine.dense_result: a non-finite entry of
+        # any rank's makes the sum non-finite), not here as well: a pass and a host sync less
+        finite, g = eng.begin(e, tensor, self.transport.size, check=bucket is None and e.sparse)
         if not e.sparse:
             out = eng.wire_dense(tensor)
             ctx["kind"] = "dense"
