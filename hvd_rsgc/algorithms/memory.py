@@ -31,6 +31,11 @@ def clip_local(g: torch.Tensor, clip_norm: float | None, world_size: int) -> tor
     return g * scale
 
 
+def _wide_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` in fp32 (fp64 for fp64): what the finiteness tests read."""
+    return t.sum(dtype=torch.float32) if t.dtype != torch.float64 else t.sum()
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite, with one host sync.
 
@@ -40,7 +45,7 @@ def all_finite(t: torch.Tensor) -> bool:
     overflows past 65504 although every element is finite."""
     if t.numel() == 0:
         return True
-    s = t.sum(dtype=torch.float32) if t.dtype != torch.float64 else t.sum()
+    s = _wide_sum(t)
     if bool(torch.isfinite(s)):
         return True
     return bool(torch.isfinite(t).all())
@@ -51,8 +56,7 @@ def all_finite_each(ts: list[torch.Tensor]) -> list[bool]:
     tensor whose fp32 sum is not finite): the fp32 sums are stacked and read at once."""
     if not ts:
         return []
-    sums = torch.stack([t.sum(dtype=torch.float32) if t.dtype != torch.float64
-                        else t.sum().float() for t in ts])
+    sums = torch.stack([_wide_sum(t).float() for t in ts])
     ok = torch.isfinite(sums).tolist()
     return [True if good or t.numel() == 0 else bool(torch.isfinite(t).all())
             for good, t in zip(ok, ts)]

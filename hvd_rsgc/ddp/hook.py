@@ -77,8 +77,9 @@ class DDPBinding:
         for i, (e, g) in enumerate(zip(entries, grads)):
             # a bucket's codec checks its gradients (in the native update pass; a non-finite
             # one travels as a flag row of the message): no sum and no host sync per tensor;
-            # a dense tensor is checked once reduced (eng.dense_result below)
-            finite, gc = eng.begin(e, g, n, check=e.sparse and not fused)
+            # a dense tensor is checked once reduced (eng.dense_result below), except in a
+            # multi-round step, where every flag decides whether the rounds run (_finish_multi)
+            finite, gc = eng.begin(e, g, n, check=(e.sparse and not fused) or (not e.sparse and multi))
             flags.append(FLAG_OK if finite else FLAG_NONFINITE)
             if not e.sparse:
                 w = eng.wire_dense(g)
