@@ -32,6 +32,9 @@ STATE_FORMAT = "hvd_rsgc.compression/2"
 # matrix; format 2 keeps them as the padded matrix (layout.py). Loading 1 converts them.
 LEGACY_STATE_FORMATS = ("hvd_rsgc.compression/1",)
 NONFINITE_POLICIES = ("raise", "skip")
+# the non-finite error's tail for a tensor of a multi-round (LGC) step that did not run
+ROUNDS_SKIPPED = ("; the step's rounds did not run: some rank's gradient of this or another "
+                  "parameter was not finite")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -319,6 +322,7 @@ class Engine:
                                 method.make_layout if method is not None else None)
         self.meter = ByteMeter()
         self.step_nonfinite = False         # a non-finite gradient was seen this step ("skip")
+        self.local_nonfinite = False        # this rank's own gradients checked this step held one
         self.skipped_steps = 0
 
     # -- which tensors --------------------------------------------------------------------
@@ -355,8 +359,10 @@ class Engine:
             self.schedule.update(st, self.table, self.method)
         st.step += 1
         if st.step > self.meter.cur_step:
-            self.step_nonfinite = False
+            self.step_nonfinite = self.local_nonfinite = False
         finite = all_finite(tensor) if check else True
+        if not finite:
+            self.local_nonfinite = True
         g = clip_local(tensor, self.clip_norm, world) if finite and e.sparse and self.clip_norm \
             else tensor
         return finite, g

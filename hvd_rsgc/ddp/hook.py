@@ -31,6 +31,7 @@ gradients and ``comp.step_nonfinite``).
 import torch
 import torch.distributed as dist
 
+from ..engine import ROUNDS_SKIPPED
 from .transport import TorchDistTransport
 
 FLAG_OK, FLAG_NONFINITE = 0.0, 1.0
@@ -224,7 +225,7 @@ class DDPBinding:
             for _, _, views, entries, _ in pending:
                 for v, e in zip(views, entries):
                     if e.sparse:
-                        v.copy_(eng.nonfinite_result(e, v))
+                        v.copy_(eng.nonfinite_result(e, v, ROUNDS_SKIPPED))
         else:
             outs = m.run([r.layer for r in rows], self.transport, self.comp.average,
                          max(r.layer.step for r in rows))

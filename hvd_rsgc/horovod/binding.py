@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..algorithms.memory import all_finite
+from ..engine import ROUNDS_SKIPPED
 from ..transport import LocalTransport
 from .transport import HorovodTransport, hvd
 
@@ -65,6 +66,7 @@ class HorovodBinding:
         self._local_done: dict[int, tuple[int, int]] = {}
         self._multi_cache: dict[str, torch.Tensor] = {}
         self._multi_step = -1
+        self._multi_skipped = False
         self._rs_pending: list = []
         self._rs_results: dict = {}
         self._rs_decided = (-1, False)
@@ -78,16 +80,19 @@ class HorovodBinding:
         # rank: stochastic methods (TernGrad, natural compression) seed their draws with it
         ctx = Ctx(name=e.name, entry=e, dtype=tensor.dtype, rank=self.transport.rank)
         bucket = self._bucket_of(e)           # a bucket's codec checks its gradients itself
+        m = self.method
+        multi = m is not None and getattr(m, "rounds", "single") == "multi"
         # a dense tensor is checked once reduced (engine.dense_result: a non-finite entry of
-        # any rank's makes the sum non-finite), not here as well: a pass and a host sync less
-        finite, g = eng.begin(e, tensor, self.transport.size, check=bucket is None and e.sparse)
+        # any rank's makes the sum non-finite), not here as well: a pass and a host sync less;
+        # except in a multi-round step, where every check decides whether the rounds run
+        finite, g = eng.begin(e, tensor, self.transport.size,
+                              check=(bucket is None and e.sparse) or (not e.sparse and multi))
         if not e.sparse:
             out = eng.wire_dense(tensor)
             ctx["kind"] = "dense"
             eng.record(e, out.numel() * out.element_size(), tensor)
             return out, ctx
-        m = self.method
-        if getattr(m, "rounds", "single") == "multi":
+        if multi:
             if finite:
                 m.accumulate(e.layer, g)
             return self._flag(finite, tensor, ctx, e, "multi")
@@ -155,10 +160,10 @@ class HorovodBinding:
         if kind == "fused":
             return self._fused_decompress(e, tensor, ctx)
         if kind == "multi":
-            if float(tensor.reshape(-1)[0]) != FLAG_OK:
-                return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
             if self._multi_step != e.layer.step:
-                self._run_multi(e.layer.step)
+                self._run_multi(e.layer.step, tensor.device)
+            if self._multi_skipped:
+                return eng.nonfinite_result(e, tensor.to(ctx["dtype"]), ROUNDS_SKIPPED)
             return self._multi_cache.pop(e.name).to(ctx["dtype"])
         gathered = self.transport.wait(ctx["handle"])
         if float(tensor.reshape(-1)[0]) != FLAG_OK:
@@ -257,8 +262,19 @@ class HorovodBinding:
                                                     "hvd_rsgc.rs")
         self._rs_results = {c["name"]: (s, mk) for c, s, mk in zip(pending, sums, marks)}
 
-    def _run_multi(self, step: int) -> None:
+    def _run_multi(self, step: int, device) -> None:
+        """First decompress() of a multi-round step: the rounds run over every compressed
+        tensor only if no rank saw a non-finite gradient this step (any tensor, dense ones
+        too: one 1-element allreduce decides, as DDP's flags do); otherwise every compressed
+        tensor's result is non-finite and the accumulators keep what they hold (the step's
+        finite gradients included), so no residual is sent and then thrown away."""
         self._multi_step = step
+        self._multi_cache = {}
+        bad = torch.full((1,), float(self.engine.local_nonfinite), device=device)
+        self._multi_skipped = float(self.transport.allreduce(bad, "hvd_rsgc.multi.nonfinite", "sum",
+                                                              key="hvd_rsgc.multi")) > 0
+        if self._multi_skipped:
+            return
         rows = self.engine.table.compressed
         outs = self.method.run([r.layer for r in rows], self.transport, self.comp.average, step)
         self._multi_cache = {r.name: o for r, o in zip(rows, outs)}

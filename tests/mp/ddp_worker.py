@@ -193,26 +193,41 @@ def resume(steps):
 
 
 def nonfinite(kind, steps=6):
-    """One layer's gradient (conv2.weight, compressed) holds NaN on rank 1 at step 2, set by a
-    tensor hook so the other layers stay finite. ``kind``'s compressor with nonfinite="skip":
-    every rank must see step_nonfinite at step 2 only, skip it, keep its state finite and
-    train on in step; with "raise" (kind ending in "!"), every rank's backward raises."""
+    """One layer's gradient (conv2.weight, compressed; ``kind@name``: that parameter's) holds
+    NaN on rank 1 at step 2, set by a tensor hook so the other layers stay finite. ``kind``'s
+    compressor with nonfinite="skip": every rank must see step_nonfinite at step 2 only, skip
+    it, keep its state finite and train on in step; with "raise" (kind ending in "!"), every
+    rank's backward raises. A multi-round method (LGC) must not run its rounds that step:
+    ``kept``, its accumulators then hold what they held plus this rank's finite gradients of
+    the step; ``rounds``, the steps whose rounds ran."""
     raising = kind.endswith("!")
-    kind = kind.rstrip("!")
+    kind, _, where = kind.rstrip("!").partition("@")
     model, ddp, comp, opt = build(kind, comp_opts={"nonfinite": "raise" if raising else "skip"})
+    params = dict(model.named_parameters())
+    multi = getattr(comp.method, "rounds", "single") == "multi"
     x, y = make_data(800 + dist.get_rank(), steps * 16)
-    skipped, unchanged, same = [], True, []
+    skipped, unchanged, same, kept, caught = [], True, [], None, {}
     for s in range(steps):
         opt.zero_grad()
-        h = model.conv2.weight.register_hook(lambda g: g * float("nan")) \
-            if s == 2 and dist.get_rank() == 1 else None
+        hooks = []
+        if s == 2 and dist.get_rank() == 1:
+            hooks.append(params[where or "conv2.weight"].register_hook(lambda g: g * float("nan")))
+        if multi and s == 2:         # after the NaN hook: the gradient the comm hook is given
+            acc = {e.name: e.layer.memory["v"].clone() for e in comp.engine.table.compressed}
+            hooks += [params[n].register_hook(lambda g, n=n: caught.__setitem__(n, g.clone()))
+                      for n in acc]
         before = flat(model).clone()
         try:
             F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
         except Exception as e:          # noqa: BLE001 -- what the raise policy gives
             return {"raised": f"{type(e).__name__}: {e}"[:500], "step": s}
-        if h is not None:
+        for h in hooks:
             h.remove()
+        if multi and s == 2:
+            kept = all(torch.equal(e.layer.memory["v"],
+                                   acc[e.name] + caught[e.name].reshape(-1).float()
+                                   if bool(torch.isfinite(caught[e.name]).all()) else acc[e.name])
+                       for e in comp.engine.table.compressed)
         if comp.step_nonfinite:
             skipped.append(s)
             unchanged = unchanged and torch.equal(before, flat(model))
@@ -223,7 +238,8 @@ def nonfinite(kind, steps=6):
     return {"skipped": skipped, "unchanged": unchanged, "identical": same,
             "params_finite": bool(torch.isfinite(flat(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
-            "stats_skipped": comp.stats()["skipped_steps"], "raised": None}
+            "stats_skipped": comp.stats()["skipped_steps"], "raised": None, "kept": kept,
+            "rounds": comp.method.step if multi else None}
 
 
 def double_momentum():
@@ -265,7 +281,8 @@ def main():
     if "momentum" in scen:
         res["momentum"] = double_momentum()
     if "nonfinite" in scen:
-        res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!")}
+        res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!",
+                                                      "lgc-rar", "lgc-rar@conv2.bias")}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(res, f)

@@ -80,6 +80,8 @@ def compressor(kind, model, density=DENSITY, **kw):
         return hvd_rsgc.RSDGCCompression(model, density=DENSITY, fp16_values=True, **common, **kw)
     if kind == "rsdgc_int8":
         return hvd_rsgc.RSDGCCompression(model, density=DENSITY, int8_values=True, **common, **kw)
+    if kind == "lgc":
+        return hvd_rsgc.LGCCompression(model, density=0.1, warmup_steps=3, ae_steps=4, **common, **kw)
     raise ValueError(kind)
 
 
@@ -262,28 +264,41 @@ def nonfinite_skip(kind):
     """nonfinite="skip": rank 1 gets a NaN gradient on step 2; every rank must see
     step_nonfinite, skip that step, keep its state finite and go on training in step.
     ``kind@conv2``: only conv2.weight's gradient holds NaN (a tensor hook), the rest is finite:
-    in a bucket, its flag row is all the other rank learns it from."""
+    in a bucket, its flag row is all the other rank learns it from. A multi-round method (LGC)
+    must not run its rounds that step: ``kept``, its accumulators then hold what they held plus
+    this rank's finite gradients of the step (nothing sent and thrown away); ``rounds``, the
+    steps whose rounds ran."""
     kind, _, only = kind.partition("@")
     torch.manual_seed(0)
     model = Net()
     comp = compressor(kind, model, nonfinite="skip")
     opt = optimizer_for(kind, model, comp)
     x, y = make_data(450 + hvd.rank(), 6 * 16)
-    skipped, unchanged = [], True
+    skipped, unchanged, kept, caught = [], True, None, {}
+    multi = getattr(comp.method, "rounds", "single") == "multi"
     for s in range(6):
         opt.zero_grad()
         loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
-        hook = None
+        hooks = []
         if s == 2 and hvd.rank() == 1:
             if only:
-                hook = getattr(model, only).weight.register_hook(lambda g: g * float("nan"))
+                hooks.append(getattr(model, only).weight.register_hook(lambda g: g * float("nan")))
             else:
                 loss = loss * float("nan")
+        if multi and s == 2:         # after the NaN hook: the gradient compress() is given
+            acc = {e.name: e.layer.memory["v"].clone() for e in comp.engine.table.compressed}
+            hooks += [p.register_hook(lambda g, n=n: caught.__setitem__(n, g.clone()))
+                      for n, p in model.named_parameters() if n in acc]
         loss.backward()
-        if hook is not None:
-            hook.remove()
+        for h in hooks:
+            h.remove()
         before = flat_params(model).clone()
         comp.synchronize(opt)
+        if multi and s == 2:
+            kept = all(torch.equal(e.layer.memory["v"],
+                                   acc[e.name] + caught[e.name].reshape(-1).float()
+                                   if bool(torch.isfinite(caught[e.name]).all()) else acc[e.name])
+                       for e in comp.engine.table.compressed)
         if comp.step_nonfinite:
             skipped.append(s)
             opt.zero_grad()
@@ -295,7 +310,8 @@ def nonfinite_skip(kind):
     return {"skipped": skipped, "unchanged": unchanged, "identical": identical_across_ranks(model),
             "params_finite": bool(torch.isfinite(flat_params(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
-            "stats_skipped": comp.stats()["skipped_steps"]}
+            "stats_skipped": comp.stats()["skipped_steps"], "kept": kept,
+            "rounds": comp.method.step if multi else None}
 
 
 def fp16_large_gradients():
@@ -391,7 +407,7 @@ def main():
         res["momentum"] = momentum_error()
     if "skip" in scen:
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
-                                                      "rsdgc@conv2", "dgc@fc")}
+                                                      "rsdgc@conv2", "dgc@fc", "lgc@conv2", "lgc@bn1")}
     if "fp16big" in scen:
         res["fp16big"] = fp16_large_gradients()
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
