@@ -93,6 +93,13 @@ static inline int any_nonfinite(const float *restrict x, int64_t a, int64_t b) {
   return nf;
 }
 
+/* the formulas, written once: the momentum u' of gradient gj and momentum uj, and the
+   accumulated value from the residual vj (memory.py's torch reference, the same order) */
+#define MOM_U(gj, uj)      ((gj) + m * (uj))
+#define MOM_Y(gj, uu, vj)  ((vj) + (uu))
+#define NES_U(gj, uj)      (((uj) + (gj)) * m)
+#define NES_Y(gj, uu, vj)  (((vj) + (uu)) + (gj))
+
 /* the residual update of entries [a, b): straight loops the compiler vectorises */
 static inline void update_plain(int mem, float m, const float *restrict g, float *restrict u,
                                 float *restrict v, int64_t a, int64_t b) {
@@ -101,10 +108,10 @@ static inline void update_plain(int mem, float m, const float *restrict g, float
     for (int64_t j = a; j < b; ++j) v[j] = v[j] + g[j];
     break;
   case MEM_MOMENTUM:
-    for (int64_t j = a; j < b; ++j) { float uu = g[j] + m * u[j]; u[j] = uu; v[j] = v[j] + uu; }
+    for (int64_t j = a; j < b; ++j) { float uu = MOM_U(g[j], u[j]); u[j] = uu; v[j] = MOM_Y(g[j], uu, v[j]); }
     break;
   case MEM_NESTEROV:
-    for (int64_t j = a; j < b; ++j) { float uu = (u[j] + g[j]) * m; u[j] = uu; v[j] = (v[j] + uu) + g[j]; }
+    for (int64_t j = a; j < b; ++j) { float uu = NES_U(g[j], u[j]); u[j] = uu; v[j] = NES_Y(g[j], uu, v[j]); }
     break;
   default:
     break;
@@ -116,8 +123,8 @@ static inline void update_plain(int mem, float m, const float *restrict g, float
    not checked before, each entry selects its result and a non-finite one sets nf -- in the
    tiles' loop, which does more per entry, one select costs less than a check ahead) */
 #define STEP_EF(g, u, v)   { y = v[j] + g[j]; v[j] = y; }
-#define STEP_MOM(g, u, v)  { float uu = g[j] + m * u[j]; u[j] = uu; y = v[j] + uu; v[j] = y; }
-#define STEP_NES(g, u, v)  { float uu = (u[j] + g[j]) * m; u[j] = uu; y = (v[j] + uu) + g[j]; v[j] = y; }
+#define STEP_MOM(g, u, v)  { float uu = MOM_U(g[j], u[j]); u[j] = uu; y = MOM_Y(g[j], uu, v[j]); v[j] = y; }
+#define STEP_NES(g, u, v)  { float uu = NES_U(g[j], u[j]); u[j] = uu; y = NES_Y(g[j], uu, v[j]); v[j] = y; }
 #define SAFE(STEP)         { y = v[j]; if (FIN(g[j])) STEP(g, u, v) }
 #define SAFE_EF(g, u, v)   SAFE(STEP_EF)
 #define SAFE_MOM(g, u, v)  SAFE(STEP_MOM)
@@ -196,12 +203,11 @@ CLONES int hr_units(const float *g, float *u, float *v, int64_t U, int64_t S, in
 
 #define SEL_EF(g, u, v)    { const float gj = g[j], vj = v[j]; const int ok = FIN(gj);             \
                              y = ok ? vj + gj : vj; v[j] = y; nf |= !ok; }
-#define SEL_MOM(g, u, v)   { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
-                             const float uu = gj + m * uj;                                         \
-                             u[j] = ok ? uu : uj; y = ok ? vj + uu : vj; v[j] = y; nf |= !ok; }
-#define SEL_NES(g, u, v)   { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
-                             const float uu = (uj + gj) * m;                                       \
-                             u[j] = ok ? uu : uj; y = ok ? (vj + uu) + gj : vj; v[j] = y; nf |= !ok; }
+#define SEL(U, Y)          { const float gj = g[j], uj = u[j], vj = v[j]; const int ok = FIN(gj);  \
+                             const float uu = U(gj, uj);                                           \
+                             u[j] = ok ? uu : uj; y = ok ? Y(gj, uu, vj) : vj; v[j] = y; nf |= !ok; }
+#define SEL_MOM(g, u, v)   SEL(MOM_U, MOM_Y)
+#define SEL_NES(g, u, v)   SEL(NES_U, NES_Y)
 #define STEP_NONE(g, u, v) { y = g[j]; }
 /* one row of W entries: update, and add |y|, y, y*y into the column sums */
 #define ROW(STEP)                                                                           \
