@@ -26,7 +26,9 @@ respects.
   decodes the bucket once (one scatter) and returns each tensor's slice.
 * Multi-round methods (LGC) accumulate in ``compress``; the first ``decompress`` of a step runs
   the method's rounds over the transport for all compressed tensors (stock ``synchronize()``
-  calls every ``compress()`` of a step before the first ``decompress()``).
+  calls every ``compress()`` of a step before the first ``decompress()``), after one
+  1-element allreduce says whether any rank's gradient of the step was non-finite: then no
+  round runs and every compressed tensor follows the non-finite policy (as in DDP).
 
 No inf / NaN reaches the residual: per tensor, a non-finite gradient is not accumulated, the
 rank sends an empty message and raises the flag; in a bucket, its finite entries are
