@@ -486,7 +486,7 @@ def test_np1_local_path_bytes(name):
     if name == "powersgd":
         low = sum(v["bytes"] for v in st["powersgd"].values())
         assert low == 4 * 4 * (8 + 27) + 4 * 4 * (5 + 128)
-        total += low
+        total += low + 4          # + the step's 1-element non-finite allreduce (multi-round)
     assert st["step_bytes"] == total
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
