@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import accumulators  # noqa: E402
+
 import hvd_rsgc  # noqa: E402
 
 MIN_NUMEL = 100
@@ -206,16 +209,15 @@ def nonfinite(kind, steps=6):
     params = dict(model.named_parameters())
     multi = getattr(comp.method, "rounds", "single") == "multi"
     x, y = make_data(800 + dist.get_rank(), steps * 16)
-    skipped, unchanged, same, kept, caught = [], True, [], None, {}
+    skipped, unchanged, same, kept = [], True, [], None
     for s in range(steps):
         opt.zero_grad()
         hooks = []
         if s == 2 and dist.get_rank() == 1:
             hooks.append(params[where or "conv2.weight"].register_hook(lambda g: g * float("nan")))
         if multi and s == 2:         # after the NaN hook: the gradient the comm hook is given
-            acc = {e.name: e.layer.memory["v"].clone() for e in comp.engine.table.compressed}
-            hooks += [params[n].register_hook(lambda g, n=n: caught.__setitem__(n, g.clone()))
-                      for n in acc]
+            acc, caught, more = accumulators.watch(comp, params)
+            hooks += more
         before = flat(model).clone()
         try:
             F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
@@ -224,10 +226,7 @@ def nonfinite(kind, steps=6):
         for h in hooks:
             h.remove()
         if multi and s == 2:
-            kept = all(torch.equal(e.layer.memory["v"],
-                                   acc[e.name] + caught[e.name].reshape(-1).float()
-                                   if bool(torch.isfinite(caught[e.name]).all()) else acc[e.name])
-                       for e in comp.engine.table.compressed)
+            kept = accumulators.kept(comp, acc, caught)
         if comp.step_nonfinite:
             skipped.append(s)
             unchanged = unchanged and torch.equal(before, flat(model))

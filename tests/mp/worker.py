@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import horovod.torch as hvd  # noqa: E402
 
 import hvd_rsgc  # noqa: E402
+import accumulators  # noqa: E402
 from wirecount import WireCounter  # noqa: E402
 
 DENSITY = 0.02
@@ -274,7 +275,7 @@ def nonfinite_skip(kind):
     comp = compressor(kind, model, nonfinite="skip")
     opt = optimizer_for(kind, model, comp)
     x, y = make_data(450 + hvd.rank(), 6 * 16)
-    skipped, unchanged, kept, caught = [], True, None, {}
+    skipped, unchanged, kept = [], True, None
     multi = getattr(comp.method, "rounds", "single") == "multi"
     for s in range(6):
         opt.zero_grad()
@@ -286,19 +287,15 @@ def nonfinite_skip(kind):
             else:
                 loss = loss * float("nan")
         if multi and s == 2:         # after the NaN hook: the gradient compress() is given
-            acc = {e.name: e.layer.memory["v"].clone() for e in comp.engine.table.compressed}
-            hooks += [p.register_hook(lambda g, n=n: caught.__setitem__(n, g.clone()))
-                      for n, p in model.named_parameters() if n in acc]
+            acc, caught, more = accumulators.watch(comp, dict(model.named_parameters()))
+            hooks += more
         loss.backward()
         for h in hooks:
             h.remove()
         before = flat_params(model).clone()
         comp.synchronize(opt)
         if multi and s == 2:
-            kept = all(torch.equal(e.layer.memory["v"],
-                                   acc[e.name] + caught[e.name].reshape(-1).float()
-                                   if bool(torch.isfinite(caught[e.name]).all()) else acc[e.name])
-                       for e in comp.engine.table.compressed)
+            kept = accumulators.kept(comp, acc, caught)
         if comp.step_nonfinite:
             skipped.append(s)
             opt.zero_grad()
