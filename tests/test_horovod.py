@@ -5,6 +5,7 @@ assert on it. Bytes are counted by intercepting Horovod's collective entry point
 (tests/mp/wirecount.py), not by the library's own counter.
 """
 import math
+import os
 import subprocess
 
 import pytest
@@ -226,3 +227,40 @@ def test_np2_fused_trains_bit_identically_to_per_tensor(np2, kind):
         a, b = r["train"][kind], r["train"][kind + "+fused"]
         assert a["identical"] and b["identical"]
         assert a["params_sha"] == b["params_sha"], kind
+
+
+def test_deterministic_groups_follow_backward_order_and_the_cap():
+    """``horovod/deterministic.groups``: trainable parameters only, reverse registration order
+    (the order backward produces them), consecutive groups of <= group_mb MiB, a larger
+    parameter alone; bad input named."""
+    import torch.nn as nn
+
+    import hvd_rsgc.horovod.deterministic as det
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 1024), nn.Linear(1024, 8))
+    model[0].bias.requires_grad_(False)
+    mib = 2 ** 20
+    gs = det.groups(model, group_mb=0.3)             # weights: 0.25, 1.0, 0.03 MiB
+    flat = [p for g in gs for p in g]
+    assert flat == [p for p in reversed(list(model.parameters())) if p.requires_grad]
+    assert [[tuple(p.shape) for p in g] for g in gs] == [
+        [(8,), (8, 1024), (1024,)], [(1024, 256)], [(256, 256)]]
+    for g in gs:
+        assert len(g) == 1 or sum(p.numel() * 4 for p in g) <= 0.3 * mib
+    assert det.groups(model.named_parameters(), group_mb=0.3) == gs      # (name, param) pairs too
+    assert len(det.groups(model)) == 1                                    # 25 MiB: one group
+    for bad in (0, -1.0, "1", True):
+        with pytest.raises(ValueError, match="group_mb"):
+            det.groups(model, group_mb=bad)
+    with pytest.raises(ValueError, match="no trainable"):
+        det.groups([p.detach() for p in model.parameters()])
+
+
+def test_deterministic_enable_after_init_is_an_error(monkeypatch):
+    import horovod.torch as hvd
+
+    import hvd_rsgc.horovod.deterministic as det
+    monkeypatch.delenv(det.ENV, raising=False)
+    hvd.init()
+    with pytest.raises(RuntimeError, match="before hvd.init"):
+        det.enable()
+    assert det.ENV not in os.environ

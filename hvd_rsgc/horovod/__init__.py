@@ -1,5 +1,6 @@
 """The only package that imports Horovod: the compression binding for the stock
-``hvd.DistributedOptimizer`` (``binding.py``) and the Horovod transport (``transport.py``)."""
+``hvd.DistributedOptimizer`` (``binding.py``), the Horovod transport (``transport.py``) and fixed
+allreduce groups for bit-reproducible runs (``deterministic.py``)."""
 
 
 def horovod_torch():
