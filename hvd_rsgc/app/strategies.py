@@ -65,8 +65,12 @@ class AllreduceStrategy:
         base = hvd_rsgc.make_optimizer(self.comp, model.parameters(), lr=o.lr,
                                        momentum=o.momentum, weight_decay=o.weight_decay,
                                        nesterov=o.nesterov)
+        groups = None
+        if cfg.run.deterministic:             # fixed allreduce buffers (train.deterministic_setup)
+            from ..horovod import deterministic
+            groups = deterministic.groups(model)
         self.opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                            compression=self.comp)
+                                            compression=self.comp, groups=groups)
         self.skip = c.nonfinite == "skip"
         self._bytes0 = self._dense0 = 0
 

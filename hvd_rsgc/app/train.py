@@ -120,14 +120,31 @@ def process_group(cfg):
     return horovod_torch()
 
 
-def _backend_of_resume(resume: str | None, cfg):
+def _backend_of_resume(resume: str | None, cfg, overrides: dict | None = None):
+    """The config a run will have, known before the process group starts (which needs it)."""
     if not resume:
         return cfg
     try:
         _, path = ckpt.resolve(resume)
-        return Config.from_flat(ckpt.load(path)["config"], path)
+        cfg = Config.from_flat(ckpt.load(path)["config"], path)
+        if overrides:
+            cfg.update(overrides, "command line")
+        return cfg
     except (ValueError, FileNotFoundError):
         return None                # reported properly by _resume
+
+
+def deterministic_setup(cfg) -> None:
+    """``--deterministic``: before the process group starts. Horovod: fixed allreduce groups
+    (``horovod/deterministic.py``; the strategy passes the groups). Every backend: torch's
+    deterministic kernels (a warning, not an error, where an op has none)."""
+    if cfg is None or not cfg.run.deterministic:
+        return
+    if cfg.decentral.backend == "horovod" and cfg.decentral.algorithm == "horovod":
+        from ..horovod import deterministic
+        deterministic.enable()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _resume(resume: str, overrides: dict | None, world: int, rank: int):
@@ -156,7 +173,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     from .metrics import summarize
     from .models import build_model
 
-    hvd = process_group(_backend_of_resume(resume, cfg))
+    planned = _backend_of_resume(resume, cfg, overrides)
+    hvd = process_group(planned)
+    deterministic_setup(planned)
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     main = shard = None
