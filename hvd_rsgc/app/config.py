@@ -152,7 +152,7 @@ class RunConfig:
                                        "(0: running statistics; default 4 for rdpsgd/dpsgd, whose "
                                        "average model has none of its own, else 0)", minimum=0)
     device: str = opt("auto", "auto (cuda:<local rank> when available), cpu, cuda")
-    deterministic: bool = opt(False, "bit-reproducible runs: Horovod allreduces fixed 25 MiB "
+    deterministic: bool = opt(False, "bit-reproducible runs: Horovod allreduces fixed 8 MiB "
                                      "gradient groups (HOROVOD_DISABLE_GROUP_FUSION) instead of "
                                      "whatever its fusion buffer holds, and torch uses "
                                      "deterministic kernels")
