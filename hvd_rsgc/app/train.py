@@ -120,39 +120,33 @@ def process_group(cfg):
     return horovod_torch()
 
 
-def _backend_of_resume(resume: str | None, cfg, overrides: dict | None = None):
-    """The config a run will have, known before the process group starts (which needs it)."""
-    if not resume:
-        return cfg
-    try:
-        _, path = ckpt.resolve(resume)
-        cfg = Config.from_flat(ckpt.load(path)["config"], path)
-        if overrides:
-            cfg.update(overrides, "command line")
-        return cfg
-    except (ValueError, FileNotFoundError):
-        return None                # reported properly by _resume
+def _read_resume(resume: str, overrides: dict | None):
+    """The run to continue: (config with ``overrides`` applied, run dir, main checkpoint file,
+    its contents). Read once, before the process group starts (which depends on the config)."""
+    run_dir, main_file = ckpt.resolve(resume)
+    main = ckpt.load(main_file)
+    cfg = Config.from_flat(main["config"], f"checkpoint {main_file}")
+    if overrides:                            # e.g. --epochs to extend a run; validated
+        cfg.update(overrides, "command line")
+    return cfg, run_dir, main_file, main
 
 
-def deterministic_setup(cfg) -> None:
-    """``--deterministic``: before the process group starts. Horovod: fixed allreduce groups
-    (``horovod/deterministic.py``; the strategy passes the groups). Every backend: torch's
-    deterministic kernels (a warning, not an error, where an op has none)."""
+def deterministic_setup(cfg, hvd) -> None:
+    """``--deterministic``: before the process group ``hvd`` starts. Horovod: fixed allreduce
+    groups (``horovod/deterministic.py``; the strategy passes the groups). Every backend:
+    torch's deterministic kernels (a warning, not an error, where an op has none)."""
     if cfg is None or not cfg.run.deterministic:
         return
-    if cfg.decentral.backend == "horovod" and cfg.decentral.algorithm == "horovod":
+    if hvd is horovod_torch():
         from ..horovod import deterministic
         deterministic.enable()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _resume(resume: str, overrides: dict | None, world: int, rank: int):
-    run_dir, main_file = ckpt.resolve(resume)
-    main = ckpt.load(main_file)
-    cfg = Config.from_flat(main["config"], f"checkpoint {main_file}")
-    if overrides:                            # e.g. --epochs to extend a run; validated
-        cfg.update(overrides, "command line")
+def _resume(read, world: int, rank: int):
+    """``read``: what ``_read_resume`` returned; checked against this job, plus this rank's shard."""
+    cfg, run_dir, main_file, main = read
     if main["world_size"] != world:
         raise ValueError(f"checkpoint {main_file!r} was written by {main['world_size']} ranks, "
                          f"this job has {world}: per-rank residuals cannot be mapped (resume "
@@ -173,14 +167,22 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     from .metrics import summarize
     from .models import build_model
 
-    planned = _backend_of_resume(resume, cfg, overrides)
+    read = error = None
+    if resume:
+        try:
+            read = _read_resume(resume, overrides)
+        except (ValueError, FileNotFoundError) as e:
+            error = e                        # raised once the process group is up
+    planned = read[0] if read else (None if resume else cfg)
     hvd = process_group(planned)
-    deterministic_setup(planned)
+    deterministic_setup(planned, hvd)
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     main = shard = None
-    if resume:
-        cfg, run_dir, main, shard = _resume(resume, overrides, world, rank)
+    if error is not None:
+        raise error
+    if read:
+        cfg, run_dir, main, shard = _resume(read, world, rank)
     cfg = cfg or Config()
     d, o, r = cfg.data, cfg.optim, cfg.run
     device = pick_device(r.device, hvd)
