@@ -87,6 +87,25 @@ def torchrun(np_, *py_args, timeout=300, cwd=ROOT):
     return p, time.time() - t0
 
 
+def assert_same_checkpoint(run_a, run_b, epoch: int, ranks: int):
+    """Two runs' checkpoints of ``epoch`` hold the same model and, on every rank, the same
+    compressor residuals, bit for bit (what a bit-exact resume or rerun must give). Returns
+    the two main files' contents and run A's shards."""
+    def load(run, suffix):
+        return torch.load(os.path.join(run, "checkpoints", f"epoch{epoch:04d}{suffix}.pt"), weights_only=True)
+    a, b = load(run_a, ""), load(run_b, "")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    shards = []
+    for r in range(ranks):
+        sa, sb = load(run_a, f".rank{r:03d}"), load(run_b, f".rank{r:03d}")
+        for name, lay in sa["compression"]["layers"].items():
+            for key, t in lay["memory"].items():
+                assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
+        shards.append(sa)
+    return a, b, shards
+
+
 def claim_cluster_slot():
     """A cluster identity (prefix, subnet, slurmctld port) that no other live test session on
     this box uses: slot k is held by an flock on /tmp/hvd_rsgc-test-cluster-k.lock for the whole

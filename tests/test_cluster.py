@@ -15,12 +15,11 @@ import sys
 import time
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hvd_rsgc.app.emucluster import SCRIPT, unavailable  # noqa: E402
-from support import emulated_cluster, sbatch_across_two_nodes  # noqa: E402
+from support import assert_same_checkpoint, emulated_cluster, sbatch_across_two_nodes  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 PY = sys.executable
@@ -263,17 +262,7 @@ def test_node_killed_mid_training_ends_the_job_then_resume_is_bit_exact(cluster,
     files = all_checkpoints_load(split)                 # nothing lost, nothing torn
     assert os.path.basename(files[-1]) in ("epoch0000.pt", "epoch0001.pt")
     run_in_node1(cluster, horovodrun_argv(cluster, ["-m", "hvd_rsgc.train", "--resume", split]), tmp=tmp_path)
-    last = f"epoch{int(EPOCHS) - 1:04d}"
-    a = torch.load(os.path.join(ref["run"], "checkpoints", f"{last}.pt"), weights_only=True)
-    b = torch.load(os.path.join(split, "checkpoints", f"{last}.pt"), weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for r in range(2):
-        sa = torch.load(os.path.join(ref["run"], "checkpoints", f"{last}.rank{r:03d}.pt"), weights_only=True)
-        sb = torch.load(os.path.join(split, "checkpoints", f"{last}.rank{r:03d}.pt"), weights_only=True)
-        for name, lay in sa["compression"]["layers"].items():
-            for key, t in lay["memory"].items():
-                assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
+    a, b, _ = assert_same_checkpoint(ref["run"], split, int(EPOCHS) - 1, ranks=2)
     assert [h["top1"] for h in a["history"]] == [h["top1"] for h in b["history"]]
 
 

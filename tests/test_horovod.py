@@ -247,7 +247,7 @@ def test_deterministic_groups_follow_backward_order_and_the_cap():
     for g in gs:
         assert len(g) == 1 or sum(p.numel() * 4 for p in g) <= 0.3 * mib
     assert det.groups(model.named_parameters(), group_mb=0.3) == gs      # (name, param) pairs too
-    assert len(det.groups(model)) == 1                                    # 25 MiB: one group
+    assert len(det.groups(model)) == 1                                    # 8 MiB: one group
     for bad in (0, -1.0, "1", True):
         with pytest.raises(ValueError, match="group_mb"):
             det.groups(model, group_mb=bad)

@@ -10,7 +10,7 @@ import torch
 from hvd_rsgc.app.metrics import confusion_matrix, summarize
 from hvd_rsgc.app.models import build_model
 
-from support import ROOT, mpirun_python, run_module  # noqa: E402
+from support import ROOT, assert_same_checkpoint, mpirun_python, run_module  # noqa: E402
 SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
 
 
@@ -52,16 +52,7 @@ def test_resume_is_bit_exact(tmp_path):
     horovodrun(2, common + ["--run_name", "split", "--stop_after", "2"], tmp_path)
     assert not (tmp_path / "split" / "checkpoints" / "epoch0003.pt").exists()
     horovodrun(2, ["hvd_rsgc.train", "--resume", str(tmp_path / "split")], tmp_path)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "epoch0003.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoints" / "epoch0003.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for r in range(2):
-        sa = torch.load(tmp_path / "full" / "checkpoints" / f"epoch0003.rank{r:03d}.pt", weights_only=True)
-        sb = torch.load(tmp_path / "split" / "checkpoints" / f"epoch0003.rank{r:03d}.pt", weights_only=True)
-        for name, lay in sa["compression"]["layers"].items():
-            for key, t in lay["memory"].items():
-                assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
+    a, b, _ = assert_same_checkpoint(tmp_path / "full", tmp_path / "split", 3, ranks=2)
     assert [h["top1"] for h in a["history"]] == [h["top1"] for h in b["history"]]
     # keep_checkpoints=2: older epochs (main + shards) pruned
     names = sorted(os.listdir(tmp_path / "full" / "checkpoints"))
@@ -69,51 +60,33 @@ def test_resume_is_bit_exact(tmp_path):
                      "epoch0003.pt", "epoch0003.rank000.pt", "epoch0003.rank001.pt"]
 
 
-def _deterministic_runs(tmp_path, flag):
-    """Two runs of one seed at -np 4 (with P >= 3 ranks the order in which a ring sums an
-    element matters; at -np 2 it cannot) of VGG-19, whose 38 gradients Horovod otherwise fuses
-    by timing; RS-DGC with min_numel 1e6 sends the large layers sparse (allgather) and the
-    rest dense (allreduce). Run "a" goes through both epochs; run "b" stops after one and is
-    resumed (a new process group, which must start deterministic from the checkpoint's
-    config). Returns the two final checkpoints' (main, shards)."""
-    common = ["hvd_rsgc.train", "--dataset", "synthetic", "--model", "vgg19", "--image_size", "32",
-              "--synthetic_train", "384", "--synthetic_val", "64", "--augment", "false",
-              "--epochs", "2", "--max_steps_per_epoch", "3", "--lr", "0.02", "--compression", "rsdgc",
-              "--density", "0.01", "--min_numel", "1000000", "--progress", "false",
-              "--out_dir", str(tmp_path), "--deterministic", flag]
-    horovodrun(4, common + ["--run_name", "a"], tmp_path)
-    horovodrun(4, common + ["--run_name", "b", "--stop_after", "1"], tmp_path)
-    horovodrun(4, ["hvd_rsgc.train", "--resume", str(tmp_path / "b")], tmp_path)
-    out = []
-    for name in ("a", "b"):
-        ck = tmp_path / name / "checkpoints"
-        out.append((torch.load(ck / "epoch0001.pt", weights_only=True),
-                    [torch.load(ck / f"epoch0001.rank{r:03d}.pt", weights_only=True) for r in range(4)]))
-    return out
-
-
 @pytest.mark.multiproc
 def test_deterministic_runs_and_resume_are_bit_identical_np4(tmp_path):
     """``--deterministic true``: fixed allreduce groups, so a run and a second run of the same
     seed stopped and resumed half way end with the same parameters, optimizer state and
-    residuals on every rank, bit for bit. (Without the flag such pairs differed in 102 of
-    VGG-19's 118 tensors in 5 of 5 tries by hand; not asserted, as it depends on
-    timing.)"""
-    (ma, sa), (mb, sb) = _deterministic_runs(tmp_path, "true")
+    residuals on every rank, bit for bit. -np 4: with P >= 3 ranks the order in which a ring
+    sums an element matters (at -np 2 it cannot); VGG-19, whose 38 gradients Horovod otherwise
+    fuses by timing; RS-DGC with min_numel 1e6 sends the large layers sparse (allgather) and
+    the rest dense (allreduce). The resumed run is a new process group, which must start
+    deterministic from the checkpoint's config. (Without the flag such pairs differed in 102 of
+    VGG-19's 118 tensors in 5 of 5 tries by hand; not asserted, as it depends on timing.)"""
+    common = ["hvd_rsgc.train", "--dataset", "synthetic", "--model", "vgg19", "--image_size", "32",
+              "--synthetic_train", "384", "--synthetic_val", "64", "--augment", "false",
+              "--epochs", "2", "--max_steps_per_epoch", "3", "--lr", "0.02", "--compression", "rsdgc",
+              "--density", "0.01", "--min_numel", "1000000", "--progress", "false",
+              "--out_dir", str(tmp_path), "--deterministic", "true"]
+    horovodrun(4, common + ["--run_name", "a"], tmp_path)
+    horovodrun(4, common + ["--run_name", "b", "--stop_after", "1"], tmp_path)
+    horovodrun(4, ["hvd_rsgc.train", "--resume", str(tmp_path / "b")], tmp_path)
+    ma, mb, shards = assert_same_checkpoint(tmp_path / "a", tmp_path / "b", 1, ranks=4)
     assert ma["config"]["deterministic"] is True and mb["config"]["deterministic"] is True
-    for k in ma["model"]:
-        assert torch.equal(ma["model"][k], mb["model"][k]), k
     state_a, state_b = ma["optimizer"]["state"], mb["optimizer"]["state"]
     assert state_a and state_a.keys() == state_b.keys()
     for i, st in state_a.items():
         for key, t in st.items():
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(state_b[i][key])), (i, key)
-    for r in range(4):
-        layers = sa[r]["compression"]["layers"]
-        assert any(lay["memory"] for lay in layers.values())          # residuals were kept
-        for name, lay in layers.items():
-            for key, t in lay["memory"].items():
-                assert torch.equal(t, sb[r]["compression"]["layers"][name]["memory"][key]), (r, name, key)
+    for sa in shards:                                                    # residuals were kept
+        assert any(lay["memory"] for lay in sa["compression"]["layers"].values())
     assert [h["top1"] for h in ma["history"]] == [h["top1"] for h in mb["history"]]
 
 
