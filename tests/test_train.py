@@ -389,3 +389,18 @@ def test_bench_tta_int8_method_trains_rsdgc_with_int8_values_and_its_warmup():
     assert comp.method.value_dtype == torch.int8
     with pytest.raises(SystemExit):
         bench_tta.parse_args(["--methods", "rsdgc-int4"])
+
+
+def test_bench_tta_runs_are_deterministic_unless_told_otherwise():
+    """``bench tta`` trains every method with ``--deterministic true`` (fixed allreduce groups,
+    so a seed's dense target repeats run to run); ``--deterministic false`` gives Horovod's own
+    fusion; anything else is refused."""
+    from hvd_rsgc.app import bench_tta
+    from hvd_rsgc.app.config import load_config, parse_overrides
+    for argv, want in (([], True), (["--deterministic", "false"], False)):
+        args = bench_tta.parse_args(["--methods", "none,rsdgc,rdpsgd", *argv])
+        for method in args.methods:
+            cfg = load_config(None, parse_overrides(bench_tta.train_overrides(args, method)))
+            assert cfg.run.deterministic is want, (argv, method)
+    with pytest.raises(SystemExit):
+        bench_tta.parse_args(["--deterministic", "yes"])

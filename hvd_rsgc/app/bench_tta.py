@@ -73,6 +73,10 @@ def parse_args(argv):
                     help="training batches per rank that re-estimate BatchNorm statistics before "
                          "each evaluation, for every method alike (RD-PSGD's average model needs "
                          "them; the others get the same treatment so that all are measured the same way)")
+    ap.add_argument("--deterministic", default="true", choices=("true", "false"),
+                    help="every run with --deterministic (fixed allreduce groups: two runs of one "
+                         "seed give the same accuracies, so the dense target is pinned; README, "
+                         "'Reproducible runs'); false: Horovod's timing-dependent fusion")
     ap.add_argument("--extra", default="", help="more training overrides for every run, e.g. '--seed 1'")
     ap.add_argument("--target", default="dense-final",
                     help="dense-final | dense-best | an accuracy in [0, 1]")
@@ -107,7 +111,8 @@ def train_overrides(args, method):
           "--lr", str(args.lr), "--lr_warmup_epochs", str(args.lr_warmup_epochs),
           "--lr_schedule", "cosine", "--augment", str(args.augment), "--density", str(args.density),
           "--sparsity_ratio", str(args.sparsity_ratio), "--progress", "false",
-          "--keep_checkpoints", "1", "--workers", "0", "--bn_batches", str(args.bn_batches)]
+          "--keep_checkpoints", "1", "--workers", "0", "--bn_batches", str(args.bn_batches),
+          "--deterministic", args.deterministic]
     if method in ("dgc", "rsdgc", "rsdgc-int8"):
         ov += (["--compression_warmup_epochs", "0", "--warmup_ramp_steps", str(args.warmup_ramp_steps)]
                if args.warmup_ramp_steps else
@@ -345,6 +350,8 @@ def main(argv=None):
                else f"{args.compression_warmup_epochs} warm-up epochs") + " (DGC, RS-DGC), "
             f"RD-PSGD p={args.sparsity_ratio}; BatchNorm statistics re-estimated from "
             f"{args.bn_batches} batches per rank before each evaluation"
+            + ("; deterministic (fixed allreduce groups)" if args.deterministic == "true" else
+               "; Horovod's own (timing-dependent) fusion")
             + (f"; extra: {args.extra}" if args.extra else "") + f"; target: {args.target}"
             + ("" if args.no_stop else f"; runs stop at the target or after {args.cap} x the dense "
                "run's time to target") + ".")
