@@ -14,6 +14,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import time
 
 import torch
@@ -137,7 +138,7 @@ def deterministic_setup(cfg, hvd) -> None:
     torch's deterministic kernels (a warning, not an error, where an op has none)."""
     if cfg is None or not cfg.run.deterministic:
         return
-    if hvd is horovod_torch():
+    if hvd is sys.modules.get("horovod.torch"):   # no import for the DDP / MPI process groups
         from ..horovod import deterministic
         deterministic.enable()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS
