@@ -82,12 +82,14 @@ def _spread(xs) -> str:
 # bench row -> (registered compressor, options); every layer at the same density (RS-DGC's
 # dynamic density would make the rows incomparable). Plain names: the default (buckets +
 # kernels="auto", i.e. native on a CPU with a C compiler); "-eager": the per-tensor reference
-# path; "-fused-eager" / "-fused-compiled": buckets with the other kernels.
+# path; "-fused-eager" / "-fused-compiled" / "-fused-grouped": buckets with the other kernels
+# ("grouped": whole-group tensor operations, algorithms/grouped.py, the route meant for GPUs).
 METHODS = {
     "rsdgc": ("rsdgc", {"dynamic": False}),
     "rsdgc-eager": ("rsdgc", {"dynamic": False, "kernels": "eager", "fused": False}),
     "rsdgc-fused-eager": ("rsdgc", {"dynamic": False, "kernels": "eager"}),
     "rsdgc-fused-compiled": ("rsdgc", {"dynamic": False, "kernels": "compiled"}),
+    "rsdgc-fused-grouped": ("rsdgc", {"dynamic": False, "kernels": "grouped"}),
     "rsdgc-sampled": ("rsdgc", {"dynamic": False, "selection": "sampled"}),
     "rsdgc-fp16": ("rsdgc", {"dynamic": False, "fp16_values": True}),
     "rsdgc-int8": ("rsdgc", {"dynamic": False, "int8_values": True}),

@@ -85,8 +85,10 @@ class RSDGCCompression(Compressor):
     ``warmup_ramp_steps`` (the same decay per step, for runs of a few epochs).
     ``kernels``: ``"auto"`` (default: ``"native"`` on CPU where a C compiler builds the kernels,
     else ``"eager"``), ``"native"`` (residual update + NSI in one C pass per tensor,
-    ``algorithms/native.py``), ``"eager"`` (one PyTorch op per step) or ``"compiled"`` (NSI
-    by ``torch.compile``, ``algorithms/kernels.py``).
+    ``algorithms/native.py``), ``"eager"`` (one PyTorch op per step), ``"compiled"`` (NSI
+    by ``torch.compile``, ``algorithms/kernels.py``) or ``"grouped"`` (each bucket group in a
+    few whole-group tensor operations, the route meant for GPUs: ``algorithms/grouped.py``;
+    not measured on a GPU yet, slower than ``"native"`` on a CPU).
     Use with :class:`hvd_rsgc.DGCSGD` (or SGD without momentum).
     """
 

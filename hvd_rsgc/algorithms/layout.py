@@ -253,6 +253,7 @@ class Workspace:
 
     def __init__(self):
         self._bufs = {}
+        self._kept = {}     # other cached tables (objects with nbytes()), counted in nbytes()
 
     def get(self, key, numel, device, dtype=torch.float32) -> torch.Tensor:
         k = (key, str(device), dtype)
@@ -261,8 +262,17 @@ class Workspace:
             buf = self._bufs[k] = torch.empty(numel, device=device, dtype=dtype)
         return buf[:numel]
 
+    def keep(self, key, obj):
+        """Cache ``obj`` (anything with ``nbytes()``) under ``key``, counted in :meth:`nbytes`."""
+        self._kept[key] = obj
+        return obj
+
+    def kept(self, key):
+        return self._kept.get(key)
+
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+        return (sum(b.numel() * b.element_size() for b in self._bufs.values())
+                + sum(o.nbytes() for o in self._kept.values()))
 
 
 def make_layout(shape, neighbourhood: bool, radius: int = 1) -> Layout:

@@ -62,6 +62,15 @@ def nsi_scores(units: torch.Tensor, beta: float, counts: torch.Tensor | None = N
         return abs_sum / (counts if counts is not None else S)
     sq_sum = unit_sum(torch.mul(units, units, out=tmp))
     total = unit_sum(units)
+    return nsi_from_sums(abs_sum, sq_sum, total, S, beta, counts)
+
+
+def nsi_from_sums(abs_sum: torch.Tensor, sq_sum: torch.Tensor, total: torch.Tensor, S: int,
+                  beta: float, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The NSI of units from their sums of |v|, v^2 and v (consumed: written in place);
+    ``counts``: real cells per unit (None = S). ``beta = 1`` reads ``abs_sum`` only."""
+    if beta == 1.0:
+        return abs_sum / (counts if counts is not None else S)
     if counts is None:
         inv = 1.0 / S
         mu = abs_sum.mul_(inv)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import SparseMethod
-from . import native
+from . import grouped, native
 from .kernels import compiled_nsi
 from .layout import make_layout
 from .nsi import nsi_scores, units_for_density
@@ -24,7 +24,7 @@ from .select import SamplePlan, sampled_threshold_indices, topk_indices
 class RSDGC(SparseMethod):
     name = "rsdgc"
     momentum_correction = True
-    KERNELS = ("auto", "eager", "compiled", "native")
+    KERNELS = ("auto", "eager", "compiled", "native", "grouped")
 
     def __init__(self, memory, beta: float = 0.5, radius: int = 1, neighbourhood: bool = True,
                  selection: str = "topk", sample_ratio: float = 0.01, seed: int = 0,
@@ -70,7 +70,10 @@ class RSDGC(SparseMethod):
         return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels: three C calls per bucket group (exact top-k or the sampled threshold)
+        # native kernels: three C calls per bucket group (exact top-k or the sampled threshold);
+        # grouped: a few whole-group tensor operations (exact top-k; grouped.py)
+        if self.kernels == "grouped" and self.selection == "topk":
+            return grouped.encode_group(self, group, grads, ctxs, self.beta)
         if self.kernels != "native":
             return None
         return native.encode_group(self, group, grads, ctxs, "nsi", self.beta, self.selection)

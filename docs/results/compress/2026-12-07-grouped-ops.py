@@ -1,0 +1,52 @@
+"""Operations per RS-DGC step over the ResNet-50 gradient set (density 0.001, one rank,
+encode + decode through the compressor), counted with torch.profiler on a CPU, with exact
+top-k routed as on a GPU (one ``torch.topk`` per layer: the CPU pre-filter is switched off).
+
+"issued" counts the ATen operations Python issues (a ``torch._foreach_*`` call is one, as on
+a GPU, where it is one multi-tensor kernel per chunk of tensors), views and metadata left out:
+on a GPU each is one kernel launch or a few, and the launches, not the bytes, are what the
+per-layer route spends its ~35 ms on. Not a GPU measurement: no GPU was lent to this work.
+Run: python docs/results/compress/2026-12-07-grouped-ops.py"""
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hvd_rsgc.algorithms import select
+from hvd_rsgc.bench import _step_fn, build_method, resnet50_shapes
+
+VIEWS = {"aten::view", "aten::slice", "aten::as_strided", "aten::select", "aten::reshape",
+         "aten::_reshape_alias", "aten::unbind", "aten::expand", "aten::alias", "aten::detach",
+         "aten::lift_fresh", "aten::t", "aten::transpose", "aten::permute", "aten::unsqueeze",
+         "aten::squeeze", "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::empty",
+         "aten::empty_strided", "aten::resize_", "aten::result_type", "aten::_unsafe_view",
+         "aten::contiguous", "aten::view_as", "aten::resolve_conj", "aten::resolve_neg",
+         "aten::chunk"}
+
+select.topk_route = lambda n, k, device: None           # exact top-k as on a GPU
+torch.manual_seed(0)
+grads = [torch.randn(s) * 0.01 for s in resnet50_shapes()]
+big = [g for g in grads if g.dim() > 1]
+print(f"{len(big)} compressed tensors, {sum(g.numel() for g in big):,} elements, density 0.001\n")
+print(f"{'route':24s} {'issued':>7s}  most issued")
+for name, label in (("rsdgc-eager", "per tensor, eager"), ("rsdgc-fused-eager", "buckets, eager"),
+                    ("rsdgc-fused-grouped", "buckets, grouped")):
+    comp, m, layers = build_method(name, big, 0.001)
+    fn = _step_fn(m, layers, big, {"bytes": 0}, comp)
+    fn()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    issued = collections.Counter()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is not None:                  # called by another ATen op: part of it
+            continue
+        if ev.name not in VIEWS:
+            issued[ev.name] += 1
+    common = ", ".join(f"{k[6:]} {v}" for k, v in issued.most_common(5))
+    print(f"{label:24s} {sum(issued.values()):7d}  {common}")

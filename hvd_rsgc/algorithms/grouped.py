@@ -1,0 +1,272 @@
+"""RS-DGC's bucket group in whole-group tensor operations (``kernels="grouped"``): the route
+meant for GPUs, where the per-layer route's dozen small kernels per tensor (~700 launches and
+Python calls per ResNet-50 step) cost far more than the arithmetic does.
+
+The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
+each layer's buffer a view of it (taken over on first use, and again whenever a buffer was
+replaced, e.g. by ``load_state_dict``). For one group, whatever the number of its layers:
+
+1. every present layer's residual update as multi-tensor ``torch._foreach_*`` operations: the
+   per-layer route's arithmetic, op for op, so the same bits;
+2. the NSI of every unit of the group at once. A unit is an s x s block of its layer's storage
+   (a 3x3 kernel is 3 rows of 3 contiguous values; a tile is 3 rows of 3 values in a padded
+   matrix), so its sums are those of s *row pieces* of s contiguous values: one pass over the
+   flat buffer sums every piece (``view(-1, s).sum(1)``), and each unit adds its s pieces, found
+   through a cached table of their positions (``x``: first piece; ``tw``: pieces per storage
+   row). Three statistics (|v|, v, v^2), one piece buffer reused;
+3. every layer's exact top-k over its slice of the scores (what the per-layer route runs:
+   ``select.topk_indices`` where its CPU pre-filter applies, else ``torch.topk``), one call per
+   layer, then the rows of all layers offset and sorted at once; no host sync on a GPU;
+4. the chosen units' cells computed from the same table, their values gathered into the
+   message, the residual keeping what the wire rounded away (fp16 / int8), momentum factor
+   masking: four indexed operations on the flat buffers.
+
+One host sync per group (the finiteness test of its gradients: one multi-tensor max-norm); a group holding inf / NaN
+takes the per-layer route, which flags it, as does a group with a unit that is not an s x s
+block (a 1x7 kernel) or a memory other than momentum correction / error feedback. Scores are
+the NSI summed in another order than the per-layer route's, so they can differ in the last
+bit; the tests check the same rows, values and residuals as the per-layer route on a CPU.
+Pure tensor code, the same on every device. State: the flat buffers *are* the residuals; the
+workspace adds one fp32 word per s parameters (the pieces) and a few per unit. Its speed on a
+GPU has not been measured yet: ``kernels="auto"`` does not pick it (on a CPU the native C
+route is faster; ``python -m hvd_rsgc.bench compress --methods rsdgc,rsdgc-fused-grouped``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import pack_sparse, to_wire
+from .memory import ErrorFeedback, MomentumCorrection, all_finite_each
+from .nsi import nsi_from_sums
+from .select import topk_indices, topk_route
+
+
+def _keys(memory) -> list[str] | None:
+    """The residual buffers this route keeps flat, or None where it does not handle the memory."""
+    if type(memory) is MomentumCorrection:
+        return ["u", "v"]
+    if type(memory) is ErrorFeedback:
+        return ["e"]
+    return None
+
+
+class _Plan:
+    """One group's flat layout on one device: where each layer's storage sits in the flat
+    buffers, and per unit the position of its first row piece (``x``) and its layer's pieces
+    per storage row (``tw``)."""
+
+    def __init__(self, layers, s: int, device):
+        self.layers, self.s, self.S = layers, s, s * s
+        self.offs, self.sizes, self.ustart = [], [], [0]
+        xs, tws, counts = [], [], []
+        off, padded = 0, False
+        for st in layers:
+            lay = st.layout
+            rows, cols = lay.storage_shape
+            n, U = rows * cols, lay.num_units
+            tw = lay.Wp // s if lay.kind == "tile" else 1
+            u = torch.arange(U, device=device)
+            xs.append(off // s + torch.div(u, tw, rounding_mode="floor") * (s * tw) + u % tw)
+            tws.append(torch.full((U,), tw, dtype=torch.int64, device=device))
+            c = lay.valid_counts(device)
+            padded |= c is not None
+            counts.append(c if c is not None else torch.full((U,), float(self.S), device=device))
+            self.offs.append(off)
+            self.sizes.append(n)
+            self.ustart.append(self.ustart[-1] + U)
+            off += n
+        self.numel, self.units = off, self.ustart[-1]
+        idx = torch.int32 if off // s + 1 < 2 ** 31 else torch.int64
+        self.x = torch.cat(xs).to(idx)
+        self.tw = torch.cat(tws).to(idx)
+        self.counts = torch.cat(counts) if padded else None
+        cell = torch.arange(self.S, device=device)
+        self.cell_row, self.cell_col = cell // s, cell % s
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.tw, self.counts)
+                   if t is not None)
+
+
+def _side(group) -> int | None:
+    """The unit side s of a group whose every unit is an s x s block of its storage rows."""
+    s = math.isqrt(group.S)
+    if s * s != group.S:
+        return None
+    for st in group.layers:
+        lay = st.layout
+        if lay.kind == "tile" and lay.s != s:
+            return None
+        if lay.kind == "kernel" and tuple(lay.shape[2:]) != (s, s):
+            return None
+    return s
+
+
+def _flat(group, plan, keys, device) -> dict:
+    """The group's flat residual buffers, every layer's buffer a view of them (taken over, its
+    values copied, where it is not)."""
+    flats = group.native_tables.get(("grouped-flat", str(device)))
+    if flats is None or any(k not in flats for k in keys):
+        flats = {k: torch.zeros(plan.numel, device=device) for k in keys}
+        group.native_tables[("grouped-flat", str(device))] = flats
+    for k in keys:
+        f = flats[k]
+        for st, off, n in zip(group.layers, plan.offs, plan.sizes):
+            b = st.memory.get(k)
+            if (b is not None and b.untyped_storage().data_ptr() == f.untyped_storage().data_ptr()
+                    and b.storage_offset() == off and b.is_contiguous() and b.numel() == n):
+                continue
+            view = f[off:off + n].view(st.layout.storage_shape)
+            if b is None:                       # a layer not seen yet: a zero residual
+                view.zero_()
+            else:
+                view.copy_(b.view(st.layout.storage_shape))
+            st.memory[k] = view
+    return flats
+
+
+def _unit_sums(plan, flat, pieces, scratch, idx, what) -> torch.Tensor:
+    """Per unit: the sum over its cells of ``what`` (``"abs"``, ``"value"``, ``"square"``) of
+    the flat buffer -- every row piece's sum (s strided adds over the buffer, by chunks), then
+    each unit's s pieces (``idx[r]``: the positions of its r-th piece) added."""
+    s = plan.s
+    chunk = scratch.numel() - scratch.numel() % s
+    for a in range(0, plan.numel, chunk):
+        b = min(plan.numel, a + chunk)
+        src = flat[a:b]
+        if what == "abs":
+            src = torch.abs(src, out=scratch[:b - a])
+        elif what == "square":
+            src = torch.mul(src, src, out=scratch[:b - a])
+        out = pieces[a // s:b // s]
+        if s == 1:
+            out.copy_(src)
+            continue
+        torch.add(src[0::s], src[1::s], out=out)       # a reduction over s = 3 values is
+        for r in range(2, s):                         # ~6x slower on a CPU (nsi._adds)
+            out += src[r::s]
+    out = pieces[idx[0]]
+    for r in range(1, s):
+        out += pieces[idx[r]]
+    return out
+
+
+def scores(method, plan, flat, beta: float) -> torch.Tensor:
+    """NSI of every unit of the group (in group row order)."""
+    dev = flat.device
+    pieces = method.workspace.get("grouped_pieces", plan.numel // plan.s, dev)
+    # |v| and v^2 by chunks of a quarter of the group: a few launches, a quarter word per parameter
+    scratch = method.workspace.get("grouped_scratch",
+                                   min(plan.numel, max(1 << 16, -(-plan.numel // 4) + plan.s)), dev)
+    idx = [plan.x] + [plan.x + r * plan.tw for r in range(1, plan.s)]
+    abs_sum = _unit_sums(plan, flat, pieces, scratch, idx, "abs")
+    if beta == 1.0:
+        return abs_sum / (plan.counts if plan.counts is not None else plan.S)
+    sq_sum = _unit_sums(plan, flat, pieces, scratch, idx, "square")
+    total = _unit_sums(plan, flat, pieces, scratch, idx, "value")
+    return nsi_from_sums(abs_sum, sq_sum, total, plan.S, beta, plan.counts)
+
+
+def _all_finite(gs: list[torch.Tensor]) -> bool:
+    """Whether every entry of every gradient is finite, with one host sync: the largest |entry|
+    of each (one multi-tensor operation) is finite exactly then (NaN propagates)."""
+    if any(g.numel() == 0 for g in gs):
+        return all(all_finite_each(gs))
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(gs, float("inf")))).all())
+
+
+def _update(memory, lays, gs, bufs) -> None:
+    """Every present layer's residual update, the per-layer route's operations as multi-tensor ones."""
+    srcs = [lay.source_view(g, None) for lay, g in zip(lays, gs)]
+    if isinstance(memory, MomentumCorrection):
+        us = [lay.target_view(b["u"]) for lay, b in zip(lays, bufs)]
+        vs = [lay.target_view(b["v"]) for lay, b in zip(lays, bufs)]
+        m = memory.momentum
+        if memory.nesterov:                    # u.add_(g).mul_(m); v.add_(u).add_(g)
+            torch._foreach_add_(us, srcs)
+            torch._foreach_mul_(us, m)
+            torch._foreach_add_(vs, us)
+            torch._foreach_add_(vs, srcs)
+        else:                                  # torch.add(g, u, alpha=m, out=u); v.add_(u)
+            torch._foreach_copy_(us, torch._foreach_add(srcs, us, alpha=m))
+            torch._foreach_add_(vs, us)
+    else:                                      # error feedback: e.add_(g)
+        torch._foreach_add_([lay.target_view(b["e"]) for lay, b in zip(lays, bufs)], srcs)
+
+
+def encode_group(method, group, grads: dict, ctxs: dict, beta: float) -> torch.Tensor | None:
+    """One RS-DGC bucket group's message (``bucket.BucketCodec``), its residuals updated and
+    ``ctxs[name]["sent_units"]`` filled: what the per-layer route gives. None (nothing
+    touched) where this route does not apply."""
+    keys = _keys(method.memory)
+    s = _side(group)
+    if keys is None or s is None:
+        return None
+    present, gs = [], []
+    for i, st in enumerate(group.layers):
+        g = grads.get(st.name)
+        if g is None:
+            continue
+        if not st.memory_ready or any(st.memory.get(k) is None or st.memory[k].device != g.device
+                                      for k in keys):
+            return None
+        present.append(i)
+        gs.append(g.float() if g.dtype != torch.float32 else g)
+    if present and not _all_finite(gs):        # one host sync; the per-layer route flags it
+        return None
+    for st in group.layers:
+        ctxs[st.name]["sent_units"] = 0
+    if not present:
+        from .base import message_columns
+        dev = next(iter(grads.values())).device if grads else torch.device("cpu")
+        return torch.zeros(0, message_columns(group.S, method.value_dtype, method.index_dtype),
+                           dtype=method.value_dtype, device=dev)
+    dev = gs[0].device
+    key = ("grouped-plan", id(group), str(dev))
+    plan = method.workspace.kept(key)
+    if plan is None or plan.layers is not group.layers:
+        plan = method.workspace.keep(key, _Plan(group.layers, s, dev))
+    flats = _flat(group, plan, keys, dev)
+    st_of = [group.layers[i] for i in present]
+    _update(method.memory, [st.layout for st in st_of], gs, [st.memory for st in st_of])
+
+    acc = flats["v" if "v" in keys else "e"]
+    sc = scores(method, plan, acc, beta)
+    # every layer's exact top-k over its slice: where the CPU pre-filter applies, the per-layer
+    # route's own call; elsewhere (GPUs, small layers) one torch.topk per layer, and a single
+    # sort of all the rows after (what topk_indices does per layer)
+    picks, ks, starts, unsorted = [], [], [], False
+    for i, st in zip(present, st_of):
+        a, U = plan.ustart[i], st.layout.num_units
+        k = max(0, min(int(st.k), U))
+        ks.append(k)
+        if k:
+            part = sc[a:a + U]
+            if topk_route(U, k, dev) is not None:
+                picks.append(topk_indices(part, k))
+            else:
+                picks.append(torch.topk(part, k, sorted=False).indices)
+                unsorted = True
+            starts.append(a)
+    if picks:
+        K = sum(ks)
+        rows = torch.cat(picks) + torch.repeat_interleave(
+            torch.tensor(starts, device=dev), torch.tensor([k for k in ks if k], device=dev),
+            output_size=K)
+        if unsorted:                            # layers in order, rows ascending in each
+            rows = torch.sort(rows).values
+    else:
+        rows = torch.zeros(0, dtype=torch.int64, device=dev)
+    x = plan.x[rows].long()
+    cells = ((s * x).view(-1, 1) + plan.cell_row * (s * plan.tw[rows].long()).view(-1, 1)
+             + plan.cell_col)                                # (K, S) flat positions
+    vals = acc[cells]
+    wire, sent = to_wire(vals, method.value_dtype)
+    acc[cells] = 0.0 if sent is None else vals - sent        # the residual keeps the rounding
+    if "u" in keys and method.memory.masking:
+        flats["u"][cells] = 0.0
+    for st, k in zip(st_of, ks):
+        ctxs[st.name]["sent_units"] = k
+    return pack_sparse(wire, rows, method.index_dtype)

@@ -1,0 +1,214 @@
+"""RS-DGC's whole-group route (``kernels="grouped"``, ``algorithms/grouped.py``) against the
+per-layer eager route of the same bucket codec: the same message bytes, residuals, momentum
+and sent counts over several steps, for every memory it takes, every value and index dtype,
+kernels, padded and unpadded tiles, 5x5 kernels and element units; groups it does not take
+(inf / NaN, a unit that is not s x s) go the per-layer way; residual buffers replaced from
+outside (``load_state_dict``) are taken over; the state stays within 3 fp32 words per
+parameter; two ranks under ``horovodrun`` train bit-identically with it, and a training run
+stopped and resumed ends where the uninterrupted one does."""
+import os
+
+import pytest
+import torch
+
+from hvd_rsgc.algorithms import grouped
+from hvd_rsgc.algorithms.base import make_layer
+from hvd_rsgc.algorithms.bucket import BucketCodec
+from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection
+from hvd_rsgc.algorithms.rsdgc import RSDGC
+
+from support import ROOT, assert_same_checkpoint, results, run_module
+
+# 3x3 kernels, padded and unpadded tiles (s = 3), 5x5 kernels (their own group, s = 5)
+SHAPES = [(64, 64, 3, 3), (512, 96, 1, 1), (40, 31), (16, 8, 3, 3), (8, 4, 5, 5), (1000, 10),
+          (63, 600), (7, 3, 5, 5)]
+MEMORIES = {
+    "momentum": lambda: MomentumCorrection(0.9),
+    "nesterov": lambda: MomentumCorrection(0.9, nesterov=True),
+    "nomask": lambda: MomentumCorrection(0.9, masking=False),
+    "ef": ErrorFeedback,
+}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records whether each call of the grouped route took the group (True) or declined."""
+    calls = []
+    real = grouped.encode_group
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(grouped, "encode_group", wrapped)
+    return calls
+
+
+def _run(kernels, mem, shapes=SHAPES, density=0.01, steps=3, grads_of=None, between=None, **kw):
+    m = RSDGC(MEMORIES[mem](), kernels=kernels, **kw)
+    layers = [make_layer(m, s, density, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
+    codec = BucketCodec(m, layers)
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for step in range(steps):
+        if between is not None:
+            between(step, layers)
+        grads = {st.name: torch.randn(st.shape, generator=g) for st in layers}
+        if grads_of is not None:
+            grads = grads_of(step, grads)
+        ctxs = {st.name: {} for st in layers}
+        msgs = codec.encode(grads, ctxs)
+        res = {(st.name, k): b.clone() for st in layers for k, b in st.memory.items()}
+        dec = codec.decode(msgs)
+        out.append(([x.clone() for x in msgs], ctxs, res, {k: v.clone() for k, v in dec.items()},
+                    sorted(codec.flagged)))
+    return out
+
+
+def _assert_same(a, b, extra_zero=False):
+    for step, (x, y) in enumerate(zip(a, b)):
+        (m0, c0, r0, d0, f0), (m1, c1, r1, d1, f1) = x, y
+        assert c0 == c1, step
+        assert len(m0) == len(m1), step
+        for p, q in zip(m0, m1):
+            assert p.dtype == q.dtype and p.shape == q.shape, step
+            assert torch.equal(p.view(torch.uint8), q.view(torch.uint8)), step
+        if extra_zero:              # buffers the grouped route made for layers not seen yet
+            assert r1.keys() <= r0.keys()
+            assert all(not r0[k].any() for k in r0.keys() - r1.keys())
+            r0 = {k: r0[k] for k in r1}
+        assert r0.keys() == r1.keys()
+        for k in r0:                                    # bit for bit, NaN included
+            assert torch.equal(r0[k].view(torch.int32), r1[k].view(torch.int32)), (step, k)
+        assert f0 == f1, step
+        for k in d0:
+            assert torch.equal(d0[k], d1[k]), (step, k)
+
+
+@pytest.mark.parametrize("mem", list(MEMORIES))
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16", "int8", "int64", "int8-int64"])
+def test_grouped_equals_per_layer_route(spy, mem, dtypes):
+    kw = {"value_dtype": {"fp16": torch.float16, "int8": torch.int8,
+                          "int8-int64": torch.int8}.get(dtypes, torch.float32),
+          "index_dtype": torch.int64 if "int64" in dtypes else torch.int32}
+    _assert_same(_run("grouped", mem, **kw), _run("eager", mem, **kw))
+    assert spy and all(spy)                     # the whole-group route ran every time
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_grouped_every_beta_and_element_units(spy, beta):
+    _assert_same(_run("grouped", "momentum", beta=beta), _run("eager", "momentum", beta=beta))
+    _assert_same(_run("grouped", "momentum", neighbourhood=False, shapes=[(64, 32, 3, 3), (300, 20)]),
+                 _run("eager", "momentum", neighbourhood=False, shapes=[(64, 32, 3, 3), (300, 20)]))
+    assert spy and all(spy)
+
+
+def test_grouped_missing_layers_dynamic_k_non_finite_and_warmup_density(spy):
+    """A layer without a gradient keeps its residual; k changes between steps (dynamic
+    density, the warm-up's 0.25); a step with NaN takes the per-layer route (flag rows) and
+    the next one the group route again, on the same residuals."""
+    def grads_of(step, grads):
+        if step == 1:
+            grads.pop("t1")
+            grads.pop("t4")
+        if step == 2:
+            grads["t0"][3, 2, 1, 1] = float("nan")
+            grads["t5"][0, 0] = float("inf")
+        return grads
+
+    def between(step, layers):
+        if step == 3:
+            for st in layers:
+                st.k = max(1, st.layout.num_units // 4)
+    a = _run("grouped", "momentum", steps=5, grads_of=grads_of, between=between)
+    b = _run("eager", "momentum", steps=5, grads_of=grads_of, between=between)
+    _assert_same(a, b)
+    assert a[2][4] == ["t0", "t5"]              # flagged through the per-layer route
+    assert False in spy and spy.count(True) >= 4 * 2
+
+
+def test_grouped_takes_over_replaced_buffers(spy):
+    """Residuals replaced from outside between steps (as ``load_state_dict`` does: a new
+    ``memory`` dict) are what the next step accumulates into."""
+    def between(step, layers):
+        if step == 2:
+            for st in layers[:3]:
+                st.memory = {"u": st.memory["u"].clone(), "v": st.memory["v"].clone() + 0.5}
+    _assert_same(_run("grouped", "momentum", steps=4, between=between),
+                 _run("eager", "momentum", steps=4, between=between))
+    assert spy and all(spy)
+
+
+def test_grouped_layers_without_buffers_yet(spy):
+    """A layer whose residual does not exist yet (never had a gradient, as the engine leaves
+    it) gets a zero one in the flat buffer; once it has a gradient it accumulates as usual."""
+    def between(step, layers):
+        if step == 0:
+            for st in layers[2:4]:
+                st.memory, st.memory_ready = {}, False
+
+    def grads_of(step, grads):
+        if step == 0:
+            grads.pop("t2")
+            grads.pop("t3")
+        return grads
+
+    def ready(step, layers):
+        between(step, layers)
+        if step == 1:                           # what the engine does before a first gradient
+            for st in layers[2:4]:
+                if not st.memory_ready:
+                    st.memory = MEMORIES["momentum"]().init(st.layout.storage_shape, "cpu",
+                                                            torch.float32)
+                    st.memory_ready = True
+    _assert_same(_run("grouped", "momentum", steps=3, between=ready, grads_of=grads_of),
+                 _run("eager", "momentum", steps=3, between=ready, grads_of=grads_of),
+                 extra_zero=True)
+    assert spy and all(spy)
+
+
+def test_grouped_declines_units_that_are_not_square_blocks(spy):
+    """1x9 / 3x3 kernels share a unit size (9) but not a shape: that group goes the per-layer
+    way, the 3x3-only group the grouped one."""
+    shapes = [(8, 4, 1, 9), (16, 8, 3, 3), (20, 20, 1, 7)]
+    _assert_same(_run("grouped", "momentum", shapes=shapes), _run("eager", "momentum", shapes=shapes))
+    assert spy.count(False) == 3 * 2            # S=9 (mixed) and S=7, every step
+
+
+def test_grouped_state_words_per_parameter(monkeypatch):
+    from hvd_rsgc import bench
+    monkeypatch.setattr(bench, "resnet50_shapes", lambda: [(256, 128, 3, 3), (64,), (301, 200),
+                                                           (512, 256, 1, 1)])
+    rows = {r["method"]: r for r in bench.bench_compress(density=0.01, repeats=2,
+                                                          names=["rsdgc-fused-grouped"])}
+    r = rows["rsdgc-fused-grouped"]
+    assert 2.0 < r["words_per_param"] <= 3.0 and r["bytes"] > 0
+
+
+def test_grouped_kernels_bit_identical_ranks_np2(tmp_path):
+    kinds = ("rsdgc+fused", "rsdgc_int8+fused")            # buckets: where the route runs
+    res = results(2, tmp_path, "--scenarios", "train", "--kinds", ",".join(kinds), "--steps", "4",
+                  "--options", '{"kernels": "grouped"}', timeout=600)
+    for kind in kinds:
+        for r in res:
+            t = r["train"][kind]
+            assert t["identical"] and t["loss1"] < t["loss0"], kind
+        assert res[0]["train"][kind]["params_sha"] == res[1]["train"][kind]["params_sha"]
+
+
+@pytest.mark.multiproc
+def test_grouped_resume_is_bit_exact(tmp_path):
+    """The training app with ``--kernels grouped`` stopped after 2 epochs and resumed ends with
+    the parameters and every rank's residuals of the uninterrupted run, bit for bit (the
+    residuals live in the flat buffers, are saved from them and loaded back into them)."""
+    common = ["hvd_rsgc.train", "--config", os.path.join(ROOT, "examples", "configs", "synthetic.yaml"),
+              "--out_dir", str(tmp_path), "--epochs", "3", "--max_steps_per_epoch", "3",
+              "--progress", "false", "--compression", "rsdgc", "--kernels", "grouped",
+              "--compression_warmup_epochs", "1"]
+    run_module(2, common + ["--run_name", "full"], tmp_path)
+    run_module(2, common + ["--run_name", "split", "--stop_after", "2"], tmp_path)
+    run_module(2, ["hvd_rsgc.train", "--resume", str(tmp_path / "split")], tmp_path)
+    a, b, shards = assert_same_checkpoint(tmp_path / "full", tmp_path / "split", 2, ranks=2)
+    assert [h["top1"] for h in a["history"]] == [h["top1"] for h in b["history"]]
+    assert any(t.any() for lay in shards[0]["compression"]["layers"].values()
+               for t in lay["memory"].values())        # residuals were kept, and compared
