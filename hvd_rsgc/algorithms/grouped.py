@@ -1,6 +1,7 @@
 """RS-DGC's bucket group in whole-group tensor operations (``kernels="grouped"``): the route
-meant for GPUs, where the per-layer route's dozen small kernels per tensor (~700 launches and
-Python calls per ResNet-50 step) cost far more than the arithmetic does.
+meant for GPUs, where the per-layer route's dozens of small operations per tensor (2,088 per
+ResNet-50 step with buckets, each a kernel launch or more) cost far more than the arithmetic
+does. This route issues 761 (``docs/results/compress/2026-12-07-grouped-ops.py``).
 
 The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
 each layer's buffer a view of it (taken over on first use, and again whenever a buffer was
@@ -10,10 +11,10 @@ replaced, e.g. by ``load_state_dict``). For one group, whatever the number of it
    per-layer route's arithmetic, op for op, so the same bits;
 2. the NSI of every unit of the group at once. A unit is an s x s block of its layer's storage
    (a 3x3 kernel is 3 rows of 3 contiguous values; a tile is 3 rows of 3 values in a padded
-   matrix), so its sums are those of s *row pieces* of s contiguous values: one pass over the
-   flat buffer sums every piece (``view(-1, s).sum(1)``), and each unit adds its s pieces, found
-   through a cached table of their positions (``x``: first piece; ``tw``: pieces per storage
-   row). Three statistics (|v|, v, v^2), one piece buffer reused;
+   matrix), so its sums are those of s *row pieces* of s contiguous values: s strided adds over
+   the flat buffer sum every piece, and each unit adds its s pieces, found through a cached
+   table of their positions (``x``: first piece; ``tw``: pieces per storage row). Three
+   statistics (|v|, v, v^2), one piece buffer reused;
 3. every layer's exact top-k over its slice of the scores (what the per-layer route runs:
    ``select.topk_indices`` where its CPU pre-filter applies, else ``torch.topk``), one call per
    layer, then the rows of all layers offset and sorted at once; no host sync on a GPU;
@@ -21,15 +22,17 @@ replaced, e.g. by ``load_state_dict``). For one group, whatever the number of it
    message, the residual keeping what the wire rounded away (fp16 / int8), momentum factor
    masking: four indexed operations on the flat buffers.
 
-One host sync per group (the finiteness test of its gradients: one multi-tensor max-norm); a group holding inf / NaN
-takes the per-layer route, which flags it, as does a group with a unit that is not an s x s
-block (a 1x7 kernel) or a memory other than momentum correction / error feedback. Scores are
-the NSI summed in another order than the per-layer route's, so they can differ in the last
-bit; the tests check the same rows, values and residuals as the per-layer route on a CPU.
-Pure tensor code, the same on every device. State: the flat buffers *are* the residuals; the
-workspace adds one fp32 word per s parameters (the pieces) and a few per unit. Its speed on a
-GPU has not been measured yet: ``kernels="auto"`` does not pick it (on a CPU the native C
-route is faster; ``python -m hvd_rsgc.bench compress --methods rsdgc,rsdgc-fused-grouped``).
+One host sync per group: the finiteness test of its gradients, one multi-tensor max-norm. A
+group holding inf / NaN takes the per-layer route, which flags it, as does a group with a unit
+that is not an s x s block (a 1x7 kernel) or a memory other than momentum correction / error
+feedback. Scores are the NSI summed in another order than the per-layer route's, so they can
+differ in the last bit; the tests check the same rows, values and residuals as the per-layer
+route on a CPU. Pure tensor code, the same on every device. State: the flat buffers *are* the
+residuals; the workspace adds the pieces (one fp32 word per s parameters), a scratch of a
+quarter of the largest group and three 4-byte words per unit (the table, the real-cell
+counts). Its speed on a GPU has not been measured yet: ``kernels="auto"`` does not pick it
+(on a CPU the native C route is faster; ``python -m hvd_rsgc.bench compress --methods
+rsdgc,rsdgc-fused-grouped``).
 """
 from __future__ import annotations
 
