@@ -5,8 +5,8 @@ kernels, padded and unpadded tiles, 5x5 kernels and element units; groups it doe
 (inf / NaN, a unit that is not s x s) go the per-layer way; residual buffers replaced from
 outside (``load_state_dict``) are taken over; the state stays within 3 fp32 words per
 parameter; two ranks under ``horovodrun`` (and through the DDP hook under ``torchrun``) train
-bit-identically with it, and a training run
-stopped and resumed ends where the uninterrupted one does."""
+bit-identically with it, and a training run stopped and resumed ends where the uninterrupted
+one does."""
 import os
 
 import pytest
