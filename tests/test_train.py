@@ -38,6 +38,10 @@ def test_compare_every_compressor_end_to_end_np2(tmp_path):
               "accuracy_vs_bytes.png", "checkpoints/epoch0000.pt", "checkpoints/epoch0000.rank001.pt"):
         assert (run / f).exists(), f
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    # threads per rank: this process's CPUs shared by the 2 local ranks (no OMP_NUM_THREADS set)
+    summary = json.loads((run / "summary.json").read_text())
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert summary["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     cm = torch.tensor(rec["confusion"])
     assert int(cm.sum()) == 256                       # every val image counted once, both ranks
     assert rec["bytes_per_worker"] > 0 and rec["dense_bytes_per_worker"] > rec["bytes_per_worker"]
@@ -227,6 +231,20 @@ def test_checkpoint_safety(tmp_path):
     torch.save({"format": CKPT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt"):
         load_checkpoint(str(tmp_path / "evil.pt"))
+
+
+def test_torch_threads_follow_omp_num_threads_else_cpus_per_local_rank(monkeypatch):
+    from hvd_rsgc.app.train import torch_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ncpu = len(os.sched_getaffinity(0))
+    assert torch_threads(1) == ncpu and torch_threads(4) == max(1, ncpu // 4)
+    assert torch_threads(10 * ncpu) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert torch_threads(4) == 3                      # the user's (or torchrun's) choice wins
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer"):
+            torch_threads(1)
 
 
 def test_none_is_a_name_for_free_text_and_unset_elsewhere():

@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+import torch
+
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "top1", "aa", "kappa",
                "bytes_per_worker", "dense_bytes_per_worker", "compression_ratio",
                "cum_bytes_per_worker", "seconds", "skipped_steps"]
@@ -107,6 +109,7 @@ class Reporter:
                    "bytes_per_worker": sum(r["bytes_per_worker"] for r in history),
                    "dense_bytes_per_worker": sum(r["dense_bytes_per_worker"] for r in history),
                    "seconds": sum(r["seconds"] for r in history),
+                   "torch_threads": torch.get_num_threads(),
                    "classes": classes, "per_class": last.get("per_class")}
         b = summary["bytes_per_worker"]
         summary["compression_ratio"] = summary["dense_bytes_per_worker"] / b if b else None
@@ -129,6 +132,7 @@ def _print_summary(s, flat, classes, last):
         f"{flat['algorithm']} (p={flat['sparsity_ratio'] if flat['algorithm'] == 'rdpsgd' else 1.0}, " \
         f"{flat['topology']})"
     print(f"method / model     {method} / {flat['model']} on {flat['dataset']}")
+    print(f"threads per rank   {s['torch_threads']} (OMP_NUM_THREADS, else CPUs / ranks on a node)")
     print(f"final top-1 (OA)   {s['final_top1']:.4f}   best {s['best_top1']:.4f}")
     print(f"AA / kappa         {s['final_aa']:.4f} / {s['final_kappa']:.4f}")
     print("per class          " + ", ".join(f"{c}: {a:.2f}" for c, a in zip(classes, last.get("per_class", []))))

@@ -132,6 +132,19 @@ def _read_resume(resume: str, overrides: dict | None):
     return cfg, run_dir, main_file, main
 
 
+def torch_threads(local_size: int) -> int:
+    """Intra-op threads per rank: ``OMP_NUM_THREADS`` where the user (or the launcher, as
+    torchrun does) set it, else the CPUs this process may run on (taskset, Slurm cpu binding)
+    shared by the ranks on this node."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, ncpu // max(1, local_size))
+
+
 def deterministic_setup(cfg, hvd) -> None:
     """``--deterministic``: before the process group ``hvd`` starts. Horovod: fixed allreduce
     groups (``horovod/deterministic.py``; the strategy passes the groups). Every backend:
@@ -187,9 +200,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     cfg = cfg or Config()
     d, o, r = cfg.data, cfg.optim, cfg.run
     device = pick_device(r.device, hvd)
-    # the CPUs this process may run on (taskset, Slurm cpu binding), shared by the local ranks
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, ncpu // max(1, hvd.local_size())))
+    torch.set_num_threads(torch_threads(hvd.local_size()))
 
     train_ds, val_ds, classes = build_datasets(d, r.seed)
     nc = len(classes)
