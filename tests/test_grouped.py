@@ -176,6 +176,23 @@ def test_grouped_declines_units_that_are_not_square_blocks(spy):
     assert spy.count(False) == 3 * 2            # S=9 (mixed) and S=7, every step
 
 
+def test_grouped_plans_go_with_their_codec():
+    """The cached per-group tables are counted in the workspace and dropped with the codec
+    (DDP rebuilds its buckets once: no stale tables kept)."""
+    import gc
+    m = RSDGC(MomentumCorrection(0.9), kernels="grouped")
+    before = m.workspace.nbytes()
+    for _ in range(3):
+        layers = [make_layer(m, s, 0.01, name=f"t{i}", index=i) for i, s in enumerate(SHAPES)]
+        codec = BucketCodec(m, layers)
+        codec.encode({st.name: torch.randn(st.shape) for st in layers}, {st.name: {} for st in layers})
+        grown = m.workspace.nbytes()
+        assert len(m.workspace._kept) == 2 and grown > before       # groups S = 9 and S = 25
+        del codec, layers
+        gc.collect()
+        assert not m.workspace._kept
+
+
 def test_grouped_state_words_per_parameter(monkeypatch):
     from hvd_rsgc import bench
     monkeypatch.setattr(bench, "resnet50_shapes", lambda: [(256, 128, 3, 3), (64,), (301, 200),

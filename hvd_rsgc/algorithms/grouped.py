@@ -37,6 +37,7 @@ rsdgc,rsdgc-fused-grouped``).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -231,6 +232,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float) -> torch.T
     plan = method.workspace.kept(key)
     if plan is None or plan.layers is not group.layers:
         plan = method.workspace.keep(key, _Plan(group.layers, s, dev))
+        weakref.finalize(group, method.workspace.drop, key)     # a codec rebuilt: no stale plans
     flats = _flat(group, plan, keys, dev)
     st_of = [group.layers[i] for i in present]
     _update(method.memory, [st.layout for st in st_of], gs, [st.memory for st in st_of])

@@ -270,6 +270,9 @@ class Workspace:
     def kept(self, key):
         return self._kept.get(key)
 
+    def drop(self, key) -> None:
+        self._kept.pop(key, None)
+
     def nbytes(self) -> int:
         return (sum(b.numel() * b.element_size() for b in self._bufs.values())
                 + sum(o.nbytes() for o in self._kept.values()))
