@@ -99,6 +99,7 @@ METHODS = {
     "topk": ("topk", {}),
     "topk-eager": ("topk", {"kernels": "eager", "fused": False}),
     "topk-fused-eager": ("topk", {"kernels": "eager"}),
+    "topk-fused-grouped": ("topk", {"kernels": "grouped"}),
     "randomk": ("randomk", {}),
     "qsgd-1bit": ("qsgd", {"levels": 1, "bucket_size": 512}),
     "powersgd-r4": ("powersgd", {"rank": 4}),

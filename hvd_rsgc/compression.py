@@ -153,7 +153,8 @@ class DGCCompression(Compressor):
 @register("topk")
 class TopKCompression(Compressor):
     """Exact per-tensor top-k of |residual + gradient| with error feedback. Use an ordinary
-    momentum SGD."""
+    momentum SGD. ``kernels``: ``"auto"`` (default), ``"native"``, ``"eager"`` or
+    ``"grouped"`` (whole-group tensor operations, meant for GPUs: ``algorithms/grouped.py``)."""
 
     def __init__(self, model, density: float = 0.001, *, error_feedback: bool = True,
                  fp16_values: bool = False, int8_values: bool = False,

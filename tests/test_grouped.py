@@ -15,8 +15,9 @@ import torch
 from hvd_rsgc.algorithms import grouped
 from hvd_rsgc.algorithms.base import make_layer
 from hvd_rsgc.algorithms.bucket import BucketCodec
-from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection
+from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
 from hvd_rsgc.algorithms.rsdgc import RSDGC
+from hvd_rsgc.algorithms.topk import TopK
 
 from support import MP, ROOT, assert_same_checkpoint, read_ranks, results, run_module, torchrun
 
@@ -28,6 +29,7 @@ MEMORIES = {
     "nesterov": lambda: MomentumCorrection(0.9, nesterov=True),
     "nomask": lambda: MomentumCorrection(0.9, masking=False),
     "ef": ErrorFeedback,
+    "none": NoMemory,
 }
 
 
@@ -45,8 +47,9 @@ def spy(monkeypatch):
     return calls
 
 
-def _run(kernels, mem, shapes=SHAPES, density=0.01, steps=3, grads_of=None, between=None, **kw):
-    m = RSDGC(MEMORIES[mem](), kernels=kernels, **kw)
+def _run(kernels, mem, shapes=SHAPES, density=0.01, steps=3, grads_of=None, between=None,
+         cls=RSDGC, **kw):
+    m = cls(MEMORIES[mem](), kernels=kernels, **kw)
     layers = [make_layer(m, s, density, name=f"t{i}", index=i) for i, s in enumerate(shapes)]
     codec = BucketCodec(m, layers)
     g = torch.Generator().manual_seed(7)
@@ -86,7 +89,7 @@ def _assert_same(a, b, extra_zero=False):
             assert torch.equal(d0[k], d1[k]), (step, k)
 
 
-@pytest.mark.parametrize("mem", list(MEMORIES))
+@pytest.mark.parametrize("mem", ["momentum", "nesterov", "nomask", "ef"])
 @pytest.mark.parametrize("dtypes", ["fp32", "fp16", "int8", "int64", "int8-int64"])
 def test_grouped_equals_per_layer_route(spy, mem, dtypes):
     kw = {"value_dtype": {"fp16": torch.float16, "int8": torch.int8,
@@ -94,6 +97,26 @@ def test_grouped_equals_per_layer_route(spy, mem, dtypes):
           "index_dtype": torch.int64 if "int64" in dtypes else torch.int32}
     _assert_same(_run("grouped", mem, **kw), _run("eager", mem, **kw))
     assert spy and all(spy)                     # the whole-group route ran every time
+
+
+@pytest.mark.parametrize("density", [0.001, 0.25])
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16", "int8-int64"])
+def test_grouped_topk_equals_per_layer_route(spy, density, dtypes):
+    """Top-k (element units, |e| scores) through the same route: the per-layer route's bytes,
+    residuals and sums, at a sparse density and at the warm-up's 0.25."""
+    kw = {"value_dtype": {"fp16": torch.float16, "int8-int64": torch.int8}.get(dtypes, torch.float32),
+          "index_dtype": torch.int64 if "int64" in dtypes else torch.int32}
+    shapes = [(64, 64, 3, 3), (512, 96, 1, 1), (40, 31), (300_000,), (1000, 10)]
+    _assert_same(_run("grouped", "ef", shapes, density, cls=TopK, **kw),
+                 _run("eager", "ef", shapes, density, cls=TopK, **kw))
+    assert spy and all(spy)
+
+
+def test_grouped_declines_a_memory_it_does_not_keep(spy):
+    """Top-k without error feedback (nothing kept) takes the per-layer route, unchanged."""
+    shapes = [(64, 64, 3, 3), (1000, 10)]
+    _assert_same(_run("grouped", "none", shapes, cls=TopK), _run("eager", "none", shapes, cls=TopK))
+    assert spy and not any(spy)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
@@ -198,13 +221,16 @@ def test_grouped_state_words_per_parameter(monkeypatch):
     monkeypatch.setattr(bench, "resnet50_shapes", lambda: [(256, 128, 3, 3), (64,), (301, 200),
                                                            (512, 256, 1, 1)])
     rows = {r["method"]: r for r in bench.bench_compress(density=0.01, repeats=2,
-                                                          names=["rsdgc-fused-grouped"])}
+                                                          names=["rsdgc-fused-grouped",
+                                                                 "topk-fused-grouped"])}
     r = rows["rsdgc-fused-grouped"]
-    assert 2.0 < r["words_per_param"] <= 3.0 and r["bytes"] > 0
+    assert 2.0 < r["words_per_param"] <= 3.0 and r["bytes"] > 0        # u, v + workspace
+    r = rows["topk-fused-grouped"]
+    assert 1.0 < r["words_per_param"] <= 2.01 and r["bytes"] > 0       # e + |e|
 
 
 def test_grouped_kernels_bit_identical_ranks_np2(tmp_path):
-    kinds = ("rsdgc+fused", "rsdgc_int8+fused")            # buckets: where the route runs
+    kinds = ("rsdgc+fused", "rsdgc_int8+fused", "topk+fused")     # buckets: where the route runs
     res = results(2, tmp_path, "--scenarios", "train", "--kinds", ",".join(kinds), "--steps", "4",
                   "--options", '{"kernels": "grouped"}', timeout=600)
     for kind in kinds:
@@ -238,10 +264,11 @@ def test_grouped_kernels_through_the_ddp_hook(tmp_path):
     identical on both ranks after every step, loss falls, the byte meter equals what
     torch.distributed was handed."""
     p, _ = torchrun(2, os.path.join(MP, "ddp_worker.py"), "--out", str(tmp_path), "--scenarios",
-                    "train", "--kinds", "rsdgc", "--steps", "5", "--options", '{"kernels": "grouped"}',
-                    timeout=600)
+                    "train", "--kinds", "rsdgc,topk", "--steps", "5", "--options",
+                    '{"kernels": "grouped"}', timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for r in read_ranks(tmp_path, 2):
-        x = r["train"]["rsdgc"]
-        assert all(x["identical"]) and x["wire"] == x["lib"], x
-        assert x["after"] < x["before"]
+        for kind in ("rsdgc", "topk"):
+            x = r["train"][kind]
+            assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
+            assert x["after"] < x["before"], kind

@@ -1,7 +1,8 @@
-"""RS-DGC's bucket group in whole-group tensor operations (``kernels="grouped"``): the route
-meant for GPUs, where the per-layer route's dozens of small operations per tensor (2,088 per
-ResNet-50 step with buckets, each a kernel launch or more) cost far more than the arithmetic
-does. This route issues 761 (``docs/results/compress/2026-12-07-grouped-ops.py``).
+"""RS-DGC's and Top-k's bucket group in whole-group tensor operations (``kernels="grouped"``):
+the route meant for GPUs, where the per-layer route's dozens of small operations per tensor
+(RS-DGC: 2,088 per ResNet-50 step with buckets, each a kernel launch or more) cost far more
+than the arithmetic does. This route issues 731 (Top-k: 222 against 602;
+``docs/results/compress/2026-12-07-grouped-ops.py``).
 
 The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
 each layer's buffer a view of it (taken over on first use, and again whenever a buffer was
@@ -21,6 +22,9 @@ replaced, e.g. by ``load_state_dict``). For one group, whatever the number of it
 4. the chosen units' cells computed from the same table, their values gathered into the
    message, the residual keeping what the wire rounded away (fp16 / int8), momentum factor
    masking: four indexed operations on the flat buffers.
+
+Top-k is the same route with element units (s = 1: a unit's row is its position, no tables)
+and |e| as the score.
 
 One host sync per group: the finiteness test of its gradients, one multi-tensor max-norm. A
 group holding inf / NaN takes the per-layer route, which flags it, as does a group with a unit
@@ -44,7 +48,8 @@ import torch
 from .base import pack_sparse, to_wire
 from .memory import ErrorFeedback, MomentumCorrection, all_finite_each
 from .nsi import nsi_from_sums
-from .select import topk_indices, topk_route
+from . import select
+from .select import topk_indices
 
 
 def _keys(memory) -> list[str] | None:
@@ -70,6 +75,12 @@ class _Plan:
             lay = st.layout
             rows, cols = lay.storage_shape
             n, U = rows * cols, lay.num_units
+            if s == 1:
+                self.offs.append(off)
+                self.sizes.append(n)
+                self.ustart.append(self.ustart[-1] + U)
+                off += n
+                continue
             tw = lay.Wp // s if lay.kind == "tile" else 1
             u = torch.arange(U, device=device)
             xs.append(off // s + torch.div(u, tw, rounding_mode="floor") * (s * tw) + u % tw)
@@ -82,6 +93,9 @@ class _Plan:
             self.ustart.append(self.ustart[-1] + U)
             off += n
         self.numel, self.units = off, self.ustart[-1]
+        self.x = self.tw = self.counts = None
+        if s == 1:                  # element units: a unit's position is its row, no tables
+            return
         idx = torch.int32 if off // s + 1 < 2 ** 31 else torch.int64
         self.x = torch.cat(xs).to(idx)
         self.tw = torch.cat(tws).to(idx)
@@ -157,9 +171,16 @@ def _unit_sums(plan, flat, pieces, scratch, idx, what) -> torch.Tensor:
     return out
 
 
-def scores(method, plan, flat, beta: float) -> torch.Tensor:
-    """NSI of every unit of the group (in group row order)."""
+def scores(method, plan, flat, beta: float | None) -> torch.Tensor:
+    """NSI of every unit of the group (in group row order); ``beta=None``: |v| (Top-k)."""
     dev = flat.device
+    if plan.s == 1:                             # element units: |v|; NSI of one value: beta |v|
+        mag = torch.abs(flat, out=method.workspace.get("grouped_abs", plan.numel, dev))
+        if beta is None or beta == 1.0:
+            return mag
+        return nsi_from_sums(mag, flat * flat, flat.clone(), 1, beta, None)
+    if beta is None:
+        raise ValueError("|v| scores are for element units (Top-k); this group has s x s units")
     pieces = method.workspace.get("grouped_pieces", plan.numel // plan.s, dev)
     # |v| and v^2 by chunks of a quarter of the group: a few launches, a quarter word per parameter
     scratch = method.workspace.get("grouped_scratch",
@@ -200,13 +221,14 @@ def _update(memory, lays, gs, bufs) -> None:
         torch._foreach_add_([lay.target_view(b["e"]) for lay, b in zip(lays, bufs)], srcs)
 
 
-def encode_group(method, group, grads: dict, ctxs: dict, beta: float) -> torch.Tensor | None:
-    """One RS-DGC bucket group's message (``bucket.BucketCodec``), its residuals updated and
-    ``ctxs[name]["sent_units"]`` filled: what the per-layer route gives. None (nothing
-    touched) where this route does not apply."""
+def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None) -> torch.Tensor | None:
+    """One bucket group's message (``bucket.BucketCodec``), its residuals updated and
+    ``ctxs[name]["sent_units"]`` filled: what the per-layer route gives. ``beta``: RS-DGC's
+    NSI weight; None: Top-k (the k largest |v| of each layer). None (nothing touched) where
+    this route does not apply."""
     keys = _keys(method.memory)
     s = _side(group)
-    if keys is None or s is None:
+    if keys is None or s is None or (beta is None and s != 1):
         return None
     present, gs = [], []
     for i, st in enumerate(group.layers):
@@ -249,8 +271,9 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float) -> torch.T
         ks.append(k)
         if k:
             part = sc[a:a + U]
-            if topk_route(U, k, dev) is not None:
-                picks.append(topk_indices(part, k))
+            if select.topk_route(U, k, dev) is not None:         # Top-k: |v| read by the filter itself
+                picks.append(topk_indices(part, k) if beta is not None else
+                             topk_indices(acc[a:a + U], k, magnitude=True))
             else:
                 picks.append(torch.topk(part, k, sorted=False).indices)
                 unsorted = True
@@ -264,9 +287,12 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float) -> torch.T
             rows = torch.sort(rows).values
     else:
         rows = torch.zeros(0, dtype=torch.int64, device=dev)
-    x = plan.x[rows].long()
-    cells = ((s * x).view(-1, 1) + plan.cell_row * (s * plan.tw[rows].long()).view(-1, 1)
-             + plan.cell_col)                                # (K, S) flat positions
+    if s == 1:                                               # (K, S) flat positions
+        cells = rows.view(-1, 1)
+    else:
+        x = plan.x[rows].long()
+        cells = ((s * x).view(-1, 1) + plan.cell_row * (s * plan.tw[rows].long()).view(-1, 1)
+                 + plan.cell_col)
     vals = acc[cells]
     wire, sent = to_wire(vals, method.value_dtype)
     acc[cells] = 0.0 if sent is None else vals - sent        # the residual keeps the rounding

@@ -1,4 +1,4 @@
-"""Operations per RS-DGC step over the ResNet-50 gradient set (density 0.001, one rank,
+"""Operations per RS-DGC / Top-k step over the ResNet-50 gradient set (density 0.001, one rank,
 encode + decode through the compressor), counted with torch.profiler on a CPU, with exact
 top-k routed as on a GPU (one ``torch.topk`` per layer: the CPU pre-filter is switched off).
 
@@ -28,9 +28,13 @@ torch.manual_seed(0)
 grads = [torch.randn(s) * 0.01 for s in resnet50_shapes()]
 big = [g for g in grads if g.dim() > 1]
 print(f"{len(big)} compressed tensors, {sum(g.numel() for g in big):,} elements, density 0.001\n")
-print(f"{'route':24s} {'issued':>7s}  most issued")
-for name, label in (("rsdgc-eager", "per tensor, eager"), ("rsdgc-fused-eager", "buckets, eager"),
-                    ("rsdgc-fused-grouped", "buckets, grouped")):
+print(f"{'route':26s} {'issued':>7s}  most issued")
+for name, label in (("rsdgc-eager", "RS-DGC per tensor, eager"),
+                    ("rsdgc-fused-eager", "RS-DGC buckets, eager"),
+                    ("rsdgc-fused-grouped", "RS-DGC buckets, grouped"),
+                    ("topk-eager", "Top-k per tensor, eager"),
+                    ("topk-fused-eager", "Top-k buckets, eager"),
+                    ("topk-fused-grouped", "Top-k buckets, grouped")):
     comp, m, layers = build_method(name, big, 0.001)
     fn = _step_fn(m, layers, big, {"bytes": 0}, comp)
     fn()
@@ -49,4 +53,4 @@ for name, label in (("rsdgc-eager", "per tensor, eager"), ("rsdgc-fused-eager", 
         if ev.name not in VIEWS:
             issued[ev.name] += 1
     common = ", ".join(f"{k[6:]} {v}" for k, v in issued.most_common(5))
-    print(f"{label:24s} {sum(issued.values()):7d}  {common}")
+    print(f"{label:26s} {sum(issued.values()):7d}  {common}")
