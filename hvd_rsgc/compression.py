@@ -18,8 +18,9 @@ Each is a thin binding of an ``algorithms`` method (selection / quantisation), a
                  ``"reduce_scatter"`` (Ok-Topk style, per-rank volume flat in P) or ``"auto"``
 ``kernels``      sparse methods (rsdgc, dgc, topk): ``"auto"`` (default: the fused C kernels of
                  ``algorithms/native.py`` for CPU tensors where a C compiler is found, else
-                 eager), ``"native"`` or ``"eager"``; decoding is the same code either way, so
-                 ranks stay bit-identical whichever each one uses
+                 eager), ``"native"``, ``"eager"`` or ``"grouped"`` (whole-group tensor
+                 operations, meant for GPUs); decoding is the same code either way, so ranks
+                 stay bit-identical whichever each one uses
 ``nonfinite``    ``"raise"`` (default): every rank raises ``FloatingPointError`` naming the
                  parameter; ``"skip"``: every rank gets NaN gradients for that step and
                  ``step_nonfinite`` is True (skip the optimizer step; state stays consistent)
@@ -124,7 +125,9 @@ class DGCCompression(Compressor):
     """Deep Gradient Compression: momentum correction + factor masking, optional local clipping,
     warm-up densities (``warmup_epochs`` with ``steps_per_epoch`` or ``set_epoch``; or
     ``warmup_ramp_steps``: the same decay as one per-step ramp, ``density.ramp_density``), sampled
-    threshold with the reference's re-adjust loop. Use with :class:`hvd_rsgc.DGCSGD`."""
+    threshold with the reference's re-adjust loop. Use with :class:`hvd_rsgc.DGCSGD`.
+    ``kernels``: ``"auto"`` (default), ``"native"``, ``"eager"`` or ``"grouped"`` (whole-group
+    tensor operations, meant for GPUs: ``algorithms/grouped.py``)."""
 
     def __init__(self, model, density: float = 0.001, *, momentum: float = 0.9,
                  nesterov: bool = False, momentum_masking: bool = True,

@@ -56,9 +56,9 @@ def test_cuda_scatter_deterministic_with_duplicates():
 
 
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.int8])
-@pytest.mark.parametrize("method", ["rsdgc", "topk"])
+@pytest.mark.parametrize("method", ["rsdgc", "topk", "dgc"])
 def test_cuda_grouped_route_matches_cpu(value_dtype, method):
-    """The whole-group route (``kernels="grouped"``, RS-DGC and Top-k) on CUDA tensors: the
+    """The whole-group route (``kernels="grouped"``, RS-DGC, Top-k, DGC) on CUDA tensors: the
     rows the per-layer eager route picks on the CPU, values and residuals to float rounding,
     and the group route ran (it declines nothing here)."""
     from hvd_rsgc.algorithms import grouped
@@ -69,8 +69,9 @@ def test_cuda_grouped_route_matches_cpu(value_dtype, method):
     out, ran = {}, []
     real = grouped.encode_group
     for dev, kernels in (("cpu", "eager"), ("cuda", "grouped")):
-        m = (RSDGC(MomentumCorrection(0.9), kernels=kernels, value_dtype=value_dtype)
-             if method == "rsdgc" else TopK(ErrorFeedback(), kernels=kernels, value_dtype=value_dtype))
+        cls, mem = {"rsdgc": (RSDGC, MomentumCorrection(0.9)), "dgc": (DGC, MomentumCorrection(0.9)),
+                    "topk": (TopK, ErrorFeedback())}[method]
+        m = cls(mem, kernels=kernels, value_dtype=value_dtype)
         layers = [layer(m, s, 0.01, dev) for s in shapes]
         for i, st in enumerate(layers):
             st.name = f"t{i}"
@@ -87,9 +88,9 @@ def test_cuda_grouped_route_matches_cpu(value_dtype, method):
             res.append(([unpack_sparse(x.cpu(), g.S, torch.int32, g.units + len(g.layers))
                          for x, g in zip(msgs, codec.groups)],
                         {k: v.cpu() for k, v in dec.items()},
-                        [st.memory["v" if method == "rsdgc" else "e"].cpu() for st in layers]))
+                        [st.memory["e" if method == "topk" else "v"].cpu() for st in layers]))
         out[kernels] = res
-    # RS-DGC: two groups (S = 9, 25); Top-k: one (elements); three steps, on CUDA
+    # RS-DGC: two groups (S = 9, 25); Top-k, DGC: one (elements); three steps, on CUDA
     assert len(ran) == 3 * (2 if method == "rsdgc" else 1)
     for (mc, dc, vc), (mg, dg, vg) in zip(out["eager"], out["grouped"]):
         for (va, ra), (vb, rb) in zip(mc, mg):

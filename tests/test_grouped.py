@@ -15,8 +15,10 @@ import torch
 from hvd_rsgc.algorithms import grouped
 from hvd_rsgc.algorithms.base import make_layer
 from hvd_rsgc.algorithms.bucket import BucketCodec
+from hvd_rsgc.algorithms.dgc import DGC
 from hvd_rsgc.algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
 from hvd_rsgc.algorithms.rsdgc import RSDGC
+from hvd_rsgc.algorithms.select import SamplePlan
 from hvd_rsgc.algorithms.topk import TopK
 
 from support import MP, ROOT, assert_same_checkpoint, read_ranks, results, run_module, torchrun
@@ -109,6 +111,51 @@ def test_grouped_topk_equals_per_layer_route(spy, density, dtypes):
     shapes = [(64, 64, 3, 3), (512, 96, 1, 1), (40, 31), (300_000,), (1000, 10)]
     _assert_same(_run("grouped", "ef", shapes, density, cls=TopK, **kw),
                  _run("eager", "ef", shapes, density, cls=TopK, **kw))
+    assert spy and all(spy)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.25])
+@pytest.mark.parametrize("dtypes", ["fp32", "int8-int64"])
+def test_grouped_dgc_equals_per_layer_route(spy, density, dtypes):
+    """DGC (sampled thresholds, the re-adjust loop: thresholds lowered, more than 1.3x k
+    narrowed to the exact top k; momentum factor masking) through the route: the per-layer
+    route's bytes, residuals and sums, so the same sample offsets drawn in the same order."""
+    kw = {"value_dtype": torch.int8 if "int8" in dtypes else torch.float32,
+          "index_dtype": torch.int64 if "int64" in dtypes else torch.int32}
+    shapes = [(64, 64, 3, 3), (512, 96, 1, 1), (40, 31), (300_000,), (1000, 10), (7,)]
+    _assert_same(_run("grouped", "momentum", shapes, density, steps=4, cls=DGC, **kw),
+                 _run("eager", "momentum", shapes, density, steps=4, cls=DGC, **kw))
+    assert spy and all(spy)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.25])
+def test_grouped_rsdgc_sampled_selection(spy, density):
+    _assert_same(_run("grouped", "momentum", density=density, selection="sampled", steps=4),
+                 _run("eager", "momentum", density=density, selection="sampled", steps=4))
+    assert spy and all(spy)
+
+
+def test_grouped_sampled_readjust_stops_after_ten_rounds(spy):
+    """A sample whose threshold passes far too few entries (its top entry as the threshold,
+    heavy-tailed gradients): ten rounds of lowering, then what passes is sent, on both routes."""
+    n, ns = 30_000, 15_000
+
+    def between(step, layers):
+        layers[1].plan = SamplePlan(n=n, density=0.5, stride=7, num_samples=n // 7,
+                                    top_k_samples=1, num_selects=ns)
+        layers[1].k = ns
+
+    def grads_of(step, grads):
+        gen = torch.Generator().manual_seed(step)
+        u = torch.rand(n, generator=gen)
+        grads["t1"] = torch.exp(-20 * u) * torch.sign(torch.randn(n, generator=gen))
+        return grads
+    shapes = [(1000, 10), (n,)]
+    a = _run("grouped", "momentum", shapes, 0.01, steps=2, cls=DGC, between=between, grads_of=grads_of)
+    b = _run("eager", "momentum", shapes, 0.01, steps=2, cls=DGC, between=between, grads_of=grads_of)
+    _assert_same(a, b)
+    sent = [step[1]["t1"]["sent_units"] for step in a]
+    assert all(0 < x < 0.8 * ns for x in sent), sent      # still too few after the tenth round
     assert spy and all(spy)
 
 
@@ -222,15 +269,18 @@ def test_grouped_state_words_per_parameter(monkeypatch):
                                                            (512, 256, 1, 1)])
     rows = {r["method"]: r for r in bench.bench_compress(density=0.01, repeats=2,
                                                           names=["rsdgc-fused-grouped",
-                                                                 "topk-fused-grouped"])}
+                                                                 "topk-fused-grouped",
+                                                                 "dgc-fused-grouped"])}
     r = rows["rsdgc-fused-grouped"]
     assert 2.0 < r["words_per_param"] <= 3.0 and r["bytes"] > 0        # u, v + workspace
     r = rows["topk-fused-grouped"]
     assert 1.0 < r["words_per_param"] <= 2.01 and r["bytes"] > 0       # e + |e|
+    r = rows["dgc-fused-grouped"]
+    assert 2.0 < r["words_per_param"] <= 3.0 and r["bytes"] > 0        # u, v + |v|, mask
 
 
 def test_grouped_kernels_bit_identical_ranks_np2(tmp_path):
-    kinds = ("rsdgc+fused", "rsdgc_int8+fused", "topk+fused")     # buckets: where the route runs
+    kinds = ("rsdgc+fused", "rsdgc_int8+fused", "topk+fused", "dgc+fused")     # buckets: where the route runs
     res = results(2, tmp_path, "--scenarios", "train", "--kinds", ",".join(kinds), "--steps", "4",
                   "--options", '{"kernels": "grouped"}', timeout=600)
     for kind in kinds:
@@ -264,11 +314,11 @@ def test_grouped_kernels_through_the_ddp_hook(tmp_path):
     identical on both ranks after every step, loss falls, the byte meter equals what
     torch.distributed was handed."""
     p, _ = torchrun(2, os.path.join(MP, "ddp_worker.py"), "--out", str(tmp_path), "--scenarios",
-                    "train", "--kinds", "rsdgc,topk", "--steps", "5", "--options",
+                    "train", "--kinds", "rsdgc,topk,dgc", "--steps", "5", "--options",
                     '{"kernels": "grouped"}', timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for r in read_ranks(tmp_path, 2):
-        for kind in ("rsdgc", "topk"):
+        for kind in ("rsdgc", "topk", "dgc"):
             x = r["train"][kind]
             assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
             assert x["after"] < x["before"], kind

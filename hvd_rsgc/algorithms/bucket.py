@@ -265,8 +265,8 @@ class BucketCodec:
         cells = torch.arange(g.S, device=dev)
         # kernel / element layouts: a unit's cells are contiguous
         idx = (local * g.S + geo["elem_off"][lay]).view(-1, 1) + cells
-        tiled = geo["tiled"][lay]
-        if bool(tiled.any()):
+        if any(st.layout.kind == "tile" for st in g.layers):   # known on the host: no sync
+            tiled = geo["tiled"][lay]
             tw, W = geo["tiles_w"][lay], geo["W"][lay]
             tr = torch.div(local, tw, rounding_mode="floor")
             tc = local - tr * tw

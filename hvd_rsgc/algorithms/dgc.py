@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import grouped, native
 from .base import SparseMethod
 from .select import SamplePlan, sampled_threshold_indices
 
@@ -14,6 +14,7 @@ from .select import SamplePlan, sampled_threshold_indices
 class DGC(SparseMethod):
     name = "dgc"
     momentum_correction = True
+    KERNELS = ("auto", "eager", "native", "grouped")
 
     def __init__(self, memory, sample_ratio: float = 0.01, seed: int = 0, **kw):
         super().__init__(memory, **kw)
@@ -37,8 +38,11 @@ class DGC(SparseMethod):
                                          native=self.kernels == "native")
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels: a bucket group in a few C calls (native.encode_group), the same
-        # sampled thresholds, sample offsets drawn from this generator in the same order
+        # native kernels: a bucket group in a few C calls (native.encode_group); grouped: a few
+        # whole-group tensor operations (grouped.py). Both draw the sample offsets from this
+        # generator in the per-layer route's order, so they give its thresholds
+        if self.kernels == "grouped":
+            return grouped.encode_group(self, group, grads, ctxs, None, selection="sampled")
         if self.kernels != "native":
             return None
         return native.encode_group(self, group, grads, ctxs, "magnitude", selection="sampled")

@@ -1,7 +1,8 @@
-"""RS-DGC's and Top-k's bucket group in whole-group tensor operations (``kernels="grouped"``):
-the route meant for GPUs, where the per-layer route's dozens of small operations per tensor
-(RS-DGC: 2,088 per ResNet-50 step with buckets, each a kernel launch or more) cost far more
-than the arithmetic does. This route issues 731 (Top-k: 222 against 602;
+"""RS-DGC's, Top-k's and DGC's bucket group in whole-group tensor operations
+(``kernels="grouped"``): the route meant for GPUs, where the per-layer route's dozens of small
+operations per tensor (RS-DGC: 2,077 per ResNet-50 step with buckets, each a kernel launch or
+more) cost far more than the arithmetic does. This route issues 720 (Top-k: 210 against 590;
+DGC: 536 against 1,184, of which ~100 are the sample offsets' draws on the CPU generator;
 ``docs/results/compress/2026-12-07-grouped-ops.py``).
 
 The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
@@ -24,9 +25,13 @@ replaced, e.g. by ``load_state_dict``). For one group, whatever the number of it
    masking: four indexed operations on the flat buffers.
 
 Top-k is the same route with element units (s = 1: a unit's row is its position, no tables)
-and |e| as the score.
+and |e| as the score. DGC (and RS-DGC with ``selection="sampled"``) replaces step 3 with the
+sampled threshold for all layers at once (``_sampled_rows``): the per-layer route's sample
+offsets, thresholds and re-adjust loop, with two host syncs per round of that loop (the
+candidates' count, their split by layer) and one for the thresholds.
 
-One host sync per group: the finiteness test of its gradients, one multi-tensor max-norm. A
+One host sync per group for exact top-k: the finiteness test of its gradients, one
+multi-tensor max-norm. A
 group holding inf / NaN takes the per-layer route, which flags it, as does a group with a unit
 that is not an s x s block (a 1x7 kernel) or a memory other than momentum correction / error
 feedback. Scores are the NSI summed in another order than the per-layer route's, so they can
@@ -34,7 +39,8 @@ differ in the last bit; the tests check the same rows, values and residuals as t
 route on a CPU. Pure tensor code, the same on every device. State: the flat buffers *are* the
 residuals; the workspace adds the pieces (one fp32 word per s parameters), a scratch of a
 quarter of the largest group and three 4-byte words per unit (the table, the real-cell
-counts). Its speed on a GPU has not been measured yet: ``kernels="auto"`` does not pick it
+counts); the sampled threshold a byte per unit of the largest group (the compare's mask), and
+for the step only a difference buffer of the group's length. Its speed on a GPU has not been measured yet: ``kernels="auto"`` does not pick it
 (on a CPU the native C route is faster; ``python -m hvd_rsgc.bench compress --methods
 rsdgc,rsdgc-fused-grouped``).
 """
@@ -221,10 +227,154 @@ def _update(memory, lays, gs, bufs) -> None:
         torch._foreach_add_([lay.target_view(b["e"]) for lay, b in zip(lays, bufs)], srcs)
 
 
-def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None) -> torch.Tensor | None:
+def _exact_rows(group, plan, present, st_of, sc, acc, beta, dev):
+    """Every present layer's exact top-k over its slice of the scores: where the CPU
+    pre-filter applies, the per-layer route's own call; elsewhere (GPUs, small layers) one
+    torch.topk per layer, and a single sort of all the rows after (what topk_indices does per
+    layer). Returns (group rows ascending, k per present layer)."""
+    picks, ks, starts, unsorted = [], [], [], False
+    for i, st in zip(present, st_of):
+        a, U = plan.ustart[i], st.layout.num_units
+        k = max(0, min(int(st.k), U))
+        ks.append(k)
+        if k:
+            part = sc[a:a + U]
+            if select.topk_route(U, k, dev) is not None:         # Top-k: |v| read by the filter itself
+                picks.append(topk_indices(part, k) if beta is not None else
+                             topk_indices(acc[a:a + U], k, magnitude=True))
+            else:
+                picks.append(torch.topk(part, k, sorted=False).indices)
+                unsorted = True
+            starts.append(a)
+    if not picks:
+        return torch.zeros(0, dtype=torch.int64, device=dev), ks
+    rows = torch.cat(picks) + torch.repeat_interleave(
+        torch.tensor(starts, device=dev), torch.tensor([k for k in ks if k], device=dev),
+        output_size=sum(ks))
+    if unsorted:                                # layers in order, rows ascending in each
+        rows = torch.sort(rows).values
+    return rows, ks
+
+
+def _sampled_rows(method, group, plan, present, fill, value_of, dev):
+    """DGC's sampled threshold with its re-adjust loop (``select.sampled_threshold_indices``,
+    the per-layer route) for every present layer of the group at once, over the importance
+    of the group's units (>= 0: |v| for DGC, the NSI for RS-DGC): ``fill(out)`` writes all of
+    it into ``out``, ``value_of(rows)`` gives it for some rows.
+
+    * each layer's sample offset drawn from ``method.generator`` as the per-layer route draws
+      it (layers in order, only where it samples);
+    * every layer's sample gathered in one indexed read, each layer's threshold (the
+      ``top_k_samples``-th largest of its sample) from one segmented sort (two stable sorts);
+    * every unit compared with its layer's threshold t in one pass: ``x - t >= 0``, t
+      subtracted per layer by one multi-tensor operation (exactly ``x >= t`` for floats with
+      subnormals; a per-unit threshold tensor would cost more passes), the candidates found in
+      one ``nonzero`` and counted per layer (one host sync, the thresholds another);
+    * the re-adjust loop for all layers at once: a round lowers the thresholds of the layers
+      with too few candidates (x 0.8, in fp32 as per layer) and compares again (one more
+      pass, only while some layer needs it; at most 10 rounds, as per layer);
+    * each layer keeps its first ``num_selects`` candidates, or, with more than 1.3x that, the
+      ``num_selects`` largest of them (the per-layer route's ``torch.topk``), for all such
+      layers at once by a segmented sort (two stable sorts: among ties at the last value the
+      lower rows, where ``torch.topk``'s choice is unspecified).
+
+    Returns (group rows ascending, units per present layer)."""
+    L = len(group.layers)
+    sizes = [plan.ustart[i + 1] - plan.ustart[i] for i in range(L)]
+    thr = torch.full((L,), math.inf)        # on the host; absent layers: nothing passes
+    ns = [0] * L
+    loops, sampled = [], []                 # sampled: (layer, first unit, stride, count, top k)
+    for i in present:
+        p = group.layers[i].plan
+        if p.n != sizes[i]:
+            raise ValueError(f"layer {group.layers[i].name!r}: its sampling plan covers {p.n} units, "
+                             f"the layer has {sizes[i]}")
+        ns[i] = p.num_selects
+        if p.num_selects >= p.n:            # everything is sent
+            thr[i] = -math.inf
+            ns[i] = p.n
+            continue
+        start = 0
+        if p.stride != 1:
+            start = int(torch.randint(0, p.stride, (1,), generator=method.generator).item())
+        cnt = -(-(p.n - start) // p.stride)
+        sampled.append((i, plan.ustart[i] + start, p.stride, cnt, p.top_k_samples))
+        if p.n > p.num_samples:
+            loops.append(i)
+    if sampled:
+        tab = torch.tensor([list(x) for x in sampled], dtype=torch.int64)
+        cnt = tab[:, 3]
+        cstart = torch.cumsum(cnt, 0) - cnt
+        T = int(cnt.sum())
+        tab_d = torch.stack([tab[:, 1] - tab[:, 2] * cstart, tab[:, 2], cnt,
+                             cstart + tab[:, 4] - 1]).to(dev)
+        pos = (torch.repeat_interleave(tab_d[0], tab_d[2], output_size=T)
+               + torch.repeat_interleave(tab_d[1], tab_d[2], output_size=T)
+               * torch.arange(T, device=dev))
+        seg = torch.repeat_interleave(torch.arange(len(sampled), device=dev), tab_d[2], output_size=T)
+        vals, perm = torch.sort(value_of(pos), descending=True, stable=True)
+        order = torch.sort(seg[perm], stable=True).indices        # by layer, largest first
+        thr[tab[:, 0]] = vals[order[tab_d[3]]].cpu()               # a host sync
+    bounds = torch.tensor(plan.ustart, device=dev)
+    diff = torch.empty(plan.units, device=dev)
+    views = [diff[a:b] for a, b in zip(plan.ustart[:-1], plan.ustart[1:])]
+    mask = method.workspace.get("grouped_mask", plan.units, dev, torch.bool)
+    overflow, active = [], loops
+    for rnd in range(11):
+        fill(diff)
+        torch._foreach_sub_(views, thr.tolist())
+        torch.ge(diff, 0.0, out=mask)
+        cand = mask.nonzero().view(-1)
+        cuts = torch.searchsorted(cand, bounds).tolist()
+        counts = [cuts[i + 1] - cuts[i] for i in range(L)]
+        if rnd == 10 or not active:         # after the 10th lowering: as it stands
+            break
+        lower = []
+        for i in active:
+            c = counts[i]
+            if c > ns[i]:
+                if c > 1.3 * ns[i]:
+                    overflow.append(i)
+            elif c < 0.8 * ns[i]:
+                lower.append(i)
+        if not lower:
+            break
+        thr[lower] = thr[lower] * 0.8
+        active = lower
+    del diff, views
+    # each layer keeps its first keep_n candidates (ascending); an overflowing one its ns
+    # largest, by one segmented sort of the candidates of all such layers (ties: lower rows)
+    keep_n = [min(c, n) for c, n in zip(counts, ns)]
+    over = [0] * L
+    for i in overflow:
+        keep_n[i], over[i] = 0, 1
+    C = cand.numel()
+    tab = torch.tensor([cuts[:-1], counts, keep_n, over, ns], device=dev)
+    rank = torch.arange(C, device=dev) - torch.repeat_interleave(tab[0], tab[1], output_size=C)
+    rows = cand[rank < torch.repeat_interleave(tab[2], tab[1], output_size=C)]
+    if overflow:
+        Co = sum(counts[i] for i in overflow)
+        flag = torch.repeat_interleave(tab[3].bool(), tab[1], output_size=C)
+        co = cand[flag]
+        seg = torch.repeat_interleave(torch.arange(L, device=dev), tab[1], output_size=C)[flag]
+        perm = torch.sort(value_of(co), descending=True, stable=True).indices
+        perm = perm[torch.sort(seg[perm], stable=True).indices]   # by layer, largest first
+        ocounts = tab[1] * tab[3]
+        first = torch.cumsum(ocounts, 0) - ocounts
+        orank = torch.arange(Co, device=dev) - torch.repeat_interleave(first, ocounts, output_size=Co)
+        picks = co[perm[orank < torch.repeat_interleave(tab[4], ocounts, output_size=Co)]]
+        rows = torch.sort(torch.cat([rows, picks])).values
+        for i in overflow:
+            keep_n[i] = ns[i]
+    return rows, [keep_n[i] for i in present]
+
+
+def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None,
+                 selection: str = "topk") -> torch.Tensor | None:
     """One bucket group's message (``bucket.BucketCodec``), its residuals updated and
     ``ctxs[name]["sent_units"]`` filled: what the per-layer route gives. ``beta``: RS-DGC's
-    NSI weight; None: Top-k (the k largest |v| of each layer). None (nothing touched) where
+    NSI weight; None: |v| (Top-k, DGC). ``selection``: ``"topk"`` (each layer's exact top-k)
+    or ``"sampled"`` (DGC's sampled threshold, ``layer.plan``). None (nothing touched) where
     this route does not apply."""
     keys = _keys(method.memory)
     s = _side(group)
@@ -260,33 +410,16 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None) -> 
     _update(method.memory, [st.layout for st in st_of], gs, [st.memory for st in st_of])
 
     acc = flats["v" if "v" in keys else "e"]
-    sc = scores(method, plan, acc, beta)
-    # every layer's exact top-k over its slice: where the CPU pre-filter applies, the per-layer
-    # route's own call; elsewhere (GPUs, small layers) one torch.topk per layer, and a single
-    # sort of all the rows after (what topk_indices does per layer)
-    picks, ks, starts, unsorted = [], [], [], False
-    for i, st in zip(present, st_of):
-        a, U = plan.ustart[i], st.layout.num_units
-        k = max(0, min(int(st.k), U))
-        ks.append(k)
-        if k:
-            part = sc[a:a + U]
-            if select.topk_route(U, k, dev) is not None:         # Top-k: |v| read by the filter itself
-                picks.append(topk_indices(part, k) if beta is not None else
-                             topk_indices(acc[a:a + U], k, magnitude=True))
-            else:
-                picks.append(torch.topk(part, k, sorted=False).indices)
-                unsorted = True
-            starts.append(a)
-    if picks:
-        K = sum(ks)
-        rows = torch.cat(picks) + torch.repeat_interleave(
-            torch.tensor(starts, device=dev), torch.tensor([k for k in ks if k], device=dev),
-            output_size=K)
-        if unsorted:                            # layers in order, rows ascending in each
-            rows = torch.sort(rows).values
+    if selection == "sampled" and beta is None:     # DGC: |v|, read where needed
+        rows, ks = _sampled_rows(method, group, plan, present, lambda out: torch.abs(acc, out=out),
+                                 lambda r: acc[r].abs(), dev)
+    elif selection == "sampled":
+        sc = scores(method, plan, acc, beta)
+        rows, ks = _sampled_rows(method, group, plan, present, lambda out: out.copy_(sc),
+                                 lambda r: sc[r], dev)
     else:
-        rows = torch.zeros(0, dtype=torch.int64, device=dev)
+        sc = scores(method, plan, acc, beta)
+        rows, ks = _exact_rows(group, plan, present, st_of, sc, acc, beta, dev)
     if s == 1:                                               # (K, S) flat positions
         cells = rows.view(-1, 1)
     else:

@@ -70,10 +70,10 @@ class RSDGC(SparseMethod):
         return native.accumulate_scores(self.memory, layer, g, self.beta, out), out
 
     def encode_group(self, group, grads, ctxs):
-        # native kernels: three C calls per bucket group (exact top-k or the sampled threshold);
-        # grouped: a few whole-group tensor operations (exact top-k; grouped.py)
-        if self.kernels == "grouped" and self.selection == "topk":
-            return grouped.encode_group(self, group, grads, ctxs, self.beta)
+        # native kernels: three C calls per bucket group; grouped: a few whole-group tensor
+        # operations (grouped.py); either with exact top-k or the sampled threshold
+        if self.kernels == "grouped":
+            return grouped.encode_group(self, group, grads, ctxs, self.beta, self.selection)
         if self.kernels != "native":
             return None
         return native.encode_group(self, group, grads, ctxs, "nsi", self.beta, self.selection)

@@ -119,7 +119,7 @@ class CompressionConfig:
                                    choices=("allgather", "reduce_scatter", "auto"))
     kernels: str | None = opt(None, "rsdgc/dgc/topk: auto (default: fused C loops on CPU where "
                               "a compiler exists), native, eager; rsdgc also compiled "
-                              "(torch.compile'd NSI); rsdgc/topk also grouped (whole-group "
+                              "(torch.compile'd NSI); grouped (whole-group "
                               "tensor ops, meant for GPUs; algorithms/grouped.py)",
                               choices=("auto", "native", "eager", "compiled", "grouped"))
     compression_options: dict = opt({}, "further keyword options for the compressor class, "

@@ -1,6 +1,7 @@
-"""Operations per RS-DGC / Top-k step over the ResNet-50 gradient set (density 0.001, one rank,
-encode + decode through the compressor), counted with torch.profiler on a CPU, with exact
-top-k routed as on a GPU (one ``torch.topk`` per layer: the CPU pre-filter is switched off).
+"""Operations per RS-DGC / Top-k / DGC step over the ResNet-50 gradient set (density 0.001, one
+rank, encode + decode through the compressor), counted with torch.profiler on a CPU, with
+selection routed as on a GPU (exact top-k: one ``torch.topk`` per layer; DGC's threshold: one
+compare over the layer; the CPU's block pre-filters are switched off).
 
 "issued" counts the ATen operations Python issues (a ``torch._foreach_*`` call is one, as on
 a GPU, where it is one multi-tensor kernel per chunk of tensors), views and metadata left out:
@@ -24,6 +25,7 @@ VIEWS = {"aten::view", "aten::slice", "aten::as_strided", "aten::select", "aten:
          "aten::chunk"}
 
 select.topk_route = lambda n, k, device: None           # exact top-k as on a GPU
+select.blocked = lambda n, expected, device: False       # DGC's threshold filter as on a GPU
 torch.manual_seed(0)
 grads = [torch.randn(s) * 0.01 for s in resnet50_shapes()]
 big = [g for g in grads if g.dim() > 1]
@@ -34,7 +36,10 @@ for name, label in (("rsdgc-eager", "RS-DGC per tensor, eager"),
                     ("rsdgc-fused-grouped", "RS-DGC buckets, grouped"),
                     ("topk-eager", "Top-k per tensor, eager"),
                     ("topk-fused-eager", "Top-k buckets, eager"),
-                    ("topk-fused-grouped", "Top-k buckets, grouped")):
+                    ("topk-fused-grouped", "Top-k buckets, grouped"),
+                    ("dgc-eager", "DGC per tensor, eager"),
+                    ("dgc-fused-eager", "DGC buckets, eager"),
+                    ("dgc-fused-grouped", "DGC buckets, grouped")):
     comp, m, layers = build_method(name, big, 0.001)
     fn = _step_fn(m, layers, big, {"bytes": 0}, comp)
     fn()
