@@ -256,6 +256,13 @@ def _exact_rows(group, plan, present, st_of, sc, acc, beta, dev):
     return rows, ks
 
 
+def _by_segment_largest_first(vals: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """The order of ``vals`` by segment (``seg``, ascending), largest first within each, ties
+    in position order: a segmented sort from two stable sorts."""
+    perm = torch.sort(vals, descending=True, stable=True).indices
+    return perm[torch.sort(seg[perm], stable=True).indices]
+
+
 def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     """DGC's sampled threshold with its re-adjust loop (``select.sampled_threshold_indices``,
     the per-layer route) for every present layer of the group at once, over the importance
@@ -312,9 +319,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
                + torch.repeat_interleave(tab_d[1], tab_d[2], output_size=T)
                * torch.arange(T, device=dev))
         seg = torch.repeat_interleave(torch.arange(len(sampled), device=dev), tab_d[2], output_size=T)
-        vals, perm = torch.sort(value_of(pos), descending=True, stable=True)
-        order = torch.sort(seg[perm], stable=True).indices        # by layer, largest first
-        thr[tab[:, 0]] = vals[order[tab_d[3]]].cpu()               # a host sync
+        vals = value_of(pos)
+        thr[tab[:, 0]] = vals[_by_segment_largest_first(vals, seg)[tab_d[3]]].cpu()   # a host sync
     bounds = torch.tensor(plan.ustart, device=dev)
     diff = torch.empty(plan.units, device=dev)
     views = [diff[a:b] for a, b in zip(plan.ustart[:-1], plan.ustart[1:])]
@@ -357,8 +363,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         flag = torch.repeat_interleave(tab[3].bool(), tab[1], output_size=C)
         co = cand[flag]
         seg = torch.repeat_interleave(torch.arange(L, device=dev), tab[1], output_size=C)[flag]
-        perm = torch.sort(value_of(co), descending=True, stable=True).indices
-        perm = perm[torch.sort(seg[perm], stable=True).indices]   # by layer, largest first
+        perm = _by_segment_largest_first(value_of(co), seg)
         ocounts = tab[1] * tab[3]
         first = torch.cumsum(ocounts, 0) - ocounts
         orank = torch.arange(Co, device=dev) - torch.repeat_interleave(first, ocounts, output_size=Co)
