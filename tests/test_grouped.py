@@ -135,6 +135,36 @@ def test_grouped_rsdgc_sampled_selection(spy, density):
     assert spy and all(spy)
 
 
+def test_grouped_dgc_missing_layers_non_finite_and_warmup_density(spy):
+    """DGC: a layer without a gradient draws no sample offset and keeps its residual; a step
+    with NaN takes the per-layer route (flag rows; the offsets it draws are the per-layer
+    route's own) and the next the group route again; the warm-up's density change (new k,
+    new sampling plans, as the engine sets them) between steps."""
+    def grads_of(step, grads):
+        if step == 1:
+            grads.pop("t1")
+            grads.pop("t3")
+        if step == 2:
+            grads["t0"][3, 2, 1, 1] = float("nan")
+        return grads
+
+    def between(step, layers):
+        if step in (3, 4):
+            d = 0.25 if step == 3 else 0.0625
+            for st in layers:
+                st.density = d
+                st.plan = SamplePlan.make(st.numel, d)        # what DGC.on_density sets
+                st.k = st.plan.num_selects                    # what DGC.units_for gives
+    shapes = [(64, 64, 3, 3), (512, 96, 1, 1), (40, 31), (300_000,), (1000, 10)]
+    a = _run("grouped", "momentum", shapes, 0.001, steps=6, cls=DGC, grads_of=grads_of,
+             between=between)
+    b = _run("eager", "momentum", shapes, 0.001, steps=6, cls=DGC, grads_of=grads_of,
+             between=between)
+    _assert_same(a, b)
+    assert a[2][4] == ["t0"] and a[3][1]["t3"]["sent_units"] > 10_000
+    assert False in spy and spy.count(True) == 5
+
+
 def test_grouped_sampled_readjust_stops_after_ten_rounds(spy):
     """A sample whose threshold passes far too few entries (its top entry as the threshold,
     heavy-tailed gradients): ten rounds of lowering, then what passes is sent, on both routes."""
