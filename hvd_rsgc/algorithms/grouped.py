@@ -2,7 +2,7 @@
 (``kernels="grouped"``): the route meant for GPUs, where the per-layer route's dozens of small
 operations per tensor (RS-DGC: 2,077 per ResNet-50 step with buckets, each a kernel launch or
 more) cost far more than the arithmetic does. This route issues 720 (Top-k: 210 against 590;
-DGC: 536 against 1,184, of which ~100 are the sample offsets' draws on the CPU generator;
+DGC: 564 against 1,184, of which ~100 are the sample offsets' draws on the CPU generator;
 ``docs/results/compress/2026-12-07-grouped-ops.py``).
 
 The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
@@ -256,11 +256,16 @@ def _exact_rows(group, plan, present, st_of, sc, acc, beta, dev):
     return rows, ks
 
 
-def _by_segment_largest_first(vals: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """The order of ``vals`` by segment (``seg``, ascending), largest first within each, ties
-    in position order: a segmented sort from two stable sorts."""
-    perm = torch.sort(vals, descending=True, stable=True).indices
-    return perm[torch.sort(seg[perm], stable=True).indices]
+def _desc_key(vals: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort by segment (``seg``, ascending), then largest first, for an
+    importance >= 0 (not NaN), which orders as its fp32 bits do (``+ 0.0`` turns -0 into +0).
+    The value comes back as ``_key_value``."""
+    bits = (vals + 0.0).view(torch.int32).to(torch.int64)
+    return seg * (1 << 32) + (0x7FFFFFFF - bits)
+
+
+def _key_value(key: torch.Tensor) -> torch.Tensor:
+    return (0x7FFFFFFF - (key & 0xFFFFFFFF)).to(torch.int32).view(torch.float32)
 
 
 def _sampled_rows(method, group, plan, present, fill, value_of, dev):
@@ -272,7 +277,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     * each layer's sample offset drawn from ``method.generator`` as the per-layer route draws
       it (layers in order, only where it samples);
     * every layer's sample gathered in one indexed read, each layer's threshold (the
-      ``top_k_samples``-th largest of its sample) from one segmented sort (two stable sorts);
+      ``top_k_samples``-th largest of its sample) from one sort of (layer, value) keys;
     * every unit compared with its layer's threshold t in one pass: ``x - t >= 0``, t
       subtracted per layer by one multi-tensor operation (exactly ``x >= t`` for floats with
       subnormals; a per-unit threshold tensor would cost more passes), the candidates found in
@@ -282,8 +287,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
       pass, only while some layer needs it; at most 10 rounds, as per layer);
     * each layer keeps its first ``num_selects`` candidates, or, with more than 1.3x that, the
       ``num_selects`` largest of them (the per-layer route's ``torch.topk``), for all such
-      layers at once by a segmented sort (two stable sorts: among ties at the last value the
-      lower rows, where ``torch.topk``'s choice is unspecified).
+      layers at once by one stable sort of (layer, value) keys (among ties at the last value
+      the lower rows, where ``torch.topk``'s choice is unspecified).
 
     Returns (group rows ascending, units per present layer)."""
     L = len(group.layers)
@@ -319,8 +324,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
                + torch.repeat_interleave(tab_d[1], tab_d[2], output_size=T)
                * torch.arange(T, device=dev))
         seg = torch.repeat_interleave(torch.arange(len(sampled), device=dev), tab_d[2], output_size=T)
-        vals = value_of(pos)
-        thr[tab[:, 0]] = vals[_by_segment_largest_first(vals, seg)[tab_d[3]]].cpu()   # a host sync
+        key = torch.sort(_desc_key(value_of(pos), seg)).values[tab_d[3]]
+        thr[tab[:, 0]] = _key_value(key).cpu()                    # a host sync
     bounds = torch.tensor(plan.ustart, device=dev)
     diff = torch.empty(plan.units, device=dev)
     views = [diff[a:b] for a, b in zip(plan.ustart[:-1], plan.ustart[1:])]
@@ -349,7 +354,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         active = lower
     del diff, views
     # each layer keeps its first keep_n candidates (ascending); an overflowing one its ns
-    # largest, by one segmented sort of the candidates of all such layers (ties: lower rows)
+    # largest, by one sort of the candidates of all such layers (ties: lower rows)
     keep_n = [min(c, n) for c, n in zip(counts, ns)]
     over = [0] * L
     for i in overflow:
@@ -363,7 +368,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         flag = torch.repeat_interleave(tab[3].bool(), tab[1], output_size=C)
         co = cand[flag]
         seg = torch.repeat_interleave(torch.arange(L, device=dev), tab[1], output_size=C)[flag]
-        perm = _by_segment_largest_first(value_of(co), seg)
+        perm = torch.sort(_desc_key(value_of(co), seg), stable=True).indices    # ties: lower rows
         ocounts = tab[1] * tab[3]
         first = torch.cumsum(ocounts, 0) - ocounts
         orank = torch.arange(Co, device=dev) - torch.repeat_interleave(first, ocounts, output_size=Co)
