@@ -91,6 +91,20 @@ def _assert_same(a, b, extra_zero=False):
             assert torch.equal(d0[k], d1[k]), (step, k)
 
 
+def _gaps(missing, bad):
+    """``grads_of`` for :func:`_run`: the ``missing`` layers have no gradient at step 1, and at
+    step 2 each ``(layer, index, value)`` of ``bad`` is written into its gradient."""
+    def grads_of(step, grads):
+        if step == 1:
+            for name in missing:
+                grads.pop(name)
+        if step == 2:
+            for name, index, value in bad:
+                grads[name][index] = value
+        return grads
+    return grads_of
+
+
 @pytest.mark.parametrize("mem", ["momentum", "nesterov", "nomask", "ef"])
 @pytest.mark.parametrize("dtypes", ["fp32", "fp16", "int8", "int64", "int8-int64"])
 def test_grouped_equals_per_layer_route(spy, mem, dtypes):
@@ -140,13 +154,7 @@ def test_grouped_dgc_missing_layers_non_finite_and_warmup_density(spy):
     with NaN takes the per-layer route (flag rows; the offsets it draws are the per-layer
     route's own) and the next the group route again; the warm-up's density change (new k,
     new sampling plans, as the engine sets them) between steps."""
-    def grads_of(step, grads):
-        if step == 1:
-            grads.pop("t1")
-            grads.pop("t3")
-        if step == 2:
-            grads["t0"][3, 2, 1, 1] = float("nan")
-        return grads
+    grads_of = _gaps(["t1", "t3"], [("t0", (3, 2, 1, 1), float("nan"))])
 
     def between(step, layers):
         if step in (3, 4):
@@ -208,14 +216,7 @@ def test_grouped_missing_layers_dynamic_k_non_finite_and_warmup_density(spy):
     """A layer without a gradient keeps its residual; k changes between steps (dynamic
     density, the warm-up's 0.25); a step with NaN takes the per-layer route (flag rows) and
     the next one the group route again, on the same residuals."""
-    def grads_of(step, grads):
-        if step == 1:
-            grads.pop("t1")
-            grads.pop("t4")
-        if step == 2:
-            grads["t0"][3, 2, 1, 1] = float("nan")
-            grads["t5"][0, 0] = float("inf")
-        return grads
+    grads_of = _gaps(["t1", "t4"], [("t0", (3, 2, 1, 1), float("nan")), ("t5", (0, 0), float("inf"))])
 
     def between(step, layers):
         if step == 3:
