@@ -265,7 +265,7 @@ class BucketCodec:
         cells = torch.arange(g.S, device=dev)
         # kernel / element layouts: a unit's cells are contiguous
         idx = (local * g.S + geo["elem_off"][lay]).view(-1, 1) + cells
-        if any(st.layout.kind == "tile" for st in g.layers):   # known on the host: no sync
+        if g.s:                                     # the group has tiles (host-side: no sync)
             tiled = geo["tiled"][lay]
             tw, W = geo["tiles_w"][lay], geo["W"][lay]
             tr = torch.div(local, tw, rounding_mode="floor")

@@ -31,18 +31,17 @@ offsets, thresholds and re-adjust loop, with two host syncs per round of that lo
 candidates' count, their split by layer) and one for the thresholds.
 
 One host sync per group for exact top-k: the finiteness test of its gradients, one
-multi-tensor max-norm. A
-group holding inf / NaN takes the per-layer route, which flags it, as does a group with a unit
-that is not an s x s block (a 1x7 kernel) or a memory other than momentum correction / error
-feedback. Scores are the NSI summed in another order than the per-layer route's, so they can
+multi-tensor max-norm. A group holding inf / NaN takes the per-layer route, which flags it, as
+does a group with a unit that is not an s x s block (a 1x7 kernel) or a memory other than
+momentum correction / error feedback. Scores are the NSI summed in another order than the per-layer route's, so they can
 differ in the last bit; the tests check the same rows, values and residuals as the per-layer
 route on a CPU. Pure tensor code, the same on every device. State: the flat buffers *are* the
 residuals; the workspace adds the pieces (one fp32 word per s parameters), a scratch of a
 quarter of the largest group and three 4-byte words per unit (the table, the real-cell
 counts); the sampled threshold a byte per unit of the largest group (the compare's mask), and
-for the step only a difference buffer of the group's length. Its speed on a GPU has not been measured yet: ``kernels="auto"`` does not pick it
-(on a CPU the native C route is faster; ``python -m hvd_rsgc.bench compress --methods
-rsdgc,rsdgc-fused-grouped``).
+for the step only a difference buffer of the group's length. Its speed on a GPU has not been
+measured yet: ``kernels="auto"`` does not pick it (on a CPU the native C route is faster;
+``python -m hvd_rsgc.bench compress --methods rsdgc,rsdgc-fused-grouped``).
 """
 from __future__ import annotations
 
@@ -75,7 +74,7 @@ class _Plan:
     def __init__(self, layers, s: int, device):
         self.layers, self.s, self.S = layers, s, s * s
         self.offs, self.sizes, self.ustart = [], [], [0]
-        self.targets: tuple | None = None       # (flat buffers, their layer views): _targets
+        self.targets: tuple | None = None       # (flat buffers dict, its layer views): _targets
         xs, tws, counts = [], [], []
         off, padded = 0, False
         for st in layers:
@@ -211,16 +210,15 @@ def _all_finite(gs: list[torch.Tensor]) -> bool:
 
 def _targets(plan, flats: dict) -> dict:
     """Per residual kind, every layer's ``target_view`` of its part of the flat buffer, cached
-    on the plan while the flat buffers are the same tensors (about 60 fewer Python-level views
-    a step for ResNet-50, host time that counts on a GPU)."""
-    cached = plan.targets
-    if cached is not None and cached[0].keys() == flats.keys() and all(
-            cached[0][k] is f for k, f in flats.items()):
-        return cached[1]
+    on the plan for as long as the group keeps the same flat buffers (``_flat`` never changes
+    a dict it made, it makes a new one; about 60 fewer Python-level views a step for
+    ResNet-50, host time that counts on a GPU)."""
+    if plan.targets is not None and plan.targets[0] is flats:
+        return plan.targets[1]
     views = {k: [st.layout.target_view(f[off:off + n])
                  for st, off, n in zip(plan.layers, plan.offs, plan.sizes)]
              for k, f in flats.items()}
-    plan.targets = (dict(flats), views)
+    plan.targets = (flats, views)
     return views
 
 
@@ -244,7 +242,7 @@ def _update(memory, lays, gs, targets: dict, present: list) -> None:
         torch._foreach_add_([targets["e"][i] for i in present], srcs)
 
 
-def _exact_rows(group, plan, present, st_of, sc, acc, beta, dev):
+def _exact_rows(plan, present, st_of, sc, acc, beta, dev):
     """Every present layer's exact top-k over its slice of the scores: where the CPU
     pre-filter applies, the per-layer route's own call; elsewhere (GPUs, small layers) one
     torch.topk per layer, and a single sort of all the rows after (what topk_indices does per
@@ -279,6 +277,13 @@ def _desc_key(vals: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     The value comes back as ``_key_value``."""
     bits = (vals + 0.0).view(torch.int32).to(torch.int64)
     return seg * (1 << 32) + (0x7FFFFFFF - bits)
+
+
+def _rank_in_segment(first: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """For ``n`` entries laid out segment after segment (``counts`` entries each, the segment
+    starting at entry ``first``): each entry's position within its segment."""
+    return (torch.arange(n, device=counts.device)
+            - torch.repeat_interleave(first, counts, output_size=n))
 
 
 def _key_value(key: torch.Tensor) -> torch.Tensor:
@@ -378,8 +383,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         keep_n[i], over[i] = 0, 1
     C = cand.numel()
     tab = torch.tensor([cuts[:-1], counts, keep_n, over, ns], device=dev)
-    rank = torch.arange(C, device=dev) - torch.repeat_interleave(tab[0], tab[1], output_size=C)
-    rows = cand[rank < torch.repeat_interleave(tab[2], tab[1], output_size=C)]
+    rows = cand[_rank_in_segment(tab[0], tab[1], C)
+                < torch.repeat_interleave(tab[2], tab[1], output_size=C)]
     if overflow:
         Co = sum(counts[i] for i in overflow)
         flag = torch.repeat_interleave(tab[3].bool(), tab[1], output_size=C)
@@ -388,8 +393,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         perm = torch.sort(_desc_key(value_of(co), seg), stable=True).indices    # ties: lower rows
         ocounts = tab[1] * tab[3]
         first = torch.cumsum(ocounts, 0) - ocounts
-        orank = torch.arange(Co, device=dev) - torch.repeat_interleave(first, ocounts, output_size=Co)
-        picks = co[perm[orank < torch.repeat_interleave(tab[4], ocounts, output_size=Co)]]
+        picks = co[perm[_rank_in_segment(first, ocounts, Co)
+                        < torch.repeat_interleave(tab[4], ocounts, output_size=Co)]]
         rows = torch.sort(torch.cat([rows, picks])).values
         for i in overflow:
             keep_n[i] = ns[i]
@@ -440,13 +445,13 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None,
     if selection == "sampled" and beta is None:     # DGC: |v|, read where needed
         rows, ks = _sampled_rows(method, group, plan, present, lambda out: torch.abs(acc, out=out),
                                  lambda r: acc[r].abs(), dev)
-    elif selection == "sampled":
-        sc = scores(method, plan, acc, beta)
-        rows, ks = _sampled_rows(method, group, plan, present, lambda out: out.copy_(sc),
-                                 lambda r: sc[r], dev)
     else:
         sc = scores(method, plan, acc, beta)
-        rows, ks = _exact_rows(group, plan, present, st_of, sc, acc, beta, dev)
+        if selection == "sampled":
+            rows, ks = _sampled_rows(method, group, plan, present, lambda out: out.copy_(sc),
+                                     lambda r: sc[r], dev)
+        else:
+            rows, ks = _exact_rows(plan, present, st_of, sc, acc, beta, dev)
     if s == 1:                                               # (K, S) flat positions
         cells = rows.view(-1, 1)
     else:
