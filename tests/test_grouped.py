@@ -318,6 +318,8 @@ def test_grouped_kernels_bit_identical_ranks_np2(tmp_path):
         for r in res:
             t = r["train"][kind]
             assert t["identical"] and t["loss1"] < t["loss0"], kind
+            for step in t["steps"]:            # the meter: the bytes Horovod's collectives moved
+                assert step["lib_step_bytes"] == sum(step["wire"].values()) > 0, kind
         assert res[0]["train"][kind]["params_sha"] == res[1]["train"][kind]["params_sha"]
 
 
