@@ -148,7 +148,7 @@ def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, n
 
 
 def add_in_order(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
-    """``out[idx[j]] += vals[j]`` for every j (1-D, duplicates add), deterministically, so that
+    """``out[idx[j]] += vals[j]`` for every j (rows of dim 0; duplicates add), deterministically, so that
     every rank decoding the same gathered messages gets the same bits. On a CPU
     ``index_add_`` adds one index after the other, in message order (rank order) -- the order
     the native decode (``native.hr_scatter``) uses. Not ``index_put_(accumulate=True)``: on a

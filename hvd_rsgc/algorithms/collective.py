@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .base import pack_sparse, scatter_sum, to_wire, unit_bytes, unpack_sparse
+from .base import add_in_order, pack_sparse, scatter_sum, to_wire, unit_bytes, unpack_sparse
 
 COMMUNICATORS = ("allgather", "reduce_scatter", "auto")
 
@@ -212,7 +212,7 @@ class _Group:
         uniq, inv = torch.unique(rows, sorted=True, return_inverse=True)
         sums = torch.zeros(uniq.numel(), S, dtype=torch.float32, device=received.device)
         if rows.numel():
-            sums.index_add_(0, inv, vals.float())
+            add_in_order(sums, inv, vals.float())     # CUDA: not atomics (run-to-run bits)
         self.stats["owner_units"] = int(uniq.numel())
         keep = uniq.numel() if self.coll.reselect is None else \
             min(uniq.numel(), math.ceil(self.coll.reselect * self.budget / self.P))
