@@ -16,9 +16,12 @@ from typing import Any
 _NONE = ("none", "null", "~", "")
 
 
-def opt(default, help: str, minimum=None, maximum=None, *, choices=None, kind: str | None = None):
-    """A config field with its documentation and constraints."""
-    md = {"help": help, "choices": choices, "min": minimum, "max": maximum, "kind": kind}
+def opt(default, help: str, minimum=None, maximum=None, *, choices=None, kind: str | None = None,
+        positive: bool = False):
+    """A config field with its documentation and constraints (for a list of numbers: of every
+    element; ``positive``: > 0)."""
+    md = {"help": help, "choices": choices, "min": minimum, "max": maximum, "kind": kind,
+          "positive": positive}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return field(default=default, metadata=md)
@@ -77,7 +80,7 @@ class OptimConfig:
     lr_schedule: str = opt("cosine", "learning-rate schedule",
                            choices=("cosine", "multistep", "constant"))
     milestones: list = opt([0.5, 0.75], "multistep: fractions of the run where lr *= gamma",
-                           kind="floats")
+                           0.0, 1.0, kind="floats")
     gamma: float = opt(0.1, "multistep factor", minimum=0.0)
     lr_warmup_epochs: float = opt(0, "linear warm-up from lr/P to lr (DGC)", minimum=0.0)
     max_steps_per_epoch: int | None = opt(None, "cap the steps of an epoch (smoke runs)", minimum=1)
@@ -137,7 +140,7 @@ class DecentralConfig:
     sync_every: int = opt(1, "RD-PSGD: steps between mixing rounds", minimum=1)
     send_indices: bool = opt(False, "RD-PSGD: send the 8-bit gap index stream")
     rd_timeout: float = opt(120, "RD-PSGD: seconds before a silent neighbour aborts the job",
-                            minimum=0.0)
+                            positive=True)
 
 
 @dataclass
@@ -277,11 +280,16 @@ def _check(key: str, value, where: str) -> None:
     if choices and value not in choices and not (key == "model" and str(value).startswith("tv_")):
         raise ValueError(f"{key} must be one of {tuple(choices)}, got {value!r} (in {where})")
     lo, hi = md.get("min"), md.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and value < lo:
-            raise ValueError(f"{key} must be >= {lo}, got {value!r} (in {where})")
-        if hi is not None and value > hi:
-            raise ValueError(f"{key} must be <= {hi}, got {value!r} (in {where})")
+    for v in (value if md.get("kind") == "floats" else [value]):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        what = f"{key} (every element)" if md.get("kind") == "floats" else key
+        if lo is not None and v < lo:
+            raise ValueError(f"{what} must be >= {lo}, got {value!r} (in {where})")
+        if hi is not None and v > hi:
+            raise ValueError(f"{what} must be <= {hi}, got {value!r} (in {where})")
+        if md.get("positive") and v <= 0:
+            raise ValueError(f"{what} must be > 0, got {value!r} (in {where})")
 
 
 @dataclass
