@@ -413,3 +413,24 @@ def test_bad_input_names_parameter():
         DGC(NoMemory(), sample_ratio=0)
     with pytest.raises(ValueError, match="index_dtype"):
         TopK(NoMemory(), index_dtype=torch.int16)
+
+
+def test_local_clipping_reference_and_half_precision():
+    """DGC's local clipping: ``g * min(1, (clip_norm / sqrt(P)) / (|g| + 1e-6))`` per tensor. An
+    fp16 gradient whose norm passes fp16's 65504 is clipped like its fp32 copy, not zeroed
+    (its norm in fp16 is inf, and thr / inf = 0)."""
+    from hvd_rsgc.algorithms.memory import clip_local
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2000
+    thr = 4.0 / math.sqrt(4)
+    ref = g * min(1.0, thr / (float(g.norm()) + 1e-6))
+    assert torch.allclose(clip_local(g.float(), 4.0, 4).double(), ref, rtol=1e-5)
+    small = g.float() * 1e-6                              # under the threshold: unchanged
+    assert torch.equal(clip_local(small, 4.0, 4), small)
+    assert clip_local(g.float(), None, 4) is not None and torch.equal(clip_local(g.float(), None, 4), g.float())
+    for dt in (torch.float16, torch.bfloat16):
+        h = g.to(dt)                                      # |g| ~ 1.1e5 > 65504
+        assert torch.isinf(torch.linalg.vector_norm(h)) or dt == torch.bfloat16
+        out = clip_local(h, 4.0, 4)
+        assert out.dtype == dt and bool(torch.isfinite(out).all())
+        want = (h.float() * (thr / (float(torch.linalg.vector_norm(h.float())) + 1e-6))).to(dt)
+        assert torch.equal(out, want) and float(out.float().norm()) == pytest.approx(thr, rel=1e-2)

@@ -22,13 +22,16 @@ import torch
 
 
 def clip_local(g: torch.Tensor, clip_norm: float | None, world_size: int) -> torch.Tensor:
-    """DGC local gradient clipping: per tensor, threshold ``clip_norm / sqrt(P)``."""
+    """DGC local gradient clipping: per tensor, threshold ``clip_norm / sqrt(P)``. The norm of
+    an fp16 / bf16 gradient is taken in fp32: in fp16 it overflows to inf past 65504, and the
+    scale ``thr / inf = 0`` would silently zero the (finite) gradient."""
     if clip_norm is None:
         return g
     thr = clip_norm / math.sqrt(world_size)
-    norm = torch.linalg.vector_norm(g)
+    wide = g.dtype in (torch.float16, torch.bfloat16)
+    norm = torch.linalg.vector_norm(g, dtype=torch.float32) if wide else torch.linalg.vector_norm(g)
     scale = torch.clamp(thr / (norm + 1e-6), max=1.0)
-    return g * scale
+    return (g.float() * scale).to(g.dtype) if wide else g * scale
 
 
 def _wide_sum(t: torch.Tensor) -> torch.Tensor:
