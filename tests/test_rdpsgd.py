@@ -288,3 +288,31 @@ def test_rdpsgd_resume_is_bit_exact(tmp_path):
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (r, k)
         assert a["rdpsgd"] == b["rdpsgd"]
+
+
+_FAIL_IN_CHECKPOINT = """
+import sys
+import hvd_rsgc.app.checkpoint as ckpt
+def save_main(*a, **k):                      # rank 0 only: its peers wait in the barrier after it
+    raise OSError(28, "cannot write checkpoint 'x': no space left on the device")
+ckpt.save_main = save_main
+from hvd_rsgc.app.train import main
+main(sys.argv[1:])
+"""
+
+
+@pytestmark_mp
+def test_rank_failing_outside_the_exchange_ends_the_job(tmp_path):
+    """Rank 0 fails writing its checkpoint while rank 1 waits in the barrier after it: the job
+    must end (MPI_Abort) instead of both waiting forever (rank 1 in the barrier, rank 0 in
+    mpi4py's MPI_Finalize), and say why."""
+    script = tmp_path / "fail.py"
+    script.write_text(_FAIL_IN_CHECKPOINT)
+    p, elapsed = mpirun_python(2, str(script), "--config",
+                               os.path.join(ROOT, "examples", "configs", "synthetic.yaml"),
+                               "--algorithm", "rdpsgd", "--out_dir", str(tmp_path), "--run_name", "rd",
+                               "--epochs", "2", "--max_steps_per_epoch", "2", "--progress", "false",
+                               timeout=240, cwd=str(tmp_path))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and elapsed < 120, (elapsed, out[-3000:])
+    assert "no space left on the device" in out and "aborting the MPI job" in out, out[-3000:]

@@ -212,6 +212,58 @@ def test_data_reader_errors(tmp_path):
         build_datasets(*_cfg(data_root=str(root), train_split=str(tmp_path / "train.txt")))
 
 
+@pytest.mark.multiproc
+def test_a_run_never_deletes_or_mixes_with_checkpoints_it_did_not_write(tmp_path):
+    """A new run under an existing run name used to prune its own first checkpoints (sorted
+    beside the old run's later ones), after which --resume picked up the old run; a run resumed
+    from an older checkpoint could leave the abandoned continuation's later files to be mixed
+    with its own. Such files are moved aside (kept), never deleted or resumed."""
+    common = ["hvd_rsgc.train", "--config", SYNTH, "--out_dir", str(tmp_path), "--run_name", "r",
+              "--epochs", "3", "--max_steps_per_epoch", "2", "--progress", "false",
+              "--compression", "dgc", "--keep_checkpoints", "2"]
+    ck = tmp_path / "r" / "checkpoints"
+    run_module(2, common, tmp_path)                                    # epochs 0-2: keeps 1, 2
+    assert sorted(f.name for f in ck.glob("epoch*.pt") if "rank" not in f.name) == \
+        ["epoch0001.pt", "epoch0002.pt"]
+    p = run_module(2, common + ["--stop_after", "1"], tmp_path)        # a new run, same name
+    assert "moved to" in p.stderr, p.stderr[-2000:]
+    (old,) = ck.glob("replaced-*")
+    assert sorted(f.name for f in old.iterdir()) == [
+        f"epoch000{e}{r}.pt" for e in (1, 2) for r in ("", ".rank000", ".rank001")]
+    assert sorted(f.name for f in ck.glob("epoch*")) == ["epoch0000.pt", "epoch0000.rank000.pt",
+                                                         "epoch0000.rank001.pt"]
+    run_module(2, ["hvd_rsgc.train", "--resume", str(tmp_path / "r"), "--stop_after", "1"], tmp_path)
+    main1 = torch.load(ck / "epoch0001.pt", weights_only=True)
+    assert len(main1["history"]) == 2                                 # continued the new run
+    # resumed from the older file: the newer epoch0001 (and its shards) set aside, then rewritten
+    p = run_module(2, ["hvd_rsgc.train", "--resume", str(ck / "epoch0000.pt"), "--stop_after", "1",
+                       "--lr", "0.05"], tmp_path)
+    (sup,) = ck.glob("superseded-*")
+    assert sorted(f.name for f in sup.iterdir()) == ["epoch0001.pt", "epoch0001.rank000.pt",
+                                                     "epoch0001.rank001.pt"]
+    kept = torch.load(sup / "epoch0001.pt", weights_only=True)      # the abandoned continuation
+    assert all(torch.equal(kept["model"][k], main1["model"][k]) for k in main1["model"])
+    assert kept["config"]["lr"] != 0.05
+    assert torch.load(ck / "epoch0001.pt", weights_only=True)["config"]["lr"] == 0.05
+
+
+def test_resume_refuses_files_out_of_place_and_mixed_shards(tmp_path):
+    from hvd_rsgc.app import checkpoint as ckpt
+    from hvd_rsgc.app.train import _resume
+    main = {"format": ckpt.CKPT_FORMAT, "epoch": 3, "world_size": 2}
+    path = ckpt.atomic_save(main, ckpt.main_path(str(tmp_path / "run"), 3))
+    loose = ckpt.atomic_save(main, str(tmp_path / "copied.pt"))
+    with pytest.raises(ValueError, match="copied.pt.*<run>/checkpoints/epochNNNN.pt"):
+        ckpt.resolve(loose)                   # its run directory would be tmp_path's parent
+    assert ckpt.resolve(path) == (str(tmp_path / "run"), path)
+    for r, ep in ((0, 3), (1, 2)):            # rank 1's shard is of another epoch (another run)
+        ckpt.atomic_save({"format": ckpt.SHARD_FORMAT, "rank": r, "epoch": ep}, ckpt.shard_path(path, r))
+    read = (None, str(tmp_path / "run"), path, main)
+    assert _resume(read, 2, 0)[3]["epoch"] == 3
+    with pytest.raises(ValueError, match="epoch 2 rank 1, not of its main file's epoch 3"):
+        _resume(read, 2, 1)
+
+
 def test_checkpoint_safety(tmp_path):
     from hvd_rsgc.app.checkpoint import CKPT_FORMAT, atomic_save
     from hvd_rsgc.app.checkpoint import load as load_checkpoint
@@ -292,6 +344,13 @@ def test_config_errors(tmp_path):
         lc(str(tmp_path / "x.yaml"), [])
     cfg = lc(SYNTH, ["--density", "0.05", "--milestones", "[0.3,0.6]"])
     assert cfg.compression.density == 0.05 and cfg.optim.milestones == [0.3, 0.6]
+    # milestones are fractions of the run: epoch numbers would never be reached (lr silently constant)
+    with pytest.raises(ValueError, match=r"milestones \(every element\) must be <= 1.0"):
+        lc(None, ["--milestones", "50,75"])
+    with pytest.raises(ValueError, match=r"milestones \(every element\) must be >= 0.0"):
+        lc(None, ["--milestones", "-0.5"])
+    with pytest.raises(ValueError, match="rd_timeout must be > 0"):     # not RDPSGD's "timeout"
+        lc(None, ["--rd_timeout", "0"])
     for name in ("demo", "ucm_vgg19_rsdgc", "ucm_resnet56_rsdgc", "nwpu_resnet110_rsdgc"):
         lc(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
 

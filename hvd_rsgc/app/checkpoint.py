@@ -4,19 +4,25 @@ model), loaded with ``weights_only=True`` (a checkpoint cannot run code).
 
 Layout: ``<run>/checkpoints/epochNNNN.pt`` and ``epochNNNN.rankRRR.pt``. Shards are written
 first by every rank; the main file appears last, so its presence means the checkpoint is
-complete. The last ``keep`` checkpoints are kept.
+complete. The last ``keep`` checkpoints are kept. A run never deletes or mixes with files it
+did not write: a new run in a directory that has checkpoints, or a run resumed from an older
+checkpoint than the directory's latest, first moves the files it would replace into
+``<run>/checkpoints/<replaced|superseded>-<time>/`` (:func:`set_aside`).
 """
 from __future__ import annotations
 
 import errno
 import glob
 import os
+import re
+import time
 
 import torch
 
 CKPT_FORMAT = "hvd_rsgc.checkpoint/1"
 SHARD_FORMAT = "hvd_rsgc.checkpoint-shard/1"
 _MAIN_GLOB = "epoch[0-9][0-9][0-9][0-9].pt"
+_EPOCH_FILE = re.compile(r"epoch(\d{4})(\.rank\d{3})?\.pt$")
 
 
 def atomic_save(obj, path: str) -> str:
@@ -62,6 +68,26 @@ def save_main(run_dir: str, epoch: int, payload: dict, keep: int) -> str:
     return path
 
 
+def set_aside(run_dir: str, after_epoch: int, why: str) -> tuple[str | None, list[str]]:
+    """Move every checkpoint file of an epoch after ``after_epoch`` (-1: all), main files and
+    shards, complete or not, into ``<run>/checkpoints/<why>-<time>/``. Returns that folder (None
+    when nothing was there) and the names moved. Rank 0 calls it before anything is written."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if (m := _EPOCH_FILE.fullmatch(n)) and int(m.group(1)) > after_epoch)
+    if not names:
+        return None, []
+    dest = base = os.path.join(folder, f"{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{base}-{n}"
+    os.makedirs(dest)
+    for name in names:
+        os.replace(os.path.join(folder, name), os.path.join(dest, name))
+    return dest, names
+
+
 def checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoints (main files), oldest first."""
     return sorted(glob.glob(os.path.join(run_dir, "checkpoints", _MAIN_GLOB)))
@@ -94,6 +120,12 @@ def resolve(resume: str) -> tuple[str, str]:
     damaged file is reported with the older checkpoint offered instead."""
     if os.path.isfile(resume):
         path = os.path.abspath(resume)
+        if os.path.basename(os.path.dirname(path)) != "checkpoints" \
+                or not re.fullmatch(r"epoch\d{4}\.pt", os.path.basename(path)):
+            raise ValueError(f"--resume {resume!r}: a checkpoint file is resumed where the run "
+                             "wrote it, <run>/checkpoints/epochNNNN.pt, with its rank shards "
+                             "beside it (the continued run writes into <run>); pass that file "
+                             "or the run directory")
         return os.path.dirname(os.path.dirname(path)), path
     if not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume {resume!r}: no such run directory or checkpoint file")

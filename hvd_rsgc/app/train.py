@@ -166,6 +166,10 @@ def _resume(read, world: int, rank: int):
                          f"this job has {world}: per-rank residuals cannot be mapped (resume "
                          "with the same -np)")
     shard = ckpt.load(ckpt.shard_path(main_file, rank), ckpt.SHARD_FORMAT)
+    if shard.get("epoch") != main["epoch"] or shard.get("rank") != rank:
+        raise ValueError(f"checkpoint shard {ckpt.shard_path(main_file, rank)!r} is of epoch "
+                         f"{shard.get('epoch')} rank {shard.get('rank')}, not of its main file's "
+                         f"epoch {main['epoch']} rank {rank}: the files of two runs are mixed")
     return cfg, run_dir, main, shard
 
 
@@ -234,6 +238,14 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         run_dir = os.path.join(r.out_dir, run_name)
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:       # files this run would delete (rotation) or mix with (resume): moved away
+        after = -1 if main is None else main["epoch"]
+        folder, moved = ckpt.set_aside(run_dir, after, "replaced" if main is None else "superseded")
+        if moved:
+            print(f"hvd_rsgc: {len(moved)} checkpoint file(s) of "
+                  f"{'an earlier run' if main is None else 'epochs after the resumed one'} in "
+                  f"{run_dir!r} moved to {folder!r} (this run would have replaced them)",
+                  file=sys.stderr, flush=True)
     run_dir = hvd.broadcast_object(run_dir, root_rank=0, name="hvd_rsgc.run_dir")
     strategy.broadcast_initial(resumed=main is not None)
     flat = cfg.to_flat()
@@ -317,6 +329,29 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
 
 
 def main(argv=None):
+    """The command line; a rank that fails in a decentralized (MPI) run ends the whole job
+    (:func:`hvd_rsgc.mpi.process.abort_peers`) instead of leaving its peers waiting."""
+    try:
+        _main(argv)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            _abort_mpi_peers(str(e.code))
+        raise
+    except BaseException as e:
+        _abort_mpi_peers(f"{type(e).__name__}: {e}", traceback=True)
+        raise
+
+
+def _abort_mpi_peers(why: str, traceback: bool = False) -> None:
+    mod = sys.modules.get("hvd_rsgc.mpi.process")
+    if mod is not None and mod.active_size() > 1:
+        if traceback:                       # MPI_Abort ends the process before Python prints it
+            import traceback as tb
+            tb.print_exc()
+        mod.abort_peers(why.splitlines()[0][:300] if why else "error")
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvd_rsgc.train", description=__doc__,
                                  epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML file of config keys")

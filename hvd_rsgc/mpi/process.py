@@ -11,9 +11,31 @@ only between epochs (metrics, buffers, checkpoints), never in the step.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
+
+_ACTIVE = None          # the group this process initialised (abort_peers ends its job)
+
+
+def active_size() -> int:
+    """Ranks of the MPI group this process initialised (0: none)."""
+    return 0 if _ACTIVE is None or _ACTIVE._comm is None else _ACTIVE.size()
+
+
+def abort_peers(why: str) -> None:
+    """A rank that fails outside the exchange (checkpoint, evaluation, ...) would leave the
+    other ranks waiting in a collective without a timeout, and mpi4py's ``MPI_Finalize`` at
+    exit would wait for them too: the job would hang. ``MPI_Abort`` ends every rank instead
+    (what ``python -m mpi4py`` does for an uncaught exception). No-op outside an MPI group of
+    more than one rank."""
+    if active_size() < 2:
+        return
+    g = _ACTIVE
+    print(f"hvd_rsgc: rank {g.rank()} failed ({why}); aborting the MPI job so that no rank "
+          "waits for it", file=sys.stderr, flush=True)
+    g._comm.Abort(1)
 
 
 class MPIProcessGroup:
@@ -35,6 +57,8 @@ class MPIProcessGroup:
                                  f"{launched})")
         if self._local is None:
             self._local = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self._comm.Get_rank())
+        global _ACTIVE
+        _ACTIVE = self
 
     @property
     def comm(self):
