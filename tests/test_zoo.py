@@ -644,6 +644,17 @@ def test_registered_names_build_with_defaults_and_cli_options():
     cfg = load_config(synth, parse_overrides(["--compression", "signsgd", "--compression_options", "{rank: 2}"]))
     with pytest.raises(ValueError, match=r"does not take \['rank'\]"):
         AllreduceStrategy(cfg, nn.Linear(64, 64), hvd)
+    # the DDP strategy builds its compressor the same way (it used to drop a misspelt option),
+    # and a key a registered variant fixes (lgc-ps's mode) is refused, not silently dropped
+    from hvd_rsgc.app.strategies import build_compression
+    for name, opts, bad in (("powersgd", "{rnak: 4}", "rnak"), ("lgc-ps", "{mode: rar}", "mode")):
+        cfg = load_config(synth, parse_overrides(["--compression", name, "--backend", "ddp",
+                                                  "--compression_options", opts]))
+        with pytest.raises(ValueError, match=rf"{name!r} does not take \['{bad}'\]"):
+            build_compression(cfg, nn.Linear(64, 64))
+    cfg = load_config(synth, parse_overrides(["--compression", "lgc-rar", "--compression_options",
+                                              "{lgc_warmup_steps: 7}"]))    # an alias is taken
+    assert build_compression(cfg, nn.Linear(64, 64)).method.warmup_steps == 7
 
 
 def test_cli_trains_every_new_method(tmp_path):

@@ -44,23 +44,31 @@ def compression_options(cfg) -> dict:
     return opts
 
 
+
+def build_compression(cfg, model):
+    """The configured compressor. Options derived from the config that a compressor does not
+    take are left out; every option the user named in ``compression_options`` must be taken
+    (a misspelt one is an error naming it, on every backend)."""
+    import hvd_rsgc
+    c = cfg.compression
+    explicit = dict(c.compression_options or {})
+    if explicit:     # what make_compression would pass on (a variant's fixed keys are not)
+        sp = hvd_rsgc.registry.spec(c.compression)
+        known = set(sp.options()) - set(sp.defaults)
+        bad = sorted(k for k in explicit if sp.aliases.get(k, k) not in known)
+        if bad:
+            raise ValueError(f"compression_options: {c.compression!r} does not take {bad}; "
+                             f"it takes {sorted(known)}")
+    return hvd_rsgc.make_compression(c.compression, model, ignore_unknown=True,
+                                     **{**compression_options(cfg), **explicit})
+
 class AllreduceStrategy:
     name = "horovod"
 
     def __init__(self, cfg, model, hvd):
         import hvd_rsgc
         self.cfg, self.model, self.hvd = cfg, model, hvd
-        c = cfg.compression
-        options = compression_options(cfg)
-        explicit = dict(c.compression_options or {})
-        self.comp = hvd_rsgc.make_compression(c.compression, model, ignore_unknown=True,
-                                              **{**options, **explicit})
-        if explicit:       # options named by the user must all be understood
-            known = set(hvd_rsgc.registry.spec(c.compression).options())
-            bad = sorted(set(explicit) - known)
-            if bad:
-                raise ValueError(f"compression_options: {c.compression!r} does not take {bad}; "
-                                 f"it takes {sorted(known)}")
+        self.comp = build_compression(cfg, model)
         o = cfg.optim
         base = hvd_rsgc.make_optimizer(self.comp, model.parameters(), lr=o.lr,
                                        momentum=o.momentum, weight_decay=o.weight_decay,
@@ -71,7 +79,7 @@ class AllreduceStrategy:
             groups = deterministic.groups(model)
         self.opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                             compression=self.comp, groups=groups)
-        self.skip = c.nonfinite == "skip"
+        self.skip = cfg.compression.nonfinite == "skip"
         self._bytes0 = self._dense0 = 0
 
     # -- the loop's steps -------------------------------------------------------------------
@@ -146,8 +154,7 @@ class DDPStrategy(AllreduceStrategy):
         from hvd_rsgc.ddp.process import wrap_ddp
         self.cfg, self.model, self.hvd = cfg, model, hvd
         c, o = cfg.compression, cfg.optim
-        self.comp = hvd_rsgc.make_compression(c.compression, model, ignore_unknown=True,
-                                              **{**compression_options(cfg), **(c.compression_options or {})})
+        self.comp = build_compression(cfg, model)
         self.ddp = wrap_ddp(model)
         self.ddp.register_comm_hook(state=self.comp, hook=hvd_rsgc.ddp_comm_hook)
         self.opt = hvd_rsgc.make_optimizer(self.comp, model.parameters(), lr=o.lr, momentum=o.momentum,
