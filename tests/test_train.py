@@ -264,6 +264,31 @@ def test_resume_refuses_files_out_of_place_and_mixed_shards(tmp_path):
         _resume(read, 2, 1)
 
 
+def test_loader_with_workers_leaves_the_global_rng_alone():
+    """With persistent workers the loader draws its base seed once, at its first iterator: from
+    the global RNG that draw fell in epoch 0 of a full run but in the first epoch after a resume,
+    so every later dropout mask differed. It must come from the loader's own generator (and the
+    workers get the same seeds in both runs); without workers the per-epoch draw is unchanged."""
+    from torch.utils.data import TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from hvd_rsgc.app.train import make_loader
+    ds = TensorDataset(torch.arange(64.0).view(-1, 1), torch.zeros(64, dtype=torch.long))
+    seeds = []
+    for workers, untouched in ((0, False), (1, True), (1, True)):
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+        loader = make_loader(ds, 8, sampler, workers, seed=3, rank=0)
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        it = iter(loader)
+        next(it)
+        assert torch.equal(before, torch.get_rng_state()) == untouched, workers
+        if workers:
+            seeds.append(it._base_seed)
+        del it
+    assert seeds[0] == seeds[1]                       # a resumed run's workers: the same seeds
+
+
 def test_checkpoint_safety(tmp_path):
     from hvd_rsgc.app.checkpoint import CKPT_FORMAT, atomic_save
     from hvd_rsgc.app.checkpoint import load as load_checkpoint

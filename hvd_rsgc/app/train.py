@@ -173,11 +173,23 @@ def _resume(read, world: int, rank: int):
     return cfg, run_dir, main, shard
 
 
+def make_loader(train_ds, batch_size: int, sampler, workers: int, seed: int, rank: int):
+    """The training loader. With worker processes (persistent) the loader draws its workers'
+    base seed once, when its first iterator starts; from the global RNG that draw would happen
+    in the first epoch of an uninterrupted run but in the first epoch after a resume, shifting
+    every later dropout mask, so resume would not be bit-exact. It draws from its own generator
+    instead. Without workers a new iterator each epoch draws from the global RNG, the same in
+    both runs (kept as it is: the runs recorded so far depend on it)."""
+    from torch.utils.data import DataLoader
+    gen = torch.Generator().manual_seed(seed * 1000003 + rank) if workers > 0 else None
+    return DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=True, persistent_workers=workers > 0, generator=gen)
+
+
 def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = False,
         overrides: dict | None = None) -> dict:
     """Train one run (every rank calls this). ``resume``: a run directory or checkpoint file;
     ``overrides`` (flat ``key: value``) apply on top of the resumed config."""
-    from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     from .data import build_datasets
@@ -214,8 +226,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     crop = getattr(train_ds, "crop_augment", True)       # per-pixel patches: the centre is the label
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=r.seed, drop_last=True)
-    loader = DataLoader(train_ds, batch_size=o.batch_size, sampler=sampler,
-                        num_workers=d.workers, drop_last=True, persistent_workers=d.workers > 0)
+    loader = make_loader(train_ds, o.batch_size, sampler, d.workers, r.seed, rank)
     steps_per_epoch = len(loader)
     if o.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, o.max_steps_per_epoch)
