@@ -141,6 +141,15 @@ class ParamTable:
             if e.param.grad is tensor:
                 self._cursor = (i + 1) % n
                 return e
+        # hvd.DistributedOptimizer(sparse_as_dense=True) compresses p.grad.to_dense(), a new
+        # tensor: the parameter whose torch.sparse gradient it is (same shape; by value where
+        # several sparse gradients share the shape)
+        sparse = [e for e in order if e.param.grad is not None and e.param.grad.is_sparse
+                  and e.param.grad.shape == tensor.shape and not tensor.is_sparse]
+        if len(sparse) > 1:
+            sparse = [e for e in sparse if torch.equal(e.param.grad.to_dense(), tensor)] or sparse[:1]
+        if sparse:
+            return sparse[0]
         for e in order:
             if e.param is tensor or e.param.data is tensor:
                 raise ValueError(
@@ -348,7 +357,8 @@ class Engine:
         ``clip_norm`` (a clipped non-finite gradient keeps a non-finite entry)."""
         if tensor.is_sparse:
             raise TypeError(f"parameter '{e.name}': torch.sparse gradients are not supported "
-                            "(use nn.Embedding(sparse=False) or sparse_as_dense=True)")
+                            "(use nn.Embedding(sparse=False), or hvd.DistributedOptimizer(..., "
+                            "sparse_as_dense=True))")
         st = e.layer
         if e.sparse:
             if tensor.numel() == 0:

@@ -186,6 +186,16 @@ def test_np2_sparse_gradient_is_refused_clearly_on_every_rank(tmp_path):
         assert err and "torch.sparse" in err and "sparse_as_dense=True" in err, err
 
 
+@pytest.mark.parametrize("np_", [1, 2])
+def test_sparse_as_dense_compresses_the_embedding_like_its_dense_twin(tmp_path, np_):
+    """What the refusal above recommends works: with sparse_as_dense=True Horovod compresses
+    p.grad.to_dense() (a new tensor; at -np 1 the binding does it the same way)."""
+    for r in results(np_, tmp_path, "--scenarios", "sparse_as_dense"):
+        x = r["sparse_as_dense"]
+        assert x["identical"] and x["max_diff_dense_twin"] <= 1e-6, x
+        assert x["compressed"] == ["0.weight", "2.weight"], x
+
+
 @pytest.mark.parametrize("kind", ["topk", "dgc", "rsdgc", "randomk", "qsgd"])
 def test_np4_oversubscribed(np4, kind):
     for rank_res in np4:

@@ -305,13 +305,13 @@ class HorovodBinding:
 
     def synchronize(self, opt) -> None:
         if self._hooks_absent():
-            self._run_local()
+            self._run_local(getattr(opt, "sparse_as_dense", False))
         else:
             opt.synchronize()
 
     def pre_step(self, opt) -> None:
         if not getattr(opt, "_requires_update", None) and self._hooks_absent():
-            self._run_local()
+            self._run_local(getattr(opt, "sparse_as_dense", False))
 
     @staticmethod
     def _hooks_absent() -> bool:
@@ -321,11 +321,13 @@ class HorovodBinding:
         except Exception:      # noqa: BLE001 - not initialised
             return False
 
-    def _run_local(self) -> None:
+    def _run_local(self, sparse_as_dense: bool = False) -> None:
         """-np 1: every gradient through compress/decompress over the local transport. Same
-        order as Horovod's synchronize(): every compress() first, then every decompress().
-        Horovod's step() calls the base class's step(), which fires the pre-hook again: a
-        gradient already processed (same tensor, same version) is not processed twice."""
+        order as Horovod's synchronize(): every compress() first, then every decompress();
+        torch.sparse gradients as Horovod treats them (``sparse_as_dense``: compressed as
+        dense, written back sparse; otherwise refused by compress()). Horovod's step() calls
+        the base class's step(), which fires the pre-hook again: a gradient already processed
+        (same tensor, same version) is not processed twice."""
         self.transport = self.local
         try:
             pending = []
@@ -335,9 +337,13 @@ class HorovodBinding:
                     continue
                 if self._local_done.get(id(p)) == (id(p.grad), p.grad._version):
                     continue
-                pending.append((p, *self.compress(p.grad)))
+                g = p.grad.to_dense() if p.grad.is_sparse and sparse_as_dense else p.grad
+                pending.append((p, *self.compress(g)))
             for p, out, ctx in pending:
-                p.grad.set_(self.decompress(out, ctx))
+                if p.grad.is_sparse:                   # what Horovod's synchronize() does
+                    p.grad.zero_().add_(self.decompress(out, ctx).to_sparse())
+                else:
+                    p.grad.set_(self.decompress(out, ctx))
                 self._local_done[id(p)] = (id(p.grad), p.grad._version)
         finally:
             self.transport = self.network

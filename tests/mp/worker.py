@@ -343,6 +343,32 @@ def sparse_gradient():
         return {"error": str(e)}
 
 
+def sparse_as_dense():
+    """hvd.DistributedOptimizer(sparse_as_dense=True) hands the compressor p.grad.to_dense(), a
+    new tensor: it must be compressed as that parameter's gradient (it used to be refused as
+    "belongs to no parameter"), giving exactly what a dense-gradient twin of the model gets."""
+    out = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(200, 16, sparse=sparse), torch.nn.Flatten(),
+                                    torch.nn.Linear(16 * 4, 10))
+        comp = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=100)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       named_parameters=model.named_parameters(), compression=comp,
+                                       sparse_as_dense=sparse)
+        g = torch.Generator().manual_seed(hvd.rank())
+        for _ in range(3):
+            opt.zero_grad()
+            x = torch.randint(0, 200, (8, 4), generator=g)
+            F.cross_entropy(model(x), torch.randint(0, 10, (8,), generator=g)).backward()
+            opt.step()
+        out[sparse] = (flat_params(model), identical_across_ranks(model), comp.compressed_names)
+    # not bit for bit: torch's sparse and dense embedding backward sum repeated indices in
+    # different orders (1 ulp on the embedding's gradient, with no compressor at all)
+    return {"identical": out[True][1], "max_diff_dense_twin": float((out[True][0] - out[False][0]).abs().max()),
+            "compressed": out[True][2]}
+
+
 def momentum_error():
     torch.manual_seed(0)
     model = Net()
@@ -405,6 +431,8 @@ def main():
     if "skip" in scen:
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
                                                       "rsdgc@conv2", "dgc@fc", "lgc@conv2", "lgc@bn1")}
+    if "sparse_as_dense" in scen:
+        res["sparse_as_dense"] = sparse_as_dense()
     if "fp16big" in scen:
         res["fp16big"] = fp16_large_gradients()
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
