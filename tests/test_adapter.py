@@ -179,6 +179,24 @@ def test_optimizer_with_parameters_the_model_does_not_own():
         opt.step()
 
 
+def test_process_set_mismatch_is_refused_whichever_side_is_the_default():
+    """A compressor on the global set (process_set=None) under an optimizer on a subset used to
+    pass the check (it only compared two explicit sets) and gathered over ranks that never join."""
+    from types import SimpleNamespace
+    model = Net()
+    subset = SimpleNamespace(process_set_id=3, ranks=[0, 1])
+    comp = TopKCompression(model, density=0.1)
+    with pytest.raises(ValueError, match=r"different process sets \(optimizer: ranks \[0, 1\]"):
+        comp.check_optimizer(SimpleNamespace(op=hvd.Average, process_set=subset, param_groups=[]))
+    comp.check_optimizer(SimpleNamespace(op=hvd.Average, process_set=hvd.global_process_set,
+                                         param_groups=[]))                   # the default: fine
+    on_subset = TopKCompression(model, density=0.1, process_set=subset)
+    on_subset.check_optimizer(SimpleNamespace(op=hvd.Average, process_set=subset, param_groups=[]))
+    with pytest.raises(ValueError, match="different process sets"):
+        on_subset.check_optimizer(SimpleNamespace(op=hvd.Average, process_set=hvd.global_process_set,
+                                                  param_groups=[]))
+
+
 def test_empty_gradient_named():
     model = nn.Module()
     model.w = nn.Parameter(torch.empty(0, 4))

@@ -295,9 +295,17 @@ class HorovodBinding:
                                  "average=False")
             if op == h.Average and not self.comp.average:
                 raise ValueError(f"optimizer uses op=hvd.Average but {name}(average=False)")
-            ps = getattr(opt, "process_set", None)
-            if ps is not None and self.comp.process_set is not None and ps is not self.comp.process_set:
-                raise ValueError("optimizer and compressor use different process_set")
+            # None is the global set on both sides (Horovod's optimizer stores the global set
+            # itself): a compressor left on the global set under an optimizer on a subset
+            # would gather over ranks that never join
+            mine = self.comp.process_set or h.global_process_set
+            theirs = getattr(opt, "process_set", None) or h.global_process_set
+            if mine is not theirs and (getattr(mine, "process_set_id", None) is None
+                                       or mine.process_set_id != getattr(theirs, "process_set_id", None)):
+                raise ValueError(f"optimizer and compressor use different process sets (optimizer: "
+                                 f"ranks {getattr(theirs, 'ranks', '?')}, {name}: ranks "
+                                 f"{getattr(mine, 'ranks', '?')}): pass the optimizer's process_set "
+                                 f"to {name}(..., process_set=...)")
         # torch.sparse gradients are refused in decompress(), once Horovod's sparse allreduce
         # has completed on every rank: refusing here, with collectives in flight, would let a
         # fast rank exit while a slow one is still submitting (it would see "Horovod has been
