@@ -13,7 +13,8 @@ Each is a thin binding of an ``algorithms`` method (selection / quantisation), a
                  error stays in the residual
 ``index_dtype``  ``torch.int32`` (default) or ``torch.int64`` (the DGC reference's format)
 ``average``      ``True`` for ``op=hvd.Average`` (default), ``False`` for ``op=hvd.Sum``
-``process_set``  the optimizer's Horovod process set, if not the global one
+``process_set``  the optimizer's Horovod process set, if not the global one (DDP: the
+                 torch.distributed process group DDP uses, if not the default one)
 ``communicator`` sparse methods (rsdgc, dgc, topk): ``"allgather"`` (default),
                  ``"reduce_scatter"`` (Ok-Topk style, per-rank volume flat in P) or ``"auto"``
 ``kernels``      sparse methods (rsdgc, dgc, topk): ``"auto"`` (default: the fused C kernels of

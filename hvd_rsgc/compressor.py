@@ -48,7 +48,9 @@ class Compressor:
         model: an ``nn.Module`` or an iterable of ``(name, parameter)``.
         method: the ``algorithms`` method (``None``: every tensor dense).
         average: ``True`` for averaging (``op=hvd.Average``), ``False`` for summing.
-        process_set: the Horovod process set the optimizer uses, if not the global one.
+        process_set: the Horovod process set the optimizer uses, if not the global one; as a
+            DDP comm hook, the ``torch.distributed`` process group DDP uses
+            (``DistributedDataParallel(..., process_group=G)``), if not the default group.
         communicator: sparse methods: ``"allgather"`` (default), ``"reduce_scatter"`` (flat
             per-rank volume in P, Ok-Topk style) or ``"auto"``; ``reselect``: the owners'
             budget factor. See :class:`hvd_rsgc.algorithms.collective.SparseCollective`.
@@ -147,8 +149,16 @@ class Compressor:
     @property
     def ddp(self):
         if self._ddp is None:
+            import torch.distributed as dist
+
             from .ddp.hook import DDPBinding
-            self._ddp = DDPBinding(self)
+            group = self.process_set
+            if group is not None and not isinstance(group, dist.ProcessGroup):
+                raise ValueError(
+                    f"process_set: as a DDP comm hook {type(self).__name__} needs the "
+                    "torch.distributed ProcessGroup that DDP uses (DistributedDataParallel(..., "
+                    f"process_group=G) -> process_set=G), got {type(group).__name__}")
+            self._ddp = DDPBinding(self, group)
         return self._ddp
 
     def compress(self, tensor):

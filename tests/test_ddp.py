@@ -12,7 +12,8 @@ from support import MP, assert_same_checkpoint, read_ranks, torchrun
 WORKER = os.path.join(MP, "ddp_worker.py")
 pytestmark = pytest.mark.multiproc
 KINDS = ["none", "fp16", "topk", "randomk", "dgc", "qsgd", "rsdgc", "rsdgc-int8", "lgc-rar",
-         "powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold"]
+         "powersgd", "signsgd", "efsignsgd", "terngrad", "natural", "threshold",
+         "rsdgc-nobias"]     # no dense tensor in a bucket: the meter's step opens at the bucket
 
 
 def run(np_, out, *args):
@@ -89,6 +90,9 @@ def test_ddp_nonfinite_gradient_skip_and_raise(tmp_path):
             assert x["raised"] is None and x["skipped"] == [2], (kind, x)
             assert x["unchanged"] and all(x["identical"]) and len(x["identical"]) == 5, (kind, x)
             assert x["params_finite"] and x["memory_finite"] and x["stats_skipped"] == 1, (kind, x)
+            # the meter == torch.distributed's bytes, the NaN step included (the rank sending
+            # an empty message still sends the padding up to the other rank's rows)
+            assert all(w == lib for w, lib in x["wire"]), (kind, x["wire"])
             if kind.startswith("lgc"):      # one of six steps' rounds did not run; none lost
                 assert x["kept"] is True and x["rounds"] == 5, (kind, x)
 
@@ -97,6 +101,15 @@ def test_ddp_four_processes(tmp_path):
     for r in run(4, tmp_path, "--scenarios", "train", "--kinds", "rsdgc,topk,dgc", "--steps", "6"):
         for kind, x in r["train"].items():
             assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
+
+
+def test_ddp_on_a_process_group_keeps_every_collective_in_it(tmp_path):
+    """DDP(process_group=G) with the compressor on G (process_set=G): two groups of 2 ranks
+    train apart, each bit-identical inside (the hook used to run on the default group)."""
+    for r in run(4, tmp_path, "--scenarios", "groups", "--kinds", "rsdgc,topk-pt,dgc,fp16,powersgd"):
+        for kind, x in r["groups"].items():
+            assert x["same_in_group"] and x["groups_apart"] and x["group_size"] == 2, (kind, x)
+            assert x["refused"] and "process_set" in x["refused"] and "ProcessGroup" in x["refused"], x
 
 
 def test_ddp_four_processes_reduce_scatter(tmp_path):

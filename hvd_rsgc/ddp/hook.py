@@ -121,11 +121,14 @@ class DDPBinding:
         fz_handles, codec = [], None
         if fz_idx:             # one message per unit-size group for the whole DDP bucket
             codec = self._codec(bucket.index(), [entries[i] for i in fz_idx])
-            for msg, g in zip(codec.encode(fz_grads, fz_ctxs), codec.groups):
-                fz_handles.append(self.transport.allgather_async(
-                    msg, f"hvd_rsgc.ddp.bucket{bucket.index()}.s{g.S}", key=f"hvd_rsgc.ddp.bucket{bucket.index()}"))
+            msgs = codec.encode(fz_grads, fz_ctxs)
+            # recorded before the allgathers count their bytes: the first record of a step
+            # opens the meter's step (a bucket without dense tensors had its bytes wiped)
             for i in fz_idx:
                 eng.record(entries[i], fb, grads[i], fz_ctxs[entries[i].name].get("sent_units"))
+            for msg, g in zip(msgs, codec.groups):
+                fz_handles.append(self.transport.allgather_async(
+                    msg, f"hvd_rsgc.ddp.bucket{bucket.index()}.s{g.S}", key=f"hvd_rsgc.ddp.bucket{bucket.index()}"))
         flat = torch.cat(dense_parts + [torch.tensor(flags, dtype=wire_dtype, device=buf.device)])
         op = "average" if self.comp.average else "sum"
         dense_h = self.transport.allreduce_async(flat, f"hvd_rsgc.ddp.bucket{bucket.index()}", op,
@@ -211,6 +214,11 @@ class DDPBinding:
         key = (index, tuple(e.name for e in entries))
         codec = self._codecs.get(key)
         if codec is None:
+            # DDP rebuilt its buckets (after the first iteration): the codec of the bucket that
+            # had this index goes, with its workspaces and flat buffers (the residuals live in
+            # the layers' state and move into the new codec's buffers)
+            for old in [k for k in self._codecs if k[0] == index]:
+                del self._codecs[old]
             codec = self._codecs[key] = BucketCodec(self.method, [e.layer for e in entries])
         return codec
 

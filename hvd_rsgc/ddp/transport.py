@@ -50,7 +50,8 @@ class TorchDistTransport(Transport):
         dist.all_gather(sizes, rows, group=self.group)          # small, blocking
         counts = [int(s) for s in sizes]
         top = max(counts)
-        row = t[0].numel() * t.element_size() if t.dim() and t.shape[0] else 0
+        row = (t[0].numel() if t.shape[0] else int(torch.tensor(t.shape[1:]).prod())) \
+            * t.element_size() if t.dim() else 0         # the padding of an empty message counts too
         self._count(key, rows.element_size() + (top - counts[self.rank]) * row)
         pad = t
         if t.shape[0] < top:
@@ -64,7 +65,8 @@ class TorchDistTransport(Transport):
 
     def _broadcast(self, t, root, name):
         out = t.clone()
-        work = dist.broadcast(out, src=root, group=self.group, async_op=True)
+        src = root if self.group is None else dist.get_global_rank(self.group, root)  # group rank -> global
+        work = dist.broadcast(out, src=src, group=self.group, async_op=True)
         return Handle(work, lambda _: out)
 
     def _alltoall(self, t, splits, name, key):

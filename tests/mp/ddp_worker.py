@@ -27,17 +27,17 @@ OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"densit
 VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True}),    # kind -> (registry name, options)
             # the per-tensor reference path of the bucketed defaults
             "topk-pt": ("topk", {"fused": False}), "dgc-pt": ("dgc", {"fused": False}),
-            "rsdgc-pt": ("rsdgc", {"fused": False})}
+            "rsdgc-pt": ("rsdgc", {"fused": False}), "rsdgc-nobias": ("rsdgc", {})}
 LR = {"signsgd": 0.002}           # signSGD's step is +-lr per element
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, bias=True):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=bias)
+        self.fc1 = nn.Linear(16 * 4 * 4, 64, bias=bias)
+        self.fc2 = nn.Linear(64, 10, bias=bias)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -90,11 +90,12 @@ def identical(model):
 
 
 EXTRA: dict = {}           # --options: extra compressor options for every run
+COUNTER = None             # the Counter main() installs
 
 
 def build(kind, bucket_mb=0.01, comp_opts=None, **extra):
     torch.manual_seed(0)
-    model = Net()
+    model = Net(bias=not kind.endswith("-nobias"))   # -nobias: DDP buckets without a dense tensor
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **extra)
     name, more = VARIANTS.get(kind, (kind, {}))
     comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL,
@@ -209,7 +210,7 @@ def nonfinite(kind, steps=6):
     params = dict(model.named_parameters())
     multi = getattr(comp.method, "rounds", "single") == "multi"
     x, y = make_data(800 + dist.get_rank(), steps * 16)
-    skipped, unchanged, same, kept = [], True, [], None
+    skipped, unchanged, same, kept, wire = [], True, [], None, []
     for s in range(steps):
         opt.zero_grad()
         hooks = []
@@ -219,10 +220,14 @@ def nonfinite(kind, steps=6):
             acc, caught, more = accumulators.watch(comp, params)
             hooks += more
         before = flat(model).clone()
+        COUNTER.bytes, COUNTER.on = 0, True
         try:
             F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
         except Exception as e:          # noqa: BLE001 -- what the raise policy gives
             return {"raised": f"{type(e).__name__}: {e}"[:500], "step": s}
+        finally:
+            COUNTER.on = False
+        wire.append((COUNTER.bytes, comp.stats()["step_bytes"]))
         for h in hooks:
             h.remove()
         if multi and s == 2:
@@ -237,7 +242,7 @@ def nonfinite(kind, steps=6):
     return {"skipped": skipped, "unchanged": unchanged, "identical": same,
             "params_finite": bool(torch.isfinite(flat(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
-            "stats_skipped": comp.stats()["skipped_steps"], "raised": None, "kept": kept,
+            "stats_skipped": comp.stats()["skipped_steps"], "raised": None, "kept": kept, "wire": wire,
             "rounds": comp.method.step if multi else None}
 
 
@@ -253,12 +258,48 @@ def double_momentum():
         return str(e)
 
 
+def subgroups(kind, steps=4):
+    """Hybrid parallelism: two DDP replicas groups, ranks {0, 1} and {2, 3}, each DDP on its own
+    process group with the compressor on the same group (process_set=G). Every collective must
+    stay in the group: ranks identical within it, the groups apart (other data), the average
+    over 2 ranks. A Horovod process set is refused for DDP with the parameter named."""
+    r = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]   # every rank creates every group
+    mine = groups[r // 2]
+    torch.manual_seed(0)
+    model = Net()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01, process_group=mine)
+    name, more = VARIANTS.get(kind, (kind, {}))
+    comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL, process_set=mine,
+                                     **{**OPTS.get(name, {}), **more}, ignore_unknown=True)
+    ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=LR.get(kind, 0.05), momentum=0.9)
+    x, y = make_data(100 + (r // 2) * 10 + r % 2, steps * 16)      # the groups see other data
+    for s in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+        opt.step()
+    v = flat(model)
+    outs = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+    dist.all_gather(outs, v)
+    out = {"same_in_group": torch.equal(outs[r], outs[r ^ 1]),
+           "groups_apart": not torch.equal(outs[0], outs[2]), "group_size": comp.ddp.transport.size}
+    bad = hvd_rsgc.make_compression(name, Net(), min_numel=MIN_NUMEL, ignore_unknown=True,
+                                    process_set=object())
+    try:
+        _ = bad.ddp
+        out["refused"] = None
+    except ValueError as e:
+        out["refused"] = str(e)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--kinds", default="none,fp16,topk,randomk,dgc,qsgd,rsdgc,rsdgc-int8,lgc-rar,powersgd,"
                                        "signsgd,efsignsgd,terngrad,natural,threshold,topk-pt,dgc-pt,"
-                                       "rsdgc-pt")
+                                       "rsdgc-pt,rsdgc-nobias")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenarios", default="train,equiv,nosync,resume,momentum")
     ap.add_argument("--options", default="{}", help="JSON: extra compressor options")
@@ -266,7 +307,8 @@ def main():
     EXTRA.update(json.loads(a.options))
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    counter = Counter()
+    global COUNTER
+    counter = COUNTER = Counter()
     scen = a.scenarios.split(",")
     res = {"size": dist.get_world_size(), "rank": dist.get_rank()}
     if "train" in scen:
@@ -279,6 +321,8 @@ def main():
         res["resume"] = resume(4)
     if "momentum" in scen:
         res["momentum"] = double_momentum()
+    if "groups" in scen:
+        res["groups"] = {k: subgroups(k) for k in a.kinds.split(",")}
     if "nonfinite" in scen:
         res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!",
                                                       "lgc-rar", "lgc-rar@conv2.bias")}
