@@ -289,6 +289,15 @@ def test_loader_with_workers_leaves_the_global_rng_alone():
     assert seeds[0] == seeds[1]                       # a resumed run's workers: the same seeds
 
 
+def test_bench_launch_env_keeps_the_users_pythonpath():
+    """The benchmarks' launches put the checkout first on PYTHONPATH and keep the user's entries
+    (a compressor of their own, registered from a module on the path, must import in the ranks)."""
+    from hvd_rsgc.app.launch import ROOT, horovodrun_env
+    env = horovodrun_env({"PYTHONPATH": os.pathsep.join(["/opt/mine", ROOT, "/x"]), "A": "1"})
+    assert env["PYTHONPATH"] == os.pathsep.join([ROOT, "/opt/mine", "/x"]) and env["A"] == "1"
+    assert horovodrun_env({})["PYTHONPATH"] == ROOT and horovodrun_env({})["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
+
+
 def test_checkpoint_safety(tmp_path):
     from hvd_rsgc.app.checkpoint import CKPT_FORMAT, atomic_save
     from hvd_rsgc.app.checkpoint import load as load_checkpoint

@@ -9,9 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def horovodrun_env(base: dict | None = None) -> dict:
-    """``base`` (default: this process's environment) plus the checkout on ``PYTHONPATH`` and
-    Open MPI's consent to run as root and to oversubscribe cores."""
-    return dict(os.environ if base is None else base, PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
+    """``base`` (default: this process's environment) plus the checkout first on ``PYTHONPATH``
+    (the user's entries kept after it: a compressor of their own in a module on the path must
+    still import in the ranks) and Open MPI's consent to run as root and to oversubscribe cores."""
+    env = dict(os.environ if base is None else base)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]
+    return dict(env, PYTHONPATH=os.pathsep.join([ROOT] + rest), OMPI_ALLOW_RUN_AS_ROOT="1",
                 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
 
 
