@@ -385,6 +385,10 @@ def test_config_errors(tmp_path):
         lc(None, ["--milestones", "-0.5"])
     with pytest.raises(ValueError, match="rd_timeout must be > 0"):     # not RDPSGD's "timeout"
         lc(None, ["--rd_timeout", "0"])
+    with pytest.raises(ValueError, match=r"std \(every element\) must be > 0"):   # inf inputs
+        lc(None, ["--std", "50,0,50"])
+    with pytest.raises(ValueError, match="seed must be <= "):     # not "Overflow when unpacking"
+        lc(None, ["--seed", str(2 ** 64)])
     for name in ("demo", "ucm_vgg19_rsdgc", "ucm_resnet56_rsdgc", "nwpu_resnet110_rsdgc"):
         lc(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
 

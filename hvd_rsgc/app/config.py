@@ -59,7 +59,8 @@ class DataConfig:
     augment: bool = opt(True, "random flips / 90-degree rotations")
     mean: list = opt([93.894, 97.112, 87.568], "per-channel mean (0-255) for normalisation",
                      kind="floats")
-    std: list = opt([51.849, 47.237, 47.063], "per-channel std (0-255)", kind="floats")
+    std: list = opt([51.849, 47.237, 47.063], "per-channel std (0-255)", kind="floats",
+                    positive=True)
     houston_hsi: str | None = opt(None, "houston: hyperspectral cube (.mat/.tif/.npy)")
     houston_lidar: str | None = opt(None, "houston: LiDAR DSM (.mat/.tif/.npy)")
     houston_train: str | None = opt(None, "houston: training label map (0 = unlabelled)")
@@ -145,7 +146,8 @@ class DecentralConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = opt(0, "seed of data order, augmentation, model init and compressors")
+    seed: int = opt(0, "seed of data order, augmentation, model init and compressors",
+                    0, 2 ** 63 - 1)
     out_dir: str = opt("runs", "parent of run directories")
     run_name: str | None = opt(None, "run directory name (default: <compression>-<model>-<time>)")
     keep_checkpoints: int = opt(2, "checkpoints kept (oldest deleted)", minimum=1)

@@ -181,7 +181,7 @@ def make_loader(train_ds, batch_size: int, sampler, workers: int, seed: int, ran
     instead. Without workers a new iterator each epoch draws from the global RNG, the same in
     both runs (kept as it is: the runs recorded so far depend on it)."""
     from torch.utils.data import DataLoader
-    gen = torch.Generator().manual_seed(seed * 1000003 + rank) if workers > 0 else None
+    gen = _seed_gen(seed, rank, 0x10ADE2) if workers > 0 else None
     return DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=True, persistent_workers=workers > 0, generator=gen)
 
