@@ -128,7 +128,12 @@ class Compressor:
         return self.engine.state_dict(type(self).__name__)
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a :meth:`state_dict`. Loading between steps (not while a step's gradients are in
+        flight) also drops the bindings' per-step state: the loaded step counters may repeat
+        one a bucket last saw."""
         self.engine.load_state_dict(state, type(self).__name__)
+        if self._horovod is not None:
+            self._horovod.new_state()
 
     # -- Horovod's compression interface (hvd.DistributedOptimizer(compression=self)) -------
     @property

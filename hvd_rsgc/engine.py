@@ -475,7 +475,7 @@ class Engine:
                     raise ValueError(f"compression state for parameter '{e.name}': buffer '{key}' "
                                      f"has shape {tuple(val.shape)}, expected {tuple(want.shape)}")
             st.memory = {k: v.to(e.param.device).clone() for k, v in rec["memory"].items()}
-            st.memory_ready = bool(st.memory) or st.memory_ready
+            st.memory_ready = bool(st.memory)     # saved before its first step: allocated anew
             st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])
             if st.layout is not None and st.k:
                 self.method.on_density(st)

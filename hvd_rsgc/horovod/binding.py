@@ -186,6 +186,14 @@ class HorovodBinding:
             return None
         return self._buckets_by_name().get(e.name)
 
+    def new_state(self) -> None:
+        """The engine's state was replaced (``load_state_dict``): the buckets' per-step state
+        (keyed by the layers' step counters, which the loaded state may set back to a value a
+        bucket has seen) and the -np 1 pass's record of processed gradients start over."""
+        for b in self._buckets or []:
+            b.pop("step", None)
+        self._local_done.clear()
+
     def _buckets_by_name(self) -> dict:
         """Bucket state by parameter name, built on first use (parameters outside any bucket
         take the per-tensor path)."""
