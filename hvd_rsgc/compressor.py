@@ -154,16 +154,8 @@ class Compressor:
     @property
     def ddp(self):
         if self._ddp is None:
-            import torch.distributed as dist
-
             from .ddp.hook import DDPBinding
-            group = self.process_set
-            if group is not None and not isinstance(group, dist.ProcessGroup):
-                raise ValueError(
-                    f"process_set: as a DDP comm hook {type(self).__name__} needs the "
-                    "torch.distributed ProcessGroup that DDP uses (DistributedDataParallel(..., "
-                    f"process_group=G) -> process_set=G), got {type(group).__name__}")
-            self._ddp = DDPBinding(self, group)
+            self._ddp = DDPBinding(self, self.process_set)
         return self._ddp
 
     def compress(self, tensor):

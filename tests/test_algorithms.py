@@ -434,3 +434,43 @@ def test_local_clipping_reference_and_half_precision():
         assert out.dtype == dt and bool(torch.isfinite(out).all())
         want = (h.float() * (thr / (float(torch.linalg.vector_norm(h.float())) + 1e-6))).to(dt)
         assert torch.equal(out, want) and float(out.float().norm()) == pytest.approx(thr, rel=1e-2)
+
+
+def test_rsdgc_sampled_plan_selects_at_most_k():
+    """ceil(U * (k / U)) is k + 1 where the quotient rounds up (U = 25, k = 7 gave 8): the
+    sampled selection must not send more than the layer's k units."""
+    method = RSDGC(NoMemory(), selection="sampled")
+    for units, k in ((25, 7), (3, 1), (100, 7), (2900, 29), (49, 48)):
+        lay = make_layer(method, (units, 1, 3, 3), k / units)
+        assert lay.layout.num_units == units and lay.k == k, (units, lay.k)
+        assert lay.plan.num_selects <= k, (units, k, lay.plan)
+        g = torch.randn(units, 1, 3, 3, generator=torch.Generator().manual_seed(units))
+        msg = method.encode(lay, g, {})
+        assert 0 < msg.shape[0] <= k, (units, k, msg.shape)
+
+
+@pytest.mark.parametrize("make", [lambda: DGC(ErrorFeedback(), value_dtype=torch.float16),
+                                  lambda: RSDGC(ErrorFeedback(), value_dtype=torch.float16),
+                                  lambda: RSDGC(MomentumCorrection(0.9), value_dtype=torch.float16)])
+def test_fp16_values_saturate_and_the_residual_keeps_the_rest(make):
+    """Values past fp16's 65504 went on the wire as inf: the receivers decoded inf and the
+    residual kept v - inf, then inf - inf = NaN for good. Clamped, every message is finite and
+    (error feedback) the residual holds exactly what was not sent: sent + residual = input."""
+    method = make()
+    st = layer_for(method, (64, 64, 3, 3), 0.01)
+    g = torch.full((64, 64, 3, 3), 3e4)
+    sent = torch.zeros(64, 64, 3, 3, dtype=torch.float64)
+    peaks = []
+    for _ in range(4):
+        msg = method.encode(st, g, {})
+        vals, _ = unpack_sparse(msg, st.layout.unit_size, torch.int32, st.layout.num_units)
+        assert bool(torch.isfinite(vals.float()).all())
+        peaks.append(float(vals.float().abs().max()))
+        dense = method.decode(st, msg, 1, {})
+        assert bool(torch.isfinite(dense).all())
+        sent += dense.double()
+        assert all(bool(torch.isfinite(b).all()) for b in st.memory.values())
+    assert max(peaks) == 65504 and peaks[0] == 3e4        # unsent units grew past fp16's range
+    if isinstance(method.memory, ErrorFeedback):
+        total = sent.sum() + st.memory["e"].double().sum()      # the error-feedback residual
+        assert float(total) == pytest.approx(4 * 3e4 * g.numel(), rel=1e-6)

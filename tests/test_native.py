@@ -607,3 +607,16 @@ def test_group_sampled_threshold_equals_dgc_selection():
             assert rows[: int(cnt)].tolist() == ref.tolist(), (n, dens, given)
         branches.add(len(ref) == plan.num_selects)
     assert branches == {True, False}       # some ended short of num_selects (the 0.8 rounds)
+
+
+def test_cache_in_the_temp_directory_must_be_this_users_own(tmp_path):
+    """The fallback cache (the temp directory, a predictable name) is created 0700 and refused
+    when someone else could have planted a library in it."""
+    from hvd_rsgc.algorithms.native import _private_dir
+    d = _private_dir(tmp_path / "mine")
+    assert (d.stat().st_mode & 0o777) == 0o700
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(RuntimeError, match="not this user's own.*HVD_RSGC_CACHE"):
+        _private_dir(open_dir)

@@ -77,6 +77,9 @@ def unit_bytes(unit_size: int, value_dtype: torch.dtype, index_dtype: torch.dtyp
     return unit_size * vb + scale_columns(value_dtype) * vb + ib
 
 
+FP16_MAX = 65504.0
+
+
 def to_wire(values: torch.Tensor, value_dtype: torch.dtype):
     """fp32 unit values ``(k, S)`` -> ``(wire, sent)``: the value columns of the message in the
     wire dtype, and the fp32 values the receivers will decode from them (None where that is
@@ -86,7 +89,10 @@ def to_wire(values: torch.Tensor, value_dtype: torch.dtype):
     if value_dtype == torch.float32:
         return (values if values.dtype == torch.float32 else values.float()), None
     if value_dtype == torch.float16:
-        wire = values.to(torch.float16)
+        # saturated at fp16's largest finite value: past it the cast gives inf, the residual
+        # then keeps v - inf and the next send inf - inf = NaN, for good; clamped, what does
+        # not fit stays in the residual and goes out in later steps
+        wire = values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
         return wire, wire.float()
     if value_dtype != torch.int8:
         raise ValueError(f"value_dtype must be one of {VALUE_DTYPES}, got {value_dtype}")

@@ -71,7 +71,8 @@ SOURCE = r"""
 enum { MEM_NONE = 0, MEM_EF = 1, MEM_MOMENTUM = 2, MEM_NESTEROV = 3 };
 #define LANES 16
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+/* arch=x86-64-v3/v4 in target_clones: GCC 12 and later (GCC 11, Ubuntu 22.04's, refuses it) */
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
@@ -829,7 +830,23 @@ def cache_dir() -> Path:
             return d
     except (OSError, RuntimeError):
         pass
-    return Path(tempfile.gettempdir()) / f"hvd_rsgc-{os.getuid()}"
+    return _private_dir(Path(tempfile.gettempdir()) / f"hvd_rsgc-{os.getuid()}")
+
+
+def _private_dir(d: Path) -> Path:
+    """A cache directory in a world-writable place (the temp directory): created 0700 and
+    refused unless this user owns it and no one else may write to it -- another user could
+    otherwise plant a library under the predictable name and have every rank load it."""
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.stat()
+    except OSError as e:
+        raise RuntimeError(f"cache directory {str(d)!r}: {e}") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"cache directory {str(d)!r} is not this user's own (owner uid "
+                           f"{st.st_uid}, mode {oct(st.st_mode & 0o777)}): set HVD_RSGC_CACHE "
+                           "to a private directory")
+    return d
 
 
 def _build(path: Path) -> None:
@@ -854,13 +871,16 @@ def library() -> ctypes.CDLL:
         raise RuntimeError(_ERROR)
     key = hashlib.sha1((SOURCE + " ".join(FLAGS) + platform.machine()
                         + os.environ.get("CC", "cc")).encode()).hexdigest()[:16]
-    d = cache_dir()
-    path = d / f"native-{key}.so"
     try:
+        d = cache_dir()
+        path = d / f"native-{key}.so"
         d.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             with open(d / f"native-{key}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)           # one rank builds, the others wait
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)       # one rank builds, the others wait
+                except OSError:     # a file system without flock (Lustre's noflock): ranks may
+                    pass            # build side by side; each renames its own file in atomically
                 if not path.exists():
                     tmp = d / f".native-{key}-{os.getpid()}.so"
                     _build(tmp)

@@ -11,6 +11,8 @@ over the scores (``selection="sampled"``) for very many units.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .base import SparseMethod
@@ -52,7 +54,10 @@ class RSDGC(SparseMethod):
     def on_density(self, layer):
         if self.selection == "sampled":
             dens_units = layer.k / layer.layout.num_units
-            layer.plan = SamplePlan.make(layer.layout.num_units, min(1.0, dens_units), self.sample_ratio)
+            plan = SamplePlan.make(layer.layout.num_units, min(1.0, dens_units), self.sample_ratio)
+            # ceil(U * (k / U)) is k + 1 where the quotient rounds up (U=25, k=7: 8): at most k
+            layer.plan = dataclasses.replace(plan, num_selects=min(plan.num_selects, layer.k)) \
+                if plan.num_selects > layer.k else plan
 
     def scores(self, layer, acc):
         counts = layer.layout.valid_counts(acc.device, acc.dtype)

@@ -45,6 +45,11 @@ def ddp_comm_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.
 
 class DDPBinding:
     def __init__(self, comp, group=None):
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise ValueError(
+                f"process_set: as a DDP comm hook {type(comp).__name__} needs the "
+                "torch.distributed ProcessGroup that DDP uses (DistributedDataParallel(..., "
+                f"process_group=G) -> process_set=G), got {type(group).__name__}")
         self.comp = comp
         self.engine = comp.engine
         self.method = comp.method
