@@ -329,6 +329,14 @@ class Engine:
         self.sparse_grad_params = sparse_gradient_modules(model)
         self.table = ParamTable(items, lambda n, p: method is not None and self.eligible(n, p),
                                 method.make_layout if method is not None else None)
+        idx = getattr(method, "index_dtype", None)
+        if idx in (torch.int32, torch.int16):          # a unit row must fit the wire's index
+            top = 2 ** (8 * torch.empty((), dtype=idx).element_size() - 1) - 1
+            for e in self.table.compressed:
+                if e.layer.layout is not None and e.layer.layout.num_units > top:
+                    raise ValueError(
+                        f"index_dtype {idx}: parameter '{e.name}' has {e.layer.layout.num_units} "
+                        f"units, more than its indexes reach ({top}); pass index_dtype=torch.int64")
         self.meter = ByteMeter()
         self.step_nonfinite = False         # a non-finite gradient was seen this step ("skip")
         self.local_nonfinite = False        # this rank's own gradients checked this step held one

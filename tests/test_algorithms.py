@@ -474,3 +474,15 @@ def test_fp16_values_saturate_and_the_residual_keeps_the_rest(make):
     if isinstance(method.memory, ErrorFeedback):
         total = sent.sum() + st.memory["e"].double().sum()      # the error-feedback residual
         assert float(total) == pytest.approx(4 * 3e4 * g.numel(), rel=1e-6)
+
+
+def test_int32_indexes_refused_for_a_tensor_with_more_units_than_they_reach():
+    """A per-tensor message's int32 index wrapped silently past 2^31 units (2^32 + 7 decoded as
+    7): refused when the compressor is built, naming the parameter (a meta tensor: no memory)."""
+    import hvd_rsgc
+    big = torch.nn.Parameter(torch.empty(2 ** 31 + 10, 1, device="meta"))
+    with pytest.raises(ValueError, match="index_dtype torch.int32: parameter 'emb' has 2147483658 units"):
+        hvd_rsgc.TopKCompression([("emb", big)], density=0.001)
+    hvd_rsgc.TopKCompression([("emb", big)], density=0.001, index_dtype=torch.int64)
+    kernels = torch.nn.Parameter(torch.empty(2 ** 31 - 1, 1, 3, 3, device="meta"))   # units = kernels
+    hvd_rsgc.RSDGCCompression([("w", kernels)], density=0.001)
