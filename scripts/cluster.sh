@@ -44,6 +44,7 @@ BR="${P}-br0"
 NFT="${P//-/_}_loss"     # nftables table for packet loss
 
 die() { echo "cluster: $*" >&2; exit 1; }
+need_root() { [ "$(id -u)" = 0 ] || die "'$1' needs root (network namespaces, tc, the nodes' daemons): run it with sudo or as root; see README 'Emulated cluster'"; }
 log() { echo "cluster: $*" >&2; }
 exe() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || return 1; }
 ns() { echo "${P}-node$1"; }
@@ -69,6 +70,17 @@ pid_alive() {           # running (a zombie waiting to be reaped counts as dead)
     [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
 }
 read_pid() { [ -f "$1" ] && tr -dc 0-9 <"$1" || true; }
+ours_pid() {            # ours_pid FILE: its PID if that process is alive and is the daemon the
+    # file is named after (anchor-nodeI: the anchor's sleep; sshd-nodeI[.sshd]; slurmd-nodeI;
+    # slurmctld; munged), not a later process that happens to have reused the PID
+    local p want
+    p="$(read_pid "$1")"
+    pid_alive "$p" || return 0
+    want="$(basename "$1" .pid)"; want="${want%%-node*}"; want="${want%%.*}"
+    [ "$want" = anchor ] && want=sleep
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$want" ] && echo "$p"
+    return 0
+}
 wait_for() {            # wait_for SECONDS DESCRIPTION CMD...
     local t="$1" what="$2"; shift 2
     local end=$((SECONDS + t))
@@ -158,8 +170,8 @@ pin() {                 # pin I: "taskset -c CPU" when nodes are pinned (each no
 
 node_start() {          # anchor (hostname + /etc/hosts), sshd, slurmd for node I
     local i="$1" name="node$1" a
-    a="$(anchor_pid "$i")"
-    if ! pid_alive "$a"; then
+    a="$(ours_pid "$D/run/anchor-$name.pid")"
+    if [ -z "$a" ]; then
         rm -f "$D/run/anchor-$name.pid"
         # shellcheck disable=SC2046
         $(pin "$i") nsenter --net="/run/netns/$(ns "$i")" unshare --uts --mount --propagation private \
@@ -171,12 +183,12 @@ node_start() {          # anchor (hostname + /etc/hosts), sshd, slurmd for node 
     local in
     read -r -a in <<<"$(pin "$i") nsenter -t $a --net --uts --mount"
     [ "$("${in[@]}" hostname)" = "$name" ] || { log "$name: hostname not set"; return 1; }
-    if ! pid_alive "$(read_pid "$D/run/sshd-$name.pid")"; then
+    if [ -z "$(ours_pid "$D/run/sshd-$name.pid")" ]; then
         "${in[@]}" "$(exe sshd)" -D -e -f "$D/ssh/sshd_config" -o "ListenAddress=$(addr "$i")" \
             -o "PidFile=$D/run/sshd-$name.sshd.pid" </dev/null >>"$D/log/sshd-$name.log" 2>&1 &
         echo $! >"$D/run/sshd-$name.pid"
     fi
-    if ! pid_alive "$(read_pid "$D/run/slurmd-$name.pid")"; then
+    if [ -z "$(ours_pid "$D/run/slurmd-$name.pid")" ]; then
         # a (re)booted node: empty spool and TmpFS (a killed step's PMIx socket left there
         # would make the next step with the same id -- a requeued job -- fail to bind)
         rm -rf "${D:?}/slurm/spool/$name" "${D:?}/tmp/$name"
@@ -206,7 +218,7 @@ ours_present() {        # anything of ours (namespaces, interfaces, live pid fil
     ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep -q "^${P}-" && return 0
     command -v nft >/dev/null && nft list table netdev "$NFT" >/dev/null 2>&1 && return 0
     local f
-    for f in "$D"/run/*.pid; do [ -e "$f" ] && pid_alive "$(read_pid "$f")" && return 0; done
+    for f in "$D"/run/*.pid; do [ -e "$f" ] && [ -n "$(ours_pid "$f")" ] && return 0; done
     return 1
 }
 
@@ -227,22 +239,32 @@ cmd_up() {
             *) die "unknown option '$1'";;
         esac
     done
-    [ "$(id -u)" = 0 ] || die "needs root (network namespaces, tc, daemons); see README 'Emulated cluster'"
+    need_root up
     local e
     for e in ip tc nsenter unshare sshd ssh ssh-keygen munged slurmctld slurmd sbatch scontrol sinfo; do
         exe "$e" >/dev/null || die "$e not found (Debian: apt-get install iproute2 util-linux openssh-server openssh-client slurm-wlm munge)"
     done
     if ours_present || [ -f "$D/cluster.env" ]; then
-        if [ "$replace" = 1 ]; then cmd_down; else
+        if [ "$replace" = 1 ]; then (cmd_down); else
             die "a cluster (or what is left of one) exists: prefix '$P', state $D. Run '$0 down' first, or 'up --replace'"
         fi
     fi
     local t0=$SECONDS host
     host="$(hostname -s)"
+    # $D is wiped: only a directory of ours (its marker; or nothing but an earlier cluster's
+    # log/ in it), an empty or an absent one -- never e.g. /tmp or $HOME
+    if [ -d "$D" ] && [ ! -e "$D/.hvd_rsgc-cluster" ] && [ -n "$(ls -A "$D" 2>/dev/null | grep -vx log)" ]; then
+        die "state directory $D exists and is not a cluster's (no $D/.hvd_rsgc-cluster): choose an empty or new HVD_RSGC_CLUSTER_DIR"
+    fi
     rm -rf "$D"
     mkdir -p "$D"/{run,log,etc,ssh,bin,dev,tmp,munge,slurm/state,slurm/spool}
+    touch "$D/.hvd_rsgc-cluster"
     chmod 755 "$D"
-    trap 'log "up failed; cleaning up (logs kept in $D/log)"; cmd_down >/dev/null 2>&1 || true' ERR
+    # any failure from here on (a command failing under set -e, die's exit, SIGINT/SIGTERM)
+    # takes down what was built so far: bridge, namespaces, veths, daemons
+    UP_DONE=0
+    trap 'if [ "$UP_DONE" != 1 ]; then log "up failed; cleaning up (logs kept in $D/log)"; cmd_down >&2 || true; fi' EXIT
+    trap 'exit 130' INT TERM
 
     # --- network: bridge + one veth pair per node
     ip link add "$BR" type bridge
@@ -399,7 +421,8 @@ EOF
 
     wait_for 60 "all $n nodes idle in Slurm" all_idle "$n"
     wait_for 30 "sshd on every node" ssh_all "$n"
-    trap - ERR
+    UP_DONE=1
+    trap - EXIT INT TERM
     log "up: $n nodes in $((SECONDS - t0)) s; links $BW delay $DELAY loss $LOSS; state $D"
     log "    export SLURM_CONF=$SLURM_CONF   |   $0 exec node1 <cmd>   |   $0 down"
 }
@@ -419,6 +442,12 @@ ssh_all() {
 
 # ---------------------------------------------------------------------------------- down
 cmd_down() {
+    need_root down
+    if [ -f "$D/cluster.env" ]; then    # the prefix / bridge / table it was brought up with
+        # shellcheck disable=SC1091
+        . "$D/cluster.env"
+    fi
+    BR="${P}-br0" NFT="${P//-/_}_loss"
     local n i pids f p left=()
     # 1. everything inside our namespaces (daemons, jobs, launched ranks): TERM, then KILL
     local nss
@@ -429,12 +458,12 @@ cmd_down() {
         [ -n "$pids" ] && kill -TERM $pids 2>/dev/null || true
     done
     for f in "$D/run/slurmctld.pid" "$D/run/munged.pid"; do
-        p="$(read_pid "$f")"; pid_alive "$p" && kill -TERM "$p" 2>/dev/null || true
+        p="$(ours_pid "$f")"; [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
     done
     for _ in $(seq 1 25); do
         local alive=0
         for n in $nss; do [ -n "$(ip netns pids "$n" 2>/dev/null || true)" ] && alive=1; done
-        for f in "$D"/run/*.pid; do [ -e "$f" ] && pid_alive "$(read_pid "$f")" && alive=1; done
+        for f in "$D"/run/*.pid; do [ -e "$f" ] && [ -n "$(ours_pid "$f")" ] && alive=1; done
         [ "$alive" = 0 ] && break
         sleep 0.2
     done
@@ -445,7 +474,7 @@ cmd_down() {
     done
     for f in "$D"/run/*.pid; do
         [ -e "$f" ] || continue
-        p="$(read_pid "$f")"; pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true
+        p="$(ours_pid "$f")"; [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
     done
     sleep 0.2
     # 2. namespaces (their eth0 goes with them, and with it the host-side peer), veths, bridge
@@ -465,21 +494,23 @@ cmd_down() {
     command -v nft >/dev/null && nft list table netdev "$NFT" >/dev/null 2>&1 && left+=("nftables table $NFT")
     for f in "$D"/run/*.pid; do
         [ -e "$f" ] || continue
-        p="$(read_pid "$f")"; pid_alive "$p" && left+=("process $p ($(basename "$f" .pid))")
+        p="$(ours_pid "$f")"; [ -n "$p" ] && left+=("process $p ($(basename "$f" .pid))")
     done
     if [ "${#left[@]}" -gt 0 ]; then
         log "down: left behind: ${left[*]}"
         return 1
     fi
-    # keep the logs for post-mortems; drop everything else (keys, sockets, spool, state)
-    if [ -d "$D" ]; then
-        find "$D" -mindepth 1 -maxdepth 1 ! -name log -exec rm -rf {} +
+    # keep the logs for post-mortems; drop everything else (keys, sockets, spool, state) --
+    # in a state directory of ours only
+    if [ -d "$D" ] && [ -e "$D/.hvd_rsgc-cluster" ]; then
+        find "$D" -mindepth 1 -maxdepth 1 ! -name log ! -name .hvd_rsgc-cluster -exec rm -rf {} +
     fi
     log "down: no namespace, interface or daemon of the cluster is left (logs in $D/log)"
 }
 
 # ---------------------------------------------------------------------------------- the rest
 cmd_status() {
+    need_root status
     if [ ! -f "$D/cluster.env" ]; then
         echo "no cluster up (state dir $D)"; ours_present && echo "but leftovers exist: run '$0 down'"; return 0
     fi
@@ -504,6 +535,7 @@ cmd_status() {
 
 cmd_exec() {
     [ $# -ge 2 ] || die "usage: $0 exec NODE CMD..."
+    need_root exec
     load_env
     local i a
     i="$(node_index "$1")"; shift
@@ -511,12 +543,15 @@ cmd_exec() {
     pid_alive "$a" || die "node$i is down (start it with: $0 start node$i)"
     # shellcheck disable=SC2046
     exec $(pin "$i") nsenter -t "$a" --net --uts --mount --wd="$PWD" env PATH="$D/bin:$PATH" SLURM_CONF="$D/etc/slurm.conf" \
-        HVD_RSGC_CLUSTER_DIR="$D" OMPI_MCA_plm_rsh_agent="$D/bin/ssh" "$@"
+        HVD_RSGC_CLUSTER_DIR="$D" OMPI_MCA_plm_rsh_agent="$D/bin/ssh" \
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "$@"
 }
 
 cmd_shape() {
     [ $# -ge 1 ] || die "usage: $0 shape NODE|all [--bw R] [--delay D] [--loss P]"
+    need_root shape
     load_env
+    NFT="${P//-/_}_loss"
     local which="$1"; shift
     parse_link_opts "$@"
     [ "${#REST[@]}" -eq 0 ] || die "unknown option(s) ${REST[*]}"
@@ -531,6 +566,7 @@ cmd_shape() {
 
 cmd_link() {
     [ $# -eq 2 ] || die "usage: $0 link NODE down|up"
+    need_root link
     load_env
     local i; i="$(node_index "$1")"
     case "$2" in
@@ -542,6 +578,7 @@ cmd_link() {
 
 cmd_kill() {
     [ $# -eq 1 ] || die "usage: $0 kill NODE"
+    need_root kill
     load_env
     local i; i="$(node_index "$1")"
     node_kill "$i"
@@ -550,6 +587,7 @@ cmd_kill() {
 
 cmd_start() {
     [ $# -eq 1 ] || die "usage: $0 start NODE"
+    need_root start
     load_env
     local i; i="$(node_index "$1")"
     export SLURM_CONF="$D/etc/slurm.conf"

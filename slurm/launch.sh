@@ -14,7 +14,8 @@
 #                    --ipc host --pid host` as the job's user, with the checkout, RUN_DIR, DATA_ROOT
 #                    (and PMIx's directories for srun) mounted at the same paths
 #   PODMAN_OPTS      extra `podman run` options, e.g. "--device nvidia.com/gpu=all" (CDI) on GPUs
-#   CONTAINER_IMAGE  pyxis/enroot image: srun --container-image=... (srun launcher)
+#   CONTAINER_IMAGE  pyxis/enroot image: srun --container-image=... (always the srun launcher; the
+#                    image's own python; the checkout, RUN_DIR's parent and DATA_ROOT mounted)
 #   HVD_RSGC_HOME    repository checkout (default: the directory sbatch was called from)
 #   HVD_RSGC_DRY_RUN 1: print the training arguments and exit (checks OVERRIDES quoting)
 #
@@ -29,8 +30,15 @@ NTASKS="${SLURM_NTASKS:-1}"
 NNODES="${SLURM_JOB_NUM_NODES:-1}"
 LAUNCHER="${LAUNCHER:-auto}"
 if [ "$LAUNCHER" = auto ]; then
-    if [ "$NNODES" -gt 1 ]; then LAUNCHER=srun; else LAUNCHER=horovodrun; fi
+    # pyxis containers exist only through srun: one node too (srun --mpi=pmix runs Horovod there)
+    if [ "$NNODES" -gt 1 ] || [ -n "${CONTAINER_IMAGE:-}" ]; then LAUNCHER=srun; else LAUNCHER=horovodrun; fi
 fi
+if [ -n "${CONTAINER_IMAGE:-}" ] && [ "$LAUNCHER" != srun ]; then
+    echo "[hvd_rsgc] error: CONTAINER_IMAGE (pyxis) needs LAUNCHER=srun, got LAUNCHER=$LAUNCHER" >&2
+    exit 2
+fi
+mkdir -p "$(dirname "$RUN_DIR")"
+RUN_PARENT="$(cd "$(dirname "$RUN_DIR")" && pwd)"     # absolute: mounted into containers
 
 if [ -n "${CONTAINER:-}" ] && [ "${CONTAINER_RUNTIME:-apptainer}" = podman ]; then
     # docker/podman-task.sh: one container per task on the node that runs it (host network, IPC
@@ -45,9 +53,14 @@ if [ -n "${CONTAINER:-}" ] && [ "${CONTAINER_RUNTIME:-apptainer}" = podman ]; th
     HVDRUN=("${TASK[@]}" horovodrun)
     HVDRUN_PY=(python)          # one container holds horovodrun and all its ranks
 elif [ -n "${CONTAINER:-}" ]; then
-    PY=(apptainer exec --nv --bind "$PWD" "$CONTAINER" python)
-    HVDRUN=(apptainer exec --nv --bind "$PWD" "$CONTAINER" horovodrun)
+    # the checkout, RUN_DIR's parent and the data set at the same paths inside
+    BINDS="$PWD,$RUN_PARENT${DATA_ROOT:+,$DATA_ROOT:$DATA_ROOT:ro}"
+    PY=(apptainer exec --nv --bind "$BINDS" "$CONTAINER" python)
+    HVDRUN=(apptainer exec --nv --bind "$BINDS" "$CONTAINER" horovodrun)
     HVDRUN_PY=("${PY[@]}")
+elif [ -n "${CONTAINER_IMAGE:-}" ]; then
+    PY=(python)                 # the image's own (its PATH: /opt/hvd_rsgc/.venv/bin first)
+    HVDRUN=() HVDRUN_PY=()
 else
     VENV="${VENV:-$PWD/.venv}"
     PY=("$VENV/bin/python")
@@ -75,20 +88,27 @@ requeue() {
 }
 trap requeue USR1
 
+if [ "$LAUNCHER" = srun ]; then
+    # One task per GPU; Horovod's MPI controller initialised through PMIx. Since Slurm 22.05
+    # srun does not inherit the job's --cpus-per-task: without it every task gets one CPU
+    # (and the DataLoader workers share it)
+    CMD=(srun --mpi=pmix --kill-on-bad-exit=1)
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && CMD+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    [ -n "${CONTAINER_IMAGE:-}" ] && CMD+=(--container-image="$CONTAINER_IMAGE" --container-workdir="$PWD"
+        --container-mounts="$PWD:$PWD,$RUN_PARENT:$RUN_PARENT${DATA_ROOT:+,$DATA_ROOT:$DATA_ROOT:ro}")
+    CMD+=("${PY[@]}" -m hvd_rsgc.train)
+else
+    CMD=("${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${HVDRUN_PY[@]}" -m hvd_rsgc.train)
+fi
+
 echo "[hvd_rsgc] launcher=$LAUNCHER tasks=$NTASKS nodes=$NNODES config=$CONFIG"
-if [ "${HVD_RSGC_DRY_RUN:-0}" = 1 ]; then           # print the training arguments, one a line
+if [ "${HVD_RSGC_DRY_RUN:-0}" = 1 ]; then    # the launch command ("launch: " a word), then the
+    printf 'launch: %s\n' "${CMD[@]}"        # training arguments, one a line
     printf '%s\n' "${ARGS[@]}"
     exit 0
 fi
 START="$(date +%s)"
-if [ "$LAUNCHER" = srun ]; then
-    # One task per GPU; Horovod's MPI controller initialised through PMIx.
-    SRUN=(srun --mpi=pmix --kill-on-bad-exit=1)
-    [ -n "${CONTAINER_IMAGE:-}" ] && SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$PWD:$PWD" --container-workdir="$PWD")
-    "${SRUN[@]}" "${PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
-else
-    "${HVDRUN[@]}" -np "$NTASKS" -H "localhost:$NTASKS" --gloo "${HVDRUN_PY[@]}" -m hvd_rsgc.train "${ARGS[@]}" &
-fi
+"${CMD[@]}" "${ARGS[@]}" &
 # wait in the background so the USR1 trap runs while training is still going
 wait $! || status=$?
 # srun (Slurm 22.05) exits 0 when a step's tasks could not even be launched (e.g. a PMIx

@@ -216,6 +216,32 @@ def test_launcher_overrides_are_not_glob_expanded_and_may_be_empty(tmp_path):
     assert out[-3:-1] == ["--progress", "false"]
 
 
+def test_launcher_command_per_mode(tmp_path):
+    """The launch command (dry run): srun passes the job's --cpus-per-task on (Slurm >= 22.05
+    does not inherit it: one CPU per task); a pyxis image runs through srun on one node too,
+    with the image's python and the checkout, RUN_DIR's parent and DATA_ROOT mounted;
+    Apptainer binds the same; pyxis with horovodrun is refused."""
+    def launch(**kw):
+        env = dict(os.environ, CONFIG="x.yaml", HVD_RSGC_DRY_RUN="1", HVD_RSGC_HOME=str(tmp_path),
+                   RUN_DIR=str(tmp_path / "runs" / "r"), DATA_ROOT="/data/set", **kw)
+        p = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env,
+                           capture_output=True, text=True, timeout=60)
+        return p, [x[len("launch: "):] for x in p.stdout.split("\n") if x.startswith("launch: ")]
+    runs = str(tmp_path / "runs")
+    _, cmd = launch(LAUNCHER="srun", SLURM_CPUS_PER_TASK="4", SLURM_JOB_NUM_NODES="2")
+    assert cmd[:4] == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--cpus-per-task=4"], cmd
+    assert cmd[-3:] == [os.path.join(str(tmp_path), ".venv", "bin", "python"), "-m", "hvd_rsgc.train"]
+    _, cmd = launch(CONTAINER_IMAGE="reg#hvd_rsgc:gpu", SLURM_JOB_NUM_NODES="1")
+    assert cmd[0] == "srun" and "--container-image=reg#hvd_rsgc:gpu" in cmd and cmd[-3] == "python", cmd
+    mounts = [c for c in cmd if c.startswith("--container-mounts=")][0].split("=", 1)[1].split(",")
+    assert mounts == [f"{tmp_path}:{tmp_path}", f"{runs}:{runs}", "/data/set:/data/set:ro"], mounts
+    _, cmd = launch(CONTAINER="/img/x.sif", LAUNCHER="horovodrun", SLURM_NTASKS="2")
+    assert cmd[:5] == ["apptainer", "exec", "--nv", "--bind", f"{tmp_path},{runs},/data/set:/data/set:ro"], cmd
+    assert "horovodrun" in cmd and "-np" in cmd
+    p, _ = launch(CONTAINER_IMAGE="reg#img", LAUNCHER="horovodrun")
+    assert p.returncode == 2 and "CONTAINER_IMAGE (pyxis) needs LAUNCHER=srun" in p.stderr
+
+
 def test_launcher_fails_a_job_whose_tasks_never_ran_although_srun_exited_0(tmp_path):
     """Slurm 22.05's srun exits 0 when it could not launch the step's tasks at all (seen on the
     emulated cluster: a PMIx socket path over 107 bytes); the job must not end COMPLETED."""

@@ -343,3 +343,30 @@ def test_down_leaves_nothing_behind(cluster):
     assert cluster.leftovers(pids) == []
     assert not cluster.is_up()
     assert "no cluster up" in cluster.cmd("status").stdout
+
+
+@needs_cluster
+def test_a_failed_up_leaves_nothing_and_only_our_state_dir_is_wiped(tmp_path):
+    """`up` dying half way (here a bad --loss, refused after the bridge and the namespace exist;
+    the same path as --delay on a kernel without sch_netem) used to leave them behind, so the
+    next `up` refused to start; and `up` wiped any HVD_RSGC_CLUSTER_DIR it was given."""
+    from hvd_rsgc.app.emucluster import EmuCluster
+    from support import claim_cluster_slot
+    lock, k = claim_cluster_slot()
+    c = EmuCluster(state_dir=str(tmp_path / "state"), prefix=f"hrt{k}", net=f"10.77.{100 + k}",
+                   port=17900 + 2 * k)
+    try:
+        p = c.cmd("up", 1, "--loss", "abc", check=False)
+        assert p.returncode != 0 and "bad loss" in p.stderr and "cleaning up" in p.stderr, p.stderr
+        assert c.leftovers() == [] and not c.is_up()
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        (foreign / "keep.txt").write_text("not the cluster's")
+        other = EmuCluster(state_dir=str(foreign), prefix=f"hrt{k}", net=f"10.77.{100 + k}", port=17900 + 2 * k)
+        p = other.cmd("up", 1, check=False)
+        assert p.returncode != 0 and "not a cluster's" in p.stderr and (foreign / "keep.txt").exists()
+        assert other.leftovers() == []
+    finally:
+        if c.leftovers():
+            c.down(check=False)
+        lock.close()
