@@ -486,3 +486,35 @@ def test_int32_indexes_refused_for_a_tensor_with_more_units_than_they_reach():
     hvd_rsgc.TopKCompression([("emb", big)], density=0.001, index_dtype=torch.int64)
     kernels = torch.nn.Parameter(torch.empty(2 ** 31 - 1, 1, 3, 3, device="meta"))   # units = kernels
     hvd_rsgc.RSDGCCompression([("w", kernels)], density=0.001)
+
+
+def test_qsgd_ranks_draw_independently_and_averaging_cuts_the_noise():
+    """QSGD seeded every rank alike: the ranks rounded the same elements up, so the average of
+    P ranks' quantised copies of one gradient was exactly as noisy as one of them."""
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for rank in range(8):
+        m = qsgd.QSGD(NoMemory(), levels=1, bucket_size=512, seed=0)
+        st = layer_for(m, (4096,), 1.0)
+        msg = m.encode(st, g, {"rank": rank})
+        outs.append(m.decode(st, msg, 1, {}).reshape(-1))
+    assert not torch.equal(outs[0], outs[1])
+    one = float((outs[0] - g).pow(2).mean())
+    avg = float((torch.stack(outs).mean(0) - g).pow(2).mean())
+    assert avg < one / 4, (avg, one)                  # ~ one / 8 for independent draws
+    again = qsgd.QSGD(NoMemory(), levels=1, bucket_size=512, seed=0)     # a rank repeats itself
+    st = layer_for(again, (4096,), 1.0)
+    assert torch.equal(again.decode(st, again.encode(st, g, {"rank": 1}), 1, {}).reshape(-1), outs[1])
+
+
+def test_randomk_fp16_values_saturate_instead_of_inf():
+    """Random-k scales by n/k without error feedback and keeps a residual with it: fp16 values
+    past 65504 became inf on the wire (a finite gradient reported as non-finite) and -inf in
+    the residual."""
+    for memory in (NoMemory(), ErrorFeedback()):
+        m = RandomK(memory, value_dtype=torch.float16)
+        st = layer_for(m, (100, 100), 0.001)
+        for _ in range(3):
+            wire = m.encode(st, torch.full((100, 100), 100.0), {})
+            assert bool(torch.isfinite(wire).all()) and float(wire.float().abs().max()) <= 65504
+            assert all(bool(torch.isfinite(b).all()) for b in st.memory.values())

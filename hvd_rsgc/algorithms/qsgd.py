@@ -135,10 +135,14 @@ class QSGD(Method):
     def units_for(self, layer, density):
         return layer.numel
 
-    def _generator(self, device):
+    def _generator(self, device, rank: int = 0):
+        """This rank's stream: the ranks' rounding draws must be independent (the same draws on
+        every rank would correlate their quantisation noise, and averaging over P ranks would
+        no longer divide its variance by P)."""
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            from .select import splitmix_seed
+            self._generators[key] = torch.Generator(device=device).manual_seed(splitmix_seed(self.seed, rank))
         return self._generators[key]
 
     def rng_state(self):
@@ -155,7 +159,8 @@ class QSGD(Method):
     def encode(self, layer, g, ctx):
         gu = layer.layout.to_units(g.float() if g.dtype != torch.float32 else g)
         acc = self.memory.accumulate(layer.memory, gu)
-        msg, sent = encode_message(acc, self.levels, self.bucket_size, self._generator(acc.device))
+        msg, sent = encode_message(acc, self.levels, self.bucket_size,
+                                   self._generator(acc.device, int(ctx.get("rank", 0))))
         self.memory.mark_sent(layer.memory, None, sent)
         ctx["sent_units"] = layer.numel
         return msg
