@@ -32,6 +32,8 @@ conformance runs pick it up from the registry.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .compressor import Compressor
@@ -265,6 +267,11 @@ class LGCCompression(Compressor):
         check_int("ae_updates", ae_updates, 1)
         check_int("replay", replay, 1)
         check_int("leader", leader, 0)
+        check_int("code_channels", code_channels, 1)
+        for name, val, lo in (("ae_lr", ae_lr, "> 0"), ("sim_weight", sim_weight, ">= 0")):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) \
+                    or (val <= 0 if lo == "> 0" else val < 0):
+                raise ValueError(f"{name} must be a finite number {lo}, got {val!r}")
         method = LGC(mode, density, warmup_steps=warmup_steps, ae_steps=ae_steps,
                      innovation_density=innovation_density, leader=leader,
                      code_channels=code_channels, ae_lr=ae_lr, sim_weight=sim_weight,

@@ -86,6 +86,15 @@ def test_bad_input():
         LGCCompression(Net(), mode="tree", density=0.2, min_numel=0)
     with pytest.raises(ValueError, match="innovation_density"):
         LGCCompression(Net(), density=0.2, innovation_density=0.3, min_numel=0)
+    # the code-size check counts the code's channels (it assumed 4: 32 channels gave a code
+    # larger than the values it replaces, accepted)
+    LGCCompression(Net(), density=0.2, min_numel=0)                  # K = 923: a code of 4 x 56
+    with pytest.raises(ValueError, match=r"code \(32 x 56 values\) is not smaller"):
+        LGCCompression(Net(), density=0.2, min_numel=0, code_channels=32)
+    for kw, name in ((dict(code_channels=0), "code_channels"), (dict(ae_lr=-1.0), "ae_lr"),
+                     (dict(sim_weight=-5.0), "sim_weight"), (dict(ae_lr=float("nan")), "ae_lr")):
+        with pytest.raises(ValueError, match=name):
+            LGCCompression(Net(), density=0.2, min_numel=0, **kw)
 
 
 def test_resume_continues_in_the_right_stage():

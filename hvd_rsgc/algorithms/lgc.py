@@ -41,13 +41,14 @@ def code_length(K: int) -> int:
     return L
 
 
-def check_signal(K: int, code_size_limit_ratio: float = 1.0) -> int:
-    """The code (4 x L4 values) must be smaller than the K values it replaces."""
+def check_signal(K: int, code_size_limit_ratio: float = 1.0, code_channels: int = 4) -> int:
+    """The code (``code_channels`` x L4 values) must be smaller than the K values it replaces."""
     L4 = code_length(K)
-    if L4 < 1 or 4 * L4 >= K * code_size_limit_ratio:
-        raise ValueError(f"LGC: the code (4 x {max(L4, 0)} values) is not smaller than the k = {K} "
-                         "top-k values it would replace: raise density (r_g) or compress more tensors")
-    return 4 * L4
+    if L4 < 1 or code_channels * L4 >= K * code_size_limit_ratio:
+        raise ValueError(f"LGC: the code ({code_channels} x {max(L4, 0)} values) is not smaller than "
+                         f"the k = {K} top-k values it would replace: raise density (r_g), compress "
+                         "more tensors or lower code_channels")
+    return code_channels * L4
 
 
 class Encoder(nn.Module):
@@ -219,7 +220,7 @@ class LGC:
         from .select import ceil_count
         self.ks = [max(1, ceil_count(self.density, n)) for n in numels]
         self.K = sum(self.ks)
-        self.code_size = check_signal(self.K) // 4 * self.code_channels
+        self.code_size = check_signal(self.K, code_channels=self.code_channels)
         ratio = self.innovation_density if self.innovation_density else self.density / 10
         self.k_inno = max(1, math.ceil(self.K * ratio / self.density))
 
