@@ -38,7 +38,7 @@ def test_cuda_matches_cpu(make, shape):
             msg = m.encode(lay, g.to(dev), ctx)
             msgs.append((msg.cpu(), m.decode(lay, msg, 1, ctx).cpu()))
         out[dev] = msgs
-    for (mc, dc), (mg, dg) in zip(out["eager"], out["grouped"]):
+    for (mc, dc), (mg, dg) in zip(out["cpu"], out["cuda"]):
         assert mc.shape == mg.shape
         assert torch.allclose(dc, dg, atol=1e-5, rtol=1e-4)
 
@@ -139,3 +139,57 @@ def test_adapter_trains_on_cuda_at_size_one():
         first = first if first is not None else loss.item()
     assert loss.item() < 0.7 * first
     assert all(v.is_cuda for lay in comp.state_dict()["layers"].values() for v in lay["memory"].values())
+
+
+def test_lgc_resumed_in_stage_two_trains_on_cuda():
+    """An LGC state is loaded on the CPU; resumed in stage 2 on a GPU, Adam's moments and the
+    replay buffer must follow the autoencoder to the device (they stayed on the CPU: the next
+    autoencoder update mixed devices). The resumed run ends where the uninterrupted one does."""
+    hvd = pytest.importorskip("horovod.torch")
+    import copy
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from hvd_rsgc import LGCCompression
+    hvd.init()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 64, generator=g).cuda(), torch.randint(0, 8, (16,), generator=g).cuda())
+            for _ in range(12)]
+
+    def make(model):
+        comp = LGCCompression(model, density=0.2, warmup_steps=3, ae_steps=4, min_numel=0, ae_updates=2)
+        return comp, hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                              named_parameters=model.named_parameters(), compression=comp)
+
+    def run(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    m1 = Net().cuda()
+    c1, o1 = make(m1)
+    run(m1, o1, data[:5])
+    assert c1.stage() == 2
+    saved = (copy.deepcopy(c1.state_dict()), copy.deepcopy(m1.state_dict()), copy.deepcopy(o1.state_dict()))
+    run(m1, o1, data[5:])
+    m2 = Net().cuda()
+    m2.load_state_dict(saved[1])
+    c2, o2 = make(m2)
+    c2.load_state_dict(saved[0])
+    o2.load_state_dict(saved[2])
+    run(m2, o2, data[5:])
+    assert c2.stage() == 3
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

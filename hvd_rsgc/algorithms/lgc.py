@@ -243,7 +243,14 @@ class LGC:
                 ae = self.ae = LGCAutoencoder(nodes, self.mode, self.code_channels)
             self.ae_opt = torch.optim.Adam(ae.parameters(), lr=self.ae_lr)
         if next(ae.parameters()).device != torch.device(device):
+            # with everything that belongs to it: a state loaded on the CPU (load_state_dict)
+            # and trained on a GPU had Adam's moments and the replay buffer left on the CPU
             ae.to(device)
+            for st in self.ae_opt.state.values():
+                for key, val in st.items():
+                    if isinstance(val, torch.Tensor) and key != "step":    # Adam keeps step on the CPU
+                        st[key] = val.to(device)
+            self.buffer = [b.to(device) for b in self.buffer]
         return ae
 
     # -- one step -------------------------------------------------------------------------
@@ -359,7 +366,8 @@ class LGC:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, nodes: int) -> dict:
-        return {"step": self.step, "ae": self.autoencoder(nodes, "cpu").state_dict(),
+        here = next(self.ae.parameters()).device if self.ae is not None else "cpu"   # not moved
+        return {"step": self.step, "ae": self.autoencoder(nodes, here).state_dict(),
                 "ae_opt": self.ae_opt.state_dict(), "ae_loss": list(self.ae_loss),
                 "synced": self.synced, "mode": self.mode, "K": self.K,
                 "replay": [b.detach().cpu().clone() for b in self.buffer],
