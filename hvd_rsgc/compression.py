@@ -291,10 +291,18 @@ class LGCCompression(Compressor):
         self.mode = mode
 
     def _nodes(self) -> int | None:
-        """Ranks of the Horovod job if Horovod is initialised, else None."""
+        """Ranks of the job: DDP's group where this is a DDP comm hook (or torch.distributed is
+        up and Horovod is not), else Horovod's; None where neither is initialised."""
+        if self._ddp is not None:
+            return self._ddp.transport.size
         try:
             return self.horovod.network.size
         except Exception:      # noqa: BLE001 - Horovod not installed or not initialised
+            pass
+        try:                   # --backend ddp: a state loaded before the first hook call
+            return self.ddp.transport.size
+        except Exception:      # noqa: BLE001 - torch.distributed not initialised either
+            self._ddp = None
             return None
 
     # the signal's facts, for users and tests

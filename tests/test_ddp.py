@@ -69,6 +69,7 @@ def test_ddp_no_sync_bucket_views_static_graph(np2):
 def test_ddp_resume_is_bit_exact(np2):
     for r in np2:
         assert r["resume"]["equal"]
+        assert r["resume_lgc_ps"]["equal"]      # LGC-PS's autoencoder sized from DDP's group
 
 
 def test_ddp_double_momentum_is_refused(np2):

@@ -22,6 +22,7 @@ MIN_NUMEL = 100
 OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"density": 0.05},
         "rsdgc": {"density": 0.05, "update_every": 5}, "qsgd": {}, "none": {}, "fp16": {},
         "lgc-rar": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4},
+        "lgc-ps": {"density": 0.1, "warmup_steps": 3, "ae_steps": 4},
         "powersgd": {"rank": 2}, "signsgd": {}, "efsignsgd": {}, "terngrad": {}, "natural": {},
         "threshold": {"threshold": 0.005}}
 VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True}),    # kind -> (registry name, options)
@@ -174,11 +175,11 @@ def no_sync_and_views(steps):
     return out
 
 
-def resume(steps):
+def resume(steps, kind="rsdgc"):
     """k steps, state_dict of model/optimizer/compressor, fresh objects, load, k more steps ==
     2k steps straight, bit for bit."""
     def run(first, second, state=None):
-        model, ddp, comp, opt = build("rsdgc")
+        model, ddp, comp, opt = build(kind)
         x, y = make_data(700 + dist.get_rank(), 2 * steps * 16)       # the same data in every run
         if state is not None:
             model.load_state_dict(state["model"])
@@ -319,6 +320,8 @@ def main():
         res["nosync"] = no_sync_and_views(6)
     if "resume" in scen:
         res["resume"] = resume(4)
+        # LGC-PS saved in stage 2 and loaded under DDP (it asked Horovod for the ranks: 1)
+        res["resume_lgc_ps"] = resume(4, "lgc-ps")
     if "momentum" in scen:
         res["momentum"] = double_momentum()
     if "groups" in scen:
