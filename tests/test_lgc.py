@@ -97,11 +97,17 @@ def test_bad_input():
             LGCCompression(Net(), density=0.2, min_numel=0, **kw)
 
 
-def test_resume_continues_in_the_right_stage():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_resume_continues_in_the_right_stage(device):
+    """Saved in stage 2, loaded into fresh objects: the same parameters as straight through. On
+    a GPU the state is loaded on the CPU, and Adam's moments and the replay buffer must follow
+    the autoencoder to the device (they stayed behind: the next update mixed devices)."""
     from hvd_rsgc import LGCCompression
     hvd.init()
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(16, 64, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(12)]
+    data = [(torch.randn(16, 64, generator=g).to(device), torch.randint(0, 8, (16,), generator=g).to(device))
+            for _ in range(12)]
 
     def make(model):
         comp = LGCCompression(model, density=0.2, warmup_steps=3, ae_steps=4, min_numel=0)
@@ -116,7 +122,7 @@ def test_resume_continues_in_the_right_stage():
             opt.step()
 
     torch.manual_seed(0)
-    m1 = Net()
+    m1 = Net().to(device)
     c1, o1 = make(m1)
     run(m1, o1, data[:5])
     assert c1.stage() == 2
@@ -124,7 +130,7 @@ def test_resume_continues_in_the_right_stage():
     run(m1, o1, data[5:])
     assert c1.stage() == 3
 
-    m2 = Net()
+    m2 = Net().to(device)
     m2.load_state_dict(saved[1])
     c2, o2 = make(m2)
     c2.load_state_dict(saved[0])
