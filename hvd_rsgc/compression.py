@@ -32,8 +32,6 @@ conformance runs pick it up from the registry.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .compressor import Compressor
@@ -252,7 +250,7 @@ class LGCCompression(Compressor):
                  seed: int = 0, average: bool = True, process_set=None,
                  nonfinite: str = "raise"):
         from .algorithms.lgc import LGC
-        from .engine import check_density, check_int
+        from .engine import check_density, check_int, check_number
         if mode not in ("ps", "rar"):
             raise ValueError(f"mode must be 'ps' or 'rar', got {mode!r}")
         check_density("density", density)
@@ -268,10 +266,8 @@ class LGCCompression(Compressor):
         check_int("replay", replay, 1)
         check_int("leader", leader, 0)
         check_int("code_channels", code_channels, 1)
-        for name, val, lo in (("ae_lr", ae_lr, "> 0"), ("sim_weight", sim_weight, ">= 0")):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) \
-                    or (val <= 0 if lo == "> 0" else val < 0):
-                raise ValueError(f"{name} must be a finite number {lo}, got {val!r}")
+        check_number("ae_lr", ae_lr, 0.0, inclusive=False)
+        check_number("sim_weight", sim_weight, 0.0)
         method = LGC(mode, density, warmup_steps=warmup_steps, ae_steps=ae_steps,
                      innovation_density=innovation_density, leader=leader,
                      code_channels=code_channels, ae_lr=ae_lr, sim_weight=sim_weight,
@@ -302,7 +298,6 @@ class LGCCompression(Compressor):
         try:                   # --backend ddp: a state loaded before the first hook call
             return self.ddp.transport.size
         except Exception:      # noqa: BLE001 - torch.distributed not initialised either
-            self._ddp = None
             return None
 
     # the signal's facts, for users and tests

@@ -49,6 +49,14 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_number(name: str, value, minimum: float, inclusive: bool = True) -> None:
+    """A finite real number >= ``minimum`` (> with ``inclusive=False``), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value < minimum if inclusive else value <= minimum):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {minimum}, "
+                         f"got {value!r}")
+
+
 def named_parameters_of(model_or_params) -> list[tuple[str, torch.nn.Parameter]]:
     """Accept an ``nn.Module`` or an iterable of ``(name, parameter)``."""
     if isinstance(model_or_params, torch.nn.Module):

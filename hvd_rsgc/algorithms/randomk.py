@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FP16_MAX, Method, scatter_sum
+from .base import Method, scatter_sum, to_wire
 from .select import random_indices, splitmix_seed
 
 
@@ -32,12 +32,10 @@ class RandomK(Method):
         values = acc.index_select(0, rows).view(-1)
         if not self.memory.error_feedback:
             values = values * (layer.numel / layer.k)
-        # fp16: saturated at 65504 (the n/k scaling reaches it soon); what is cut off stays in
-        # the error-feedback residual (mark_sent below), never an inf on the wire or in it
-        wire = values.clamp(-FP16_MAX, FP16_MAX).to(self.value_dtype) \
-            if self.value_dtype == torch.float16 else values.to(self.value_dtype)
-        self.memory.mark_sent(layer.memory, rows,
-                              wire.float() if wire.dtype != torch.float32 else None, layer.layout)
+        # to_wire saturates fp16 at 65504 (the n/k scaling reaches it soon); what is cut off
+        # stays in the error-feedback residual, never an inf on the wire or in it
+        wire, sent = to_wire(values, self.value_dtype)
+        self.memory.mark_sent(layer.memory, rows, sent, layer.layout)
         ctx["rows"] = rows
         ctx["sent_units"] = int(rows.numel())
         return wire

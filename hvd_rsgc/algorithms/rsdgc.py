@@ -56,8 +56,9 @@ class RSDGC(SparseMethod):
             dens_units = layer.k / layer.layout.num_units
             plan = SamplePlan.make(layer.layout.num_units, min(1.0, dens_units), self.sample_ratio)
             # ceil(U * (k / U)) is k + 1 where the quotient rounds up (U=25, k=7: 8): at most k
-            layer.plan = dataclasses.replace(plan, num_selects=min(plan.num_selects, layer.k)) \
-                if plan.num_selects > layer.k else plan
+            if plan.num_selects > layer.k:
+                plan = dataclasses.replace(plan, num_selects=layer.k)
+            layer.plan = plan
 
     def scores(self, layer, acc):
         counts = layer.layout.valid_counts(acc.device, acc.dtype)

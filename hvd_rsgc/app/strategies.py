@@ -44,7 +44,6 @@ def compression_options(cfg) -> dict:
     return opts
 
 
-
 def build_compression(cfg, model):
     """The configured compressor. Options derived from the config that a compressor does not
     take are left out; every option the user named in ``compression_options`` must be taken
@@ -61,6 +60,7 @@ def build_compression(cfg, model):
                              f"it takes {sorted(known)}")
     return hvd_rsgc.make_compression(c.compression, model, ignore_unknown=True,
                                      **{**compression_options(cfg), **explicit})
+
 
 class AllreduceStrategy:
     name = "horovod"
