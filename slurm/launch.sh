@@ -44,7 +44,6 @@ if [ -n "${CONTAINER:-}" ] && [ "${CONTAINER_RUNTIME:-apptainer}" = podman ]; th
     # docker/podman-task.sh: one container per task on the node that runs it (host network, IPC
     # and PID; the checkout, RUN_DIR's parent, DATA_ROOT read-only and a Slurm step's PMIx
     # directories mounted at the same paths; the launchers' environment passed in)
-    mkdir -p "$(dirname "$RUN_DIR")"
     export HVD_RSGC_MOUNTS="${HVD_RSGC_MOUNTS:+$HVD_RSGC_MOUNTS:}$(dirname "$RUN_DIR")"
     [ -n "${DATA_ROOT:-}" ] && export HVD_RSGC_MOUNTS_RO="${HVD_RSGC_MOUNTS_RO:+$HVD_RSGC_MOUNTS_RO:}$DATA_ROOT"
     export PODMAN_OPTS="--label hvd_rsgc.slurm_job=${SLURM_JOB_ID:-local} ${PODMAN_OPTS:-}"
