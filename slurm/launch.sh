@@ -81,7 +81,26 @@ else
     ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 fi
 
+# Checkpoints are written at the end of an epoch: an allocation that wrote none would restart
+# from the same point when requeued, and so again and again while it holds the queue; it is not
+# requeued but ends at its time limit with an error that says why
+newest_checkpoint() {
+    local f newest=0 t
+    for f in "$RUN_DIR"/checkpoints/epoch[0-9][0-9][0-9][0-9].pt; do
+        [ -f "$f" ] || continue
+        t="$(stat -c %Y "$f")"
+        [ "$t" -gt "$newest" ] && newest="$t"
+    done
+    echo "$newest"
+}
 requeue() {
+    if [ "$(newest_checkpoint)" -lt "$START" ]; then
+        echo "[hvd_rsgc] error: USR1 (time limit near) but this allocation wrote no checkpoint" \
+             "in $RUN_DIR/checkpoints since it started: a requeue would start again from the" \
+             "same point. Not requeueing job ${SLURM_JOB_ID}; give it a --time longer than an" \
+             "epoch plus the start-up (or fewer steps per epoch: --max_steps_per_epoch)" >&2
+        return
+    fi
     echo "[hvd_rsgc] USR1: time limit near, requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "${SLURM_JOB_ID}"
 }
@@ -108,8 +127,19 @@ if [ "${HVD_RSGC_DRY_RUN:-0}" = 1 ]; then    # the launch command ("launch: " a 
 fi
 START="$(date +%s)"
 "${CMD[@]}" "${ARGS[@]}" &
-# wait in the background so the USR1 trap runs while training is still going
-wait $! || status=$?
+PID=$!
+# wait in the background so the USR1 trap runs while training is still going. The trap cuts a
+# wait short (status > 128), so wait again while the launcher runs (a refused requeue: the
+# training goes on, and may yet end, until the time limit); without errexit, which bash 5.2
+# applies to the interrupted wait even after `||` and ends the script there
+set +e
+while :; do
+    wait "$PID"
+    status=$?
+    if [ "$status" -gt 128 ] && kill -0 "$PID" 2>/dev/null; then continue; fi
+    break
+done
+set -e
 # srun (Slurm 22.05) exits 0 when a step's tasks could not even be launched (e.g. a PMIx
 # socket path over 107 bytes): a run that ended without writing its summary did not succeed
 if [ "${status:-0}" = 0 ] && { [ ! -f "$RUN_DIR/summary.json" ] || [ "$(stat -c %Y "$RUN_DIR/summary.json")" -lt "$START" ]; }; then
@@ -117,4 +147,4 @@ if [ "${status:-0}" = 0 ] && { [ ! -f "$RUN_DIR/summary.json" ] || [ "$(stat -c 
          "the tasks did not run to the end (see the job's stderr and slurmd's log)" >&2
     status=1
 fi
-exit "${status:-0}"
+exit "$status"

@@ -5,8 +5,10 @@ test_horovod.py; the CLI probes run the real ``python -m hvd_rsgc.train`` in one
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -259,6 +261,46 @@ def test_launcher_fails_a_job_whose_tasks_never_ran_although_srun_exited_0(tmp_p
     p = subprocess.run(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_launcher_requeues_on_usr1_only_after_a_new_checkpoint(tmp_path):
+    """USR1 (time limit near) requeues the job only if this allocation wrote a checkpoint: one
+    that wrote none would start again from the same point, again and again. The refused requeue
+    says why, and the training goes on (the trap must not end the wait for it)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    run = tmp_path / "run"
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    (fake / "srun").write_text(
+        "#!/bin/sh\nmkdir -p {r}/checkpoints\n[ -n \"$WRITE_CKPT\" ] && : > {r}/checkpoints/epoch0001.pt\n"
+        ": > {t}/started\nsleep 3\necho {{}} > {r}/summary.json\n".format(r=run, t=tmp_path))
+    for f in ("scontrol", "srun"):
+        (fake / f).chmod(0o755)
+    old = run / "checkpoints" / "epoch0000.pt"       # a previous allocation's checkpoint
+    old.parent.mkdir(parents=True)
+    old.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+
+    def job(**kw):
+        for f in ("started", "scontrol.log"):
+            (tmp_path / f).unlink(missing_ok=True)
+        env = dict(os.environ, CONFIG="x.yaml", HVD_RSGC_HOME=ROOT, LAUNCHER="srun", RUN_DIR=str(run),
+                   SLURM_JOB_ID="77", PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", **kw)
+        p = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "launch.sh")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not (tmp_path / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        out, err = p.communicate(timeout=60)
+        log = tmp_path / "scontrol.log"
+        return p.returncode, err, log.read_text() if log.exists() else ""
+
+    rc, err, calls = job()
+    assert calls == "" and "wrote no checkpoint" in err and "Not requeueing job 77" in err, err
+    assert rc == 0, err                               # the training ran on to its end
+    rc, err, calls = job(WRITE_CKPT="1")
+    assert calls == "requeue 77\n" and rc == 0, (calls, err)
 
 
 # ----------------------------------------------------------------------------- the CLI
