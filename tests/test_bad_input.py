@@ -133,13 +133,30 @@ def test_zero_byte_checkpoint_is_named_and_the_older_one_offered(tmp_path):
 # ----------------------------------------------------------------------------- gaps
 def test_write_errors_name_the_path_say_no_space_and_leave_no_tmp(tmp_path, monkeypatch):
     def full(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
     target = tmp_path / "c" / "epoch0000.pt"
     with pytest.raises(OSError, match=r"cannot write checkpoint .*epoch0000\.pt.*no space left"):
         ckpt.atomic_save({"x": 1}, str(target))
     assert os.listdir(tmp_path / "c") == []
+
+
+def test_a_really_full_disk_is_named_as_such(tmp_path):
+    """On a disk that fills up, torch.save raises "unexpected pos ..." (a RuntimeError), not
+    ENOSPC: the error must still say the disk is full, and leave no partial file behind."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts, for a 1 MiB file system")
+    try:
+        with pytest.raises(OSError, match=r"cannot write checkpoint .*epoch0000\.pt.*no space left") as info:
+            ckpt.atomic_save({"x": torch.zeros(1 << 20)}, str(mnt / "epoch0000.pt"))
+        assert info.value.errno == errno.ENOSPC
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)       # lazy: a failed assert holds open files
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
@@ -272,8 +289,8 @@ def test_launcher_requeues_on_usr1_only_after_a_new_checkpoint(tmp_path):
     run = tmp_path / "run"
     (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
     (fake / "srun").write_text(
-        "#!/bin/sh\nmkdir -p {r}/checkpoints\n[ -n \"$WRITE_CKPT\" ] && : > {r}/checkpoints/epoch0001.pt\n"
-        ": > {t}/started\nsleep 3\necho {{}} > {r}/summary.json\n".format(r=run, t=tmp_path))
+        f"#!/bin/sh\nmkdir -p {run}/checkpoints\n[ -n \"$WRITE_CKPT\" ] && : > {run}/checkpoints/epoch0001.pt\n"
+        f": > {tmp_path}/started\nsleep 3\necho {{}} > {run}/summary.json\n")
     for f in ("scontrol", "srun"):
         (fake / f).chmod(0o755)
     old = run / "checkpoints" / "epoch0000.pt"       # a previous allocation's checkpoint

@@ -25,6 +25,22 @@ _MAIN_GLOB = "epoch[0-9][0-9][0-9][0-9].pt"
 _EPOCH_FILE = re.compile(r"epoch(\d{4})(\.rank\d{3})?\.pt$")
 
 
+def _disk_full(e: BaseException, directory: str) -> bool:
+    """Did ``e`` come from a full disk? torch.save reports one as a RuntimeError ("unexpected
+    pos ..."), the file's own ENOSPC only in the exception's context; failing that, the disk's
+    free space (read before the partial file is removed) tells."""
+    seen = e
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize < 1 << 20
+    except OSError:
+        return False
+
+
 def atomic_save(obj, path: str) -> str:
     """Write to ``path.tmp``, fsync, rename: a crash mid-write never destroys the last good
     file. On failure the temporary file is removed and the error names the path (and says
@@ -32,21 +48,21 @@ def atomic_save(obj, path: str) -> str:
     tmp = path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:            # a file object: its ENOSPC reaches the context
+            torch.save(obj, f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        no_space = _disk_full(e, os.path.dirname(path) or ".")
         try:
             os.remove(tmp)
         except OSError:
             pass
-        no_space = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) \
-            or "file write failed" in str(e)
         why = "no space left on the device" if no_space else (
             "permission denied" if getattr(e, "errno", None) in (errno.EACCES, errno.EROFS)
             else str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise OSError(getattr(e, "errno", None) or errno.EIO,
+        raise OSError(errno.ENOSPC if no_space else getattr(e, "errno", None) or errno.EIO,
                       f"cannot write checkpoint {path!r}: {why}") from e
     return path
 
