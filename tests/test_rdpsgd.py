@@ -204,6 +204,23 @@ def test_dead_neighbour_ends_job_within_timeout(tmp_path):
     assert "no answer from" in p.stdout + p.stderr
 
 
+@pytestmark_mp
+def test_ranks_out_of_step_are_named_not_mixed(tmp_path):
+    """Ranks that would draw different masks: a per-rank seed is refused at construction on
+    every rank; masks out of step later (a seed changed on rank 1) are caught by the receive
+    counts -- a shorter message would otherwise leave uninitialised values in the mix."""
+    p, _ = mpirun(4, tmp_path, "--scenario", "mismatch", timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(4)]
+    for r in res:
+        assert "seed differs between ranks ([0, 1, 2, 3], by rank)" in r["construct"], r
+    # ring of 4: rank 1's neighbours are 0 and 2; rank 3 exchanges with 0 and 2 only
+    assert res[3]["mix"] is None
+    for r in (0, 1, 2):
+        assert "masks out of step" in res[r]["mix"] and "mixing round 0" in res[r]["mix"], res[r]
+    assert "neighbour 1" in res[0]["mix"] and "neighbour 1" in res[2]["mix"]
+
+
 class _OneProcess:
     """The process-group calls ``evaluate`` makes, for one process."""
     Sum = Average = "sum"

@@ -54,12 +54,26 @@ class RDPSGD:
         self.timeout = timeout
         self.params = [p for p in model.parameters()]
         self.numel = sum(p.numel() for p in self.params)
+        self._check_agreement()
         self.step_count = 0
         self.rounds = 0
         self.bytes_sent = 0
         self.last_round_bytes = 0
         self.last_indices = None
         self.received_indices = {}
+
+    def _check_agreement(self) -> None:
+        """Every node must draw the same masks: the same seed, ratio, parameter count and
+        period (one allgather, once). A node that differs would mix values into the wrong
+        places, silently where the masks happened to have the same length."""
+        mine = {"seed": self.seed, "sparsity_ratio": self.p, "parameters": self.numel,
+                "sync_every": self.sync_every, "send_indices": self.send_indices}
+        every = self.comm.allgather(mine)
+        for key in mine:
+            values = [d[key] for d in every]
+            if any(v != values[0] for v in values):
+                raise ValueError(f"RD-PSGD: {key} differs between ranks ({values}, by rank): every "
+                                 "node must draw the same masks")
 
     # ------------------------------------------------------------------ public
     def mix(self) -> bool:
@@ -172,7 +186,22 @@ class RDPSGD:
                 if not torch.equal(got, idx):
                     raise RuntimeError(f"rank {self.rank}: mask from neighbour {j} differs from the "
                                        "local one (seeds out of step?)")
-        self._wait_all(reqs)
+        statuses = [MPI.Status() for _ in reqs]
+
+        def out_of_step(j, got):
+            return RuntimeError(f"rank {self.rank}: neighbour {j} sent {got} values in mixing round "
+                                f"{self.rounds}, the local mask has {m} (masks out of step: "
+                                "different seeds or rounds?)")
+        try:
+            self._wait_all(reqs, statuses)
+        except MPI.Exception as e:                       # a longer message: truncated
+            for j, st in zip(self.neighbours, statuses):
+                if st.Get_error() == MPI.ERR_TRUNCATE:
+                    raise out_of_step(j, f"more than {m}") from e
+            raise
+        for j, st in zip(self.neighbours, statuses):    # the receives come first
+            if st.Get_count(MPI.FLOAT) != m:             # a shorter message leaves garbage behind
+                raise out_of_step(j, st.Get_count(MPI.FLOAT))
         self.last_indices = idx
         self.last_round_bytes = sent
         self.bytes_sent += sent
@@ -190,10 +219,10 @@ class RDPSGD:
         self.comm.Recv([buf, MPI.BYTE], source=j, tag=_TAG_INDEX)
         return decode_gaps(torch.from_numpy(buf), self.numel)
 
-    def _wait_all(self, reqs):
+    def _wait_all(self, reqs, statuses=None):
         from mpi4py import MPI
         deadline = time.monotonic() + self.timeout
-        while not MPI.Request.Testall(reqs):
+        while not MPI.Request.Testall(reqs, statuses):
             self._check_deadline(deadline, f"neighbours {self.neighbours}")
 
     def _check_deadline(self, deadline, what):

@@ -199,6 +199,22 @@ def main():
                 time.sleep(600)          # alive but silent: its neighbours must not hang
             rd.mix()
         return
+    if a.scenario == "mismatch":
+        torch.manual_seed(0)
+        try:                                 # a per-rank seed: refused before any exchange
+            RDPSGD(net(), sparsity_ratio=0.5, seed=rank, timeout=20)
+            res["construct"] = None
+        except ValueError as e:
+            res["construct"] = str(e)
+        rd = RDPSGD(net(), sparsity_ratio=0.5, seed=3, timeout=20)
+        if rank == 1:                         # out of step after the start: other masks
+            rd.seed = 4
+        try:
+            rd.mix()
+            res["mix"] = None
+        except RuntimeError as e:
+            res["mix"] = str(e)
+        comm.Barrier()
     if a.scenario == "all":
         res["dpsgd"] = dense_dpsgd(steps=15)
         res["rd_p1"] = train(1.0, steps=15)
