@@ -77,6 +77,10 @@ def test_torch_distributed_transport(tmp_path, P):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for res in _read(tmp_path, P):
         assert res["size"] == P
+        # the fp16 average of 40000 on every rank is 40000 (the sum, 80000+, is past fp16's range)
+        assert res.pop("avg16") == [40000.0] * 3, res
+        res["per_key"].pop("t.avg16")
+        res["bytes"] -= 6
         check(res, P, res["rank"], "torch")
 
 

@@ -33,11 +33,16 @@ class TorchDistTransport(Transport):
 
     def _allreduce(self, t, name, op):
         out = t.clone()
-        work = dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         n = self.size
+        # fp16 / bf16 averages are divided before the sum, as PyTorch's fp16_compress_hook
+        # does: a sum of P fp16 gradients overflows to inf where their average does not
+        pre = op == "average" and n > 1 and out.dtype in (torch.float16, torch.bfloat16)
+        if pre:
+            out.div_(n)
+        work = dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
         def finish(_):
-            return out.div_(n) if op == "average" else out
+            return out.div_(n) if op == "average" and not pre else out
         return Handle(work, finish)
 
     def _allgather(self, t, name, key):
