@@ -56,4 +56,30 @@ fi
 OPTS+=(--env "OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}")
 # shellcheck disable=SC2206  # PODMAN_OPTS is split into words on purpose
 OPTS+=(${PODMAN_OPTS:-})
-exec podman run "${OPTS[@]}" "$IMAGE" "$@"
+# The container lives outside the caller's process tree and cgroup (conmon keeps it): a podman
+# client killed with SIGKILL (a Slurm step past KillWait, the OOM killer, scancel -s KILL) would
+# leave the task running. So the task runs under a watch that sees the client through the host
+# PID namespace and ends the task (TERM, then KILL after 10 s) once the client is gone; signals
+# that podman proxies (TERM, INT, HUP, USR1, USR2, QUIT) are passed on, and the task's exit
+# status is the container's.
+# shellcheck disable=SC2016  # expanded inside the container
+WATCH='
+started() { local s; read -r s < "/proc/$1/stat" 2>/dev/null || return 0; s=${s##*) }; set -- $s; echo "${20}"; }
+client=$1; shift
+since=$(started "$client")
+"$@" &
+task=$!
+for s in TERM INT HUP USR1 USR2 QUIT; do trap "kill -$s $task 2>/dev/null" "$s"; done
+while kill -0 "$task" 2>/dev/null; do
+    if [ -n "$since" ] && [ "$(started "$client")" != "$since" ]; then   # (no host PIDs: no watch)
+        echo "podman-task: the podman client (pid $client) is gone; stopping the task" >&2
+        kill -TERM "$task" 2>/dev/null
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$task" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$task" 2>/dev/null
+        break
+    fi
+    sleep 1 & wait $!
+done
+while :; do wait "$task"; rc=$?; [ "$rc" -gt 128 ] && kill -0 "$task" 2>/dev/null && continue; exit "$rc"; done
+'
+exec podman run "${OPTS[@]}" "$IMAGE" bash -c "$WATCH" podman-task "$$" "$@"

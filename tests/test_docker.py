@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -358,6 +359,42 @@ def test_slurm_launcher_podman_runtime(engine, image, tmp_path, launcher):
         assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
     finally:
         assert cluster.stop(), "a Slurm daemon did not stop"
+
+
+@pytest.mark.container
+def test_podman_task_ends_with_its_client_and_passes_signals_and_status(engine, image):
+    """docker/podman-task.sh: the task's exit status is the container's; a TERM to the podman
+    client reaches the task; and a client killed with SIGKILL (a Slurm step past KillWait) does
+    not leave the container running -- conmon keeps it outside the caller's process tree."""
+    if engine.kind == "docker (daemon)" or engine.podman is None:
+        pytest.skip("podman-task.sh runs podman itself")
+    task = [os.path.join(ROOT, "docker", "podman-task.sh"), IMAGE]
+    label = f"hvd_rsgc.test_run={uuid.uuid4().hex}"
+    env = dict(os.environ, PODMAN_OPTS=f"--label {LABEL} --label {label}")
+
+    def running():
+        return _run([engine.podman, "ps", "-aq", "--filter", f"label={label}"], check=False).stdout.split()
+
+    def start():
+        p = subprocess.Popen([*task, "sleep", "300"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not running() and time.time() < deadline:
+            time.sleep(0.3)
+        assert running(), "the container did not start"
+        return p
+
+    assert subprocess.run([*task, "sh", "-c", "exit 7"], env=env, cwd=ROOT, timeout=120).returncode == 7
+    p = start()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    p = start()
+    p.kill()
+    p.wait(timeout=10)
+    deadline = time.time() + 60
+    while running() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not running(), "the container outlived its killed podman client"
 
 
 PROBE = r"""
