@@ -32,6 +32,16 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 CACHE="${HVD_RSGC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_rsgc}"
 log() { printf '[install] %s\n' "$*" >&2; }
 
+# ---------------------------------------------------------------- 0. Python, before anything is installed
+# (`|| true`: under errexit a failed lookup would end the script without a word)
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || true)}"
+if [ -z "$PYTHON" ] || ! command -v "$PYTHON" >/dev/null 2>&1; then
+    log "ERROR: no Python interpreter: ${PYTHON:-neither python3.11 nor python3 is on PATH};" \
+        "install Python 3.11 (Debian/Ubuntu: apt-get install python3.11 python3.11-venv python3.11-dev)" \
+        "or point PYTHON= at one"
+    exit 1
+fi
+
 # ---------------------------------------------------------------- 1. Open MPI (system)
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if [ "${HVD_RSGC_MPI:-1}" = 0 ]; then
@@ -49,14 +59,16 @@ fi
 # Horovod needs CMake >= 3.13; the PyPI 'cmake' shim breaks inside build envs, so use the system one.
 CMAKE_BIN="${HOROVOD_CMAKE:-$(PATH=/usr/bin:/usr/local/bin:$PATH command -v cmake || true)}"
 if [ -z "$CMAKE_BIN" ]; then
-    if [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ]; then log "ERROR: cmake not found"; exit 1; fi
-    as_root apt-get install -y -qq --no-install-recommends cmake >/dev/null
+    if [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "ERROR: cmake (>= 3.13) not found; install it or set HOROVOD_CMAKE=/path/to/cmake"; exit 1
+    fi
+    log "installing cmake from system packages"
+    as_root apt-get update -qq                 # a fresh image has no package lists
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends cmake >/dev/null
     CMAKE_BIN=/usr/bin/cmake
 fi
 
 # ---------------------------------------------------------------- 2. virtualenv + Python deps
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-[ -n "$PYTHON" ] || { log "ERROR: no python3.11 / python3 on PATH"; exit 1; }
 # A distribution's Python often lacks venv/ensurepip and the headers Horovod's build needs
 # (Debian/Ubuntu: python3.X-venv, python3.X-dev); install them when missing.
 PYVER="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"

@@ -5,6 +5,7 @@ test_horovod.py; the CLI probes run the real ``python -m hvd_rsgc.train`` in one
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -318,6 +319,23 @@ def test_launcher_requeues_on_usr1_only_after_a_new_checkpoint(tmp_path):
     assert rc == 0, err                               # the training ran on to its end
     rc, err, calls = job(WRITE_CKPT="1")
     assert calls == "requeue 77\n" and rc == 0, (calls, err)
+
+
+def test_installer_without_python_says_so_before_installing_anything(tmp_path):
+    """scripts/install.sh on a machine without python3: one clear line, exit 1, before any
+    apt-get (errexit used to end it at the failed lookup without a word -- or, with MPI
+    missing, after installing Open MPI)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("bash", "dirname"):
+        os.symlink(shutil.which(tool), bin_ / tool)
+    for extra in ({}, {"PYTHON": "/opt/none/python3"}):
+        p = subprocess.run([str(bin_ / "bash"), os.path.join(ROOT, "scripts", "install.sh")],
+                           env={"PATH": str(bin_), "HOME": str(tmp_path), **extra},
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "ERROR: no Python interpreter" in p.stderr, p.stderr
+        assert "Open MPI" not in p.stderr and "apt-get update" not in p.stderr, p.stderr
+        assert extra.get("PYTHON", "python3.11 nor python3") in p.stderr
 
 
 # ----------------------------------------------------------------------------- the CLI
