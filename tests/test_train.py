@@ -168,6 +168,51 @@ def _cfg(train_ratio=0.8, **kw):
     return DataConfig(**{"dataset": "folder", "image_size": 16, "train_ratio": train_ratio, **kw}), 0
 
 
+def test_split_files_with_file_names_repeated_across_classes(tmp_path):
+    """Sets numbered per class (cat/000.png, dog/000.png): <class>/<file> lines keep each image's
+    own label (matching by base name alone gave every such line the last class's image); a bare
+    name that is ambiguous, or a line given twice, is an error naming the images."""
+    from hvd_rsgc.app.data import build_datasets
+    root = tmp_path / "d"
+    for c, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        for i in range(3):
+            _img(str(root / c / f"00{i}.png"), color=color)
+    split = {"train": tmp_path / "train.txt", "val": tmp_path / "val.txt"}
+    split["train"].write_text("cat/000.png\ncat/001.png\ndog/000.png\n./dog/001.png\n")
+    split["val"].write_text("Images/cat/002.png\ndog\\002.png\n")
+    cfg = _cfg(data_root=str(root), train_split=str(split["train"]), val_split=str(split["val"]))
+    tr, va, classes = build_datasets(*cfg)
+    assert classes == ["cat", "dog"]
+    assert tr.targets == [0, 0, 1, 1] and va.targets == [0, 1]
+    assert [os.path.relpath(p, root) for p, _ in tr.samples] == ["cat/000.png", "cat/001.png",
+                                                                  "dog/000.png", "dog/001.png"]
+    assert tr[0][0][0].float().mean() > 150 and tr[2][0][2].float().mean() > 150   # red cat, blue dog
+    split["train"].write_text("000.png\n")
+    with pytest.raises(ValueError, match=r"'000.png' names 2 images in different class folders"):
+        build_datasets(*cfg)
+    split["train"].write_text("cat/000.png\ncat/000.png\n")
+    with pytest.raises(ValueError, match="lists .*000.png' twice"):
+        build_datasets(*cfg)
+    split["train"].write_text("cat/009.png\n")          # not there: not dog's 009 or another's
+    with pytest.raises(ValueError, match="train split file lists 1 image"):
+        build_datasets(*cfg)
+
+
+def test_16_bit_images_are_refused_by_name_not_clipped(tmp_path):
+    """A 16-bit GeoTIFF-like image: convert("RGB") would clip it (uint16 reflectances mostly
+    became 255); the scan names the file and its mode instead."""
+    import numpy as np
+    from PIL import Image
+
+    from hvd_rsgc.app.data import build_datasets
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _img(str(root / c / "x.png"))
+    Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)).save(root / "b" / "refl.tif")
+    with pytest.raises(ValueError, match=r"refl.tif' has mode 'I;16.*8-bit"):
+        build_datasets(*_cfg(data_root=str(root)))
+
+
 def test_data_reader_errors(tmp_path):
     from hvd_rsgc.app.data import build_datasets
     with pytest.raises(FileNotFoundError, match="data root"):

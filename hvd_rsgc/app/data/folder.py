@@ -4,9 +4,12 @@
 * UC Merced: ``UCMerced_LandUse/Images/<class>/*.tif`` (not all 256x256: images are resized);
 * NWPU-RESISC45: ``NWPU-RESISC45/<class>/*.jpg``;
 * split files in torchgeo's style (``uc_merced-train.txt``, ``resisc45-train.txt``): one file
-  name per line, matched by base name.
+  name per line, matched by base name, or ``<class>/<file>`` (needed where file names repeat
+  across class folders: a bare name that is ambiguous is an error naming both images).
 
 Unreadable or corrupt images are skipped, counted and reported; if none remain it is an error.
+Images are read as 8-bit RGB: a 16-bit, 32-bit or float image (a GeoTIFF of reflectances) is an
+error naming the file and its mode -- converting it to RGB would clip or truncate its values.
 """
 from __future__ import annotations
 
@@ -43,29 +46,43 @@ def scan_folder(root: str, verify: bool = True) -> Scan:
         n0 = len(samples)
         for f in files:
             path = os.path.join(root, c, f)
-            if verify and not _readable(path):
+            mode = _mode(path) if verify else "RGB"
+            if mode is None:
                 skipped.append(path)
                 continue
+            if mode not in EIGHT_BIT_MODES:
+                raise ValueError(
+                    f"image {path!r} has mode {mode!r} (16-bit, 32-bit or float): this data layer "
+                    "reads 8-bit RGB scenes, and converting would clip or truncate the values; "
+                    "convert the set to 8-bit first (e.g. gdal_translate -ot Byte -scale)")
             samples.append((path, label))
         if len(samples) == n0:
             raise ValueError(f"class folder {os.path.join(root, c)!r} has no readable images "
                              f"({len(files)} unreadable): fix or remove it")
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root!r}, e.g. {skipped[:3]}",
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root!r} (corrupt, or a format "
+                      f"Pillow cannot decode, such as multi-band 16-bit GeoTIFF), e.g. {skipped[:3]}",
                       stacklevel=2)
     if not samples:
         raise ValueError(f"no readable images under {root!r} ({len(skipped)} unreadable)")
     return Scan(classes, samples, skipped)
 
 
-def _readable(path: str) -> bool:
+# Pillow modes of 8-bit images, which convert("RGB") maps without loss of range
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                             "YCbCr", "LAB", "HSV"})
+
+
+def _mode(path: str) -> str | None:
+    """The image's Pillow mode, or None if it cannot be decoded (corrupt, unsupported)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
+            mode = im.mode
             im.verify()
-        return True
+        return mode
     except Exception:       # noqa: BLE001 - PIL raises many kinds for corrupt files
-        return False
+        return None
 
 
 def read_split_file(path: str) -> list[str]:
@@ -79,12 +96,38 @@ def read_split_file(path: str) -> list[str]:
 
 
 def apply_split(samples, names: list[str], what: str):
-    by_name = {os.path.basename(p): (p, y) for p, y in samples}
-    missing = [n for n in names if os.path.basename(n) not in by_name]
+    """The samples a split file lists, in its order: a line is a base name or ends in
+    ``<class>/<file>``. A bare name that two class folders share, or a line given twice, is an
+    error (the dictionary by base name kept only the last such image: another class's)."""
+    by_key: dict[str, list] = {}
+    classes = set()
+    for p, y in samples:
+        base, folder = os.path.basename(p), os.path.basename(os.path.dirname(p))
+        classes.add(folder)
+        by_key.setdefault(base, []).append((p, y))
+        by_key.setdefault(folder + "/" + base, []).append((p, y))
+    out, missing, seen = [], [], {}
+    for n in names:
+        parts = [x for x in n.replace("\\", "/").split("/") if x not in ("", ".")] or [n]
+        # <class>/<file> exactly where the line names a class folder; else the base name
+        key = "/".join(parts[-2:]) if len(parts) > 1 and parts[-2] in classes else parts[-1]
+        found = by_key.get(key)
+        if not found:
+            missing.append(n)
+            continue
+        if len(found) > 1:
+            raise ValueError(f"{what} split file: {n!r} names {len(found)} images in different class "
+                             f"folders, e.g. {found[0][0]!r} and {found[1][0]!r}; write <class>/<file> "
+                             "lines")
+        if found[0][0] in seen:
+            raise ValueError(f"{what} split file lists {found[0][0]!r} twice ({seen[found[0][0]]!r} "
+                             f"and {n!r})")
+        seen[found[0][0]] = n
+        out.append(found[0])
     if missing:
         raise ValueError(f"{what} split file lists {len(missing)} image(s) not found under the data "
                          f"root (or unreadable), e.g. {missing[:3]}")
-    return [by_name[os.path.basename(n)] for n in names]
+    return out
 
 
 def ratio_split(samples, train_ratio: float, seed: int):
