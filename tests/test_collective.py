@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hvd_rsgc import RSDGCCompression, TopKCompression, QSGDCompression
-from hvd_rsgc.algorithms.base import make_layer, scatter_sum
+from hvd_rsgc.algorithms.base import from_wire, make_layer, scatter_sum, to_wire
 from hvd_rsgc.algorithms.collective import SparseCollective
 from hvd_rsgc.algorithms.memory import ErrorFeedback
 from hvd_rsgc.algorithms.rsdgc import RSDGC
@@ -30,9 +30,10 @@ def grads_for(rank, shapes, step=0):
     return [torch.randn(s, generator=g) * (1 + rank) for s in shapes]
 
 
-def run_rs(make_method, shapes, density, reselect, steps=1, size=P):
+def run_rs(make_method, shapes, density, reselect, steps=1, size=P, nonfinite_rank=None):
     """Every rank: fresh method + layers, ``steps`` exchanges; returns per rank
-    (sums per step, accumulated residual before each step's marks, residual after, stats)."""
+    (sums per step, accumulated residual before each step's marks, residual after, stats).
+    ``nonfinite_rank``: that rank's gradients count as non-finite (it sends no unit)."""
 
     def rank_main(r, tr):
         m = make_method()
@@ -42,7 +43,7 @@ def run_rs(make_method, shapes, density, reselect, steps=1, size=P):
         for step in range(steps):
             items = []
             for st, g in zip(layers, grads_for(r, shapes, step)):
-                rows, vals = m.pick(st, g)
+                rows, vals = m.pick(st, g, r != nonfinite_rank)
                 items.append((st, rows, vals))
             acc = [memory_of(st).clone() for st in layers]
             sums, marks = coll.exchange(m, items, tr, f"rs{step}")
@@ -169,6 +170,27 @@ def test_reduce_scatter_lossy_values_conserve(value_dtype):
             after = sum(res[r][step]["res"][j] for r in range(P))
             applied = layers[j].layout.to_units(res[0][step]["sums"][j])
             assert torch.allclose(after + applied, before, atol=1e-4), (step, j)
+
+
+def test_int8_values_with_nothing_to_send_neither_crash_nor_hang():
+    """int8 values where a rank or an owner has no unit: an owner region left empty (3 units,
+    4 ranks) and a rank whose gradients were not finite (it picks nothing). Encoding an empty
+    unit set raised (a (0, 1) bfloat16 scale has stride 0, which view(int8) refuses) on that
+    rank alone, while its peers waited in the next collective."""
+    wire, sent = to_wire(torch.zeros(0, 9), torch.int8)
+    assert wire.shape == (0, 11) and wire.dtype == torch.int8 and sent.shape == (0, 9)
+    v = torch.randn(5, 9)
+    wire, sent = to_wire(v, torch.int8)                   # the non-empty encoding unchanged
+    assert torch.equal(from_wire(wire, 9), sent) and (sent - v).abs().max() < v.abs().max() / 100
+    for shapes, bad in (([(3,)], None), (SHAPES, 1)):
+        res = run_rs(lambda: TopK(ErrorFeedback(), value_dtype=torch.int8), shapes, 0.34, 1.0,
+                     nonfinite_rank=bad)
+        for r in range(P):
+            for j in range(len(shapes)):
+                assert torch.equal(res[r][0]["sums"][j], res[0][0]["sums"][j]), (shapes, r, j)
+        assert any(res[0][0]["sums"][j].any() for j in range(len(shapes)))
+        if bad is not None:
+            assert res[bad][0]["items"][0][1].numel() == 0
 
 
 def test_reselect_none_equals_the_allgather_path():

@@ -101,7 +101,8 @@ def to_wire(values: torch.Tensor, value_dtype: torch.dtype):
     s = scale.float()
     # 0/0 (an all-zero unit, or a scale below bfloat16's range) -> 0; clamp: s rounded down
     q = torch.nan_to_num(v / s, nan=0.0).round_().clamp_(-INT8_QMAX, INT8_QMAX)
-    wire = torch.cat([q.to(torch.int8), scale.view(torch.int8)], dim=1)
+    # reshape(-1) first: an empty (0, 1) scale has stride (1, 0), which view() refuses
+    wire = torch.cat([q.to(torch.int8), scale.reshape(-1).view(torch.int8).view(-1, 2)], dim=1)
     return wire, q * s
 
 
