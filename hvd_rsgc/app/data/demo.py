@@ -66,11 +66,23 @@ def fetch_wheels(dest: str, wheels: dict | None = None, pip_args=()) -> dict:
 
 def build(root: str | None = None, patch: int = 64, train_per_class: int = 120,
           val_per_class: int = 40, seed: int = 0, quiet: bool = False) -> str:
-    from PIL import Image
     root = root or default_root()
     done = os.path.join(root, "DONE")
     if os.path.exists(done):
         return os.path.join(root, "images")
+    # every rank of a job calls this: one builds while the others wait for DONE (else the ranks
+    # rewrote the same files at once, and the first to finish read its peers' half-written ones)
+    import fcntl
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(done):
+            return os.path.join(root, "images")
+        return _build(root, done, patch, train_per_class, val_per_class, seed, quiet)
+
+
+def _build(root, done, patch, train_per_class, val_per_class, seed, quiet) -> str:
+    from PIL import Image
     wheels = fetch_wheels(os.path.join(root, "wheels"))
     img_root = os.path.join(root, "images")
     g = torch.Generator().manual_seed(seed)
