@@ -179,6 +179,20 @@ def test_optimizer_with_parameters_the_model_does_not_own():
         opt.step()
 
 
+def test_compressed_parameters_the_optimizer_does_not_update_are_named():
+    """A compressor built on the whole model under an optimizer over part of it: Horovod
+    compresses only what the optimizer updates, so the fused path's bucket never completes;
+    the error names the parameters left out and says why (it advised calling synchronize())."""
+    torch.manual_seed(0)
+    a = Net()
+    comp = RSDGCCompression(a, density=0.1, min_numel=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(a.fc.parameters(), lr=0.1),
+                                   named_parameters=a.fc.named_parameters(prefix="fc"), compression=comp)
+    with pytest.raises(RuntimeError, match=r"not compressed this step: \['conv.weight'\].*"
+                                           r"optimizer does not update"):
+        run(a, opt, batches(1))
+
+
 def test_process_set_mismatch_is_refused_whichever_side_is_the_default():
     """A compressor on the global set (process_set=None) under an optimizer on a subset used to
     pass the check (it only compared two explicit sets) and gathered over ranks that never join."""

@@ -153,6 +153,15 @@ def test_np2_parameter_without_gradient_on_some_steps(np2):
         assert m["compressed"] and m["identical"] and m["steps"] == 6
 
 
+def test_np1_parameter_without_gradient_on_some_steps(tmp_path):
+    """-np 1, where Horovod registers no hooks and the compressor runs in the step's pre-hook:
+    a parameter the optimizer updates but which has no gradient on a step gets zeros, as
+    Horovod's synchronize() submits at -np N. The fused default's bucket used to miss it, and
+    that step and every later one raised."""
+    m = results(1, tmp_path, "--scenarios", "missing")[0]["missing"]
+    assert m["compressed"] and m["identical"] and m["steps"] == 6
+
+
 def test_np2_double_momentum_is_an_error_on_every_rank(np2):
     for rank_res in np2:
         assert "double momentum" in rank_res["momentum"]["error"]

@@ -53,6 +53,12 @@ from .transport import HorovodTransport, hvd
 FLAG_OK, FLAG_NONFINITE = 0.0, 1.0
 
 
+def _updated(opt) -> set:
+    """Ids of the parameters ``opt`` updates (what Horovod's optimizer would hook: those that
+    require a gradient)."""
+    return {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad}
+
+
 class Ctx(dict):
     """Per-call context handed from compress() to decompress()."""
 
@@ -241,9 +247,16 @@ class HorovodBinding:
     def _fused_decompress(self, e, tensor, ctx):
         b = self._buckets[ctx["bucket"]]
         if b["handles"] is None:
-            raise RuntimeError(f"bucket {b['id']} of '{e.name}' was decompressed before all its tensors "
-                               f"were compressed ({len(b['ctxs'])} of {len(b['members'])}); call "
-                               "optimizer.synchronize() / step() as Horovod does")
+            missing = [n for n in b["members"] if n not in b["ctxs"]]
+            raise RuntimeError(
+                f"bucket {b['id']} of '{e.name}' was decompressed before all its tensors were "
+                f"compressed ({len(b['ctxs'])} of {len(b['members'])}; not compressed this step: "
+                f"{missing[:4]}). Horovod compresses the parameters its optimizer updates: a "
+                f"parameter the {type(self.comp).__name__} compresses but the optimizer does not "
+                "update (an optimizer over part of the model, or one built after freezing what "
+                "the compressor was built with) never completes the bucket -- build both from "
+                "the same parameters, or exclude=[...] them; otherwise call "
+                "optimizer.synchronize() / step() as Horovod does")
         if b["results"] is None:
             n = self.transport.size           # op=Average: divided in the decode itself
             b["results"] = b["codec"].decode([self.transport.wait(h) for h in b["handles"]],
@@ -321,13 +334,13 @@ class HorovodBinding:
 
     def synchronize(self, opt) -> None:
         if self._hooks_absent():
-            self._run_local(getattr(opt, "sparse_as_dense", False))
+            self._run_local(getattr(opt, "sparse_as_dense", False), _updated(opt))
         else:
             opt.synchronize()
 
     def pre_step(self, opt) -> None:
         if not getattr(opt, "_requires_update", None) and self._hooks_absent():
-            self._run_local(getattr(opt, "sparse_as_dense", False))
+            self._run_local(getattr(opt, "sparse_as_dense", False), _updated(opt))
 
     @staticmethod
     def _hooks_absent() -> bool:
@@ -337,11 +350,13 @@ class HorovodBinding:
         except Exception:      # noqa: BLE001 - not initialised
             return False
 
-    def _run_local(self, sparse_as_dense: bool = False) -> None:
+    def _run_local(self, sparse_as_dense: bool = False, updated: set | None = None) -> None:
         """-np 1: every gradient through compress/decompress over the local transport. Same
         order as Horovod's synchronize(): every compress() first, then every decompress();
         torch.sparse gradients as Horovod treats them (``sparse_as_dense``: compressed as
-        dense, written back sparse; otherwise refused by compress()). Horovod's step() calls
+        dense, written back sparse; otherwise refused by compress()). As at -np N, only the
+        parameters the optimizer updates (``updated``: ids) go through, and one without a
+        gradient this step gets zeros, as Horovod's synchronize() submits them. Horovod's step() calls
         the base class's step(), which fires the pre-hook again: a gradient already processed
         (same tensor, same version) is not processed twice."""
         self.transport = self.local
@@ -349,8 +364,10 @@ class HorovodBinding:
             pending = []
             for e in self.engine.table.backward_order():
                 p = e.param
-                if p.grad is None or not p.requires_grad:
-                    continue
+                if not p.requires_grad or (updated is not None and id(p) not in updated):
+                    continue                   # as at -np N: Horovod hooks what opt updates
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 if self._local_done.get(id(p)) == (id(p.grad), p.grad._version):
                     continue
                 g = p.grad.to_dense() if p.grad.is_sparse and sparse_as_dense else p.grad
