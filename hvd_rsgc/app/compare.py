@@ -18,7 +18,7 @@ import statistics
 from ..registry import names
 from .config import help_text, load_config, parse_overrides
 from .report import json_safe
-from .train import process_group, run
+from .train import run
 
 GOSSIP = ("rdpsgd", "dpsgd")     # decentralized algorithms, no compressor
 
@@ -44,18 +44,29 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+    """A number formatted, or "n/a" (a metric that is missing, e.g. no ratio for a run that
+    sent nothing, or NaN)."""
+    if x is None or x != x:
+        return "n/a"
+    return format(scale * x, spec)
+
+
 def table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["method"] == "none"), None)
     pm = "\u00b1"
     lines = ["| method | top-1 (%) | AA (%) | kappa | \u0394 top-1 vs SGD | ratio | MiB/worker |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        delta = f"{100 * (r['final_top1'] - dense['final_top1']):+.2f}" if dense else "n/a"
+        delta = "n/a"
+        if dense and r["final_top1"] is not None and dense["final_top1"] is not None:
+            delta = _fmt(r["final_top1"] - dense["final_top1"], "+.2f", 100)
+        ratio = _fmt(r["compression_ratio"], ".1f")
         lines.append(
-            f"| {r['method']} | {100 * r['final_top1']:.2f} {pm} {100 * r['final_top1_std']:.2f} | "
-            f"{100 * r['final_aa']:.2f} {pm} {100 * r['final_aa_std']:.2f} | "
-            f"{r['final_kappa']:.3f} {pm} {r['final_kappa_std']:.3f} | {delta} | "
-            f"{r['compression_ratio']:.1f}x | {r['bytes_per_worker'] / 2**20:.2f} |")
+            f"| {r['method']} | {_fmt(r['final_top1'], '.2f', 100)} {pm} {_fmt(r['final_top1_std'], '.2f', 100)} | "
+            f"{_fmt(r['final_aa'], '.2f', 100)} {pm} {_fmt(r['final_aa_std'], '.2f', 100)} | "
+            f"{_fmt(r['final_kappa'], '.3f')} {pm} {_fmt(r['final_kappa_std'], '.3f')} | {delta} | "
+            f"{ratio}{'x' if ratio != 'n/a' else ''} | {_fmt(r['bytes_per_worker'], '.2f', 2**-20)} |")
     return "\n".join(lines)
 
 
@@ -95,9 +106,14 @@ def main(argv=None):
     try:
         overrides = parse_overrides(rest)
         base = load_config(args.config, overrides)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
+    except ValueError:
+        raise SystemExit(f"error: --seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if any(not 0 <= s < 2 ** 63 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds: distinct integers in [0, 2^63) expected, got {args.seeds!r}")
     results = []
     for m in methods:
         for seed in seeds:
@@ -110,18 +126,20 @@ def main(argv=None):
             tag = f"{m}/seed{seed}" if len(seeds) > 1 else m
             cfg.run.run_name, cfg.run.progress = f"{args.name}/{tag}", False
             results.append({**run(cfg, quiet=True), "compression": m, "seed": seed})
-    if process_group(base).rank() != 0:
+    # this process's rank in the runs (asking a group here failed: Horovod in a compare of
+    # gossip methods only never started, and MPI may be finalised by then)
+    if results[-1]["rank"] != 0:
         return
     rows = aggregate(results)
-    text = table(rows)
     out_dir = os.path.join(base.run.out_dir, args.name)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:      # first: the runs are kept
         json.dump(json_safe({"runs": results, "summary": rows}), f, indent=2, allow_nan=False)
+    text = table(rows)
     png = plot(rows, os.path.join(out_dir, "accuracy_vs_bytes.png"))
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(f"config: {args.config}, seeds {seeds}, {base.optim.epochs} epochs, "
-                f"{process_group(base).size()} workers; mean \u00b1 std over seeds\n\n{text}\n")
+                f"{results[-1]['world_size']} workers; mean \u00b1 std over seeds\n\n{text}\n")
     print(text)
     print(f"\nwritten: {os.path.join(out_dir, 'compare.md')}" + (f", {png}" if png else ""))
 

@@ -336,7 +336,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
                 "model": strategy.exported_state(), "optimizer": strategy.opt.state_dict(),
                 "history": history, "classes": classes, "world_size": world}, r.keep_checkpoints)
         hvd.barrier()
-    return report.finish(history, classes, flat)
+    # + this process's place in the run's group (compare writes its results from rank 0
+    # without asking a group that may be down by then)
+    return {**report.finish(history, classes, flat), "rank": rank, "world_size": world}
 
 
 def main(argv=None):
