@@ -363,6 +363,13 @@ def test_cli_resume_validates_overrides_and_reads_an_empty_checkpoint_clearly(tm
     run = tmp_path / "z"
     p = _train(["--resume", str(run), "--compression", "bogus"], tmp_path)
     assert p.returncode != 0 and "compression must be one of" in p.stderr
+    # the split may not change under a resumed run (validation images would be trained on)
+    p = _train(["--resume", str(run), "--seed", "1", "--synthetic_val", "32"], tmp_path)
+    assert p.returncode != 0 and "seed cannot change when a run is resumed" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    p = _train([x if x != "z" else "m" for x in base] + ["--mean", "1,2", "--std", "1,2"], tmp_path)
+    assert p.returncode != 0 and "mean / std have 2 / 2 values but the synthetic images have 3 " \
+        "channels" in p.stderr, p.stderr[-2000:]
     assert "bogus" not in open(run / "config.yaml").read()
     open(run / "checkpoints" / "epoch0001.pt", "w").close()
     p = _train(["--resume", str(run), "--epochs", "3"], tmp_path)

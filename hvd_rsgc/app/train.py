@@ -129,7 +129,20 @@ def _read_resume(resume: str, overrides: dict | None):
     cfg = Config.from_flat(main["config"], f"checkpoint {main_file}")
     if overrides:                            # e.g. --epochs to extend a run; validated
         cfg.update(overrides, "command line")
+        now = cfg.to_flat()
+        fixed = [k for k in SPLIT_KEYS if k in overrides and now.get(k) != main["config"].get(k)]
+        if fixed:
+            had = ", ".join(f"{k}={main['config'].get(k)!r}" for k in fixed)
+            raise ValueError(
+                f"--resume: {', '.join(fixed)} cannot change when a run is resumed (they decide "
+                f"the train/val split: the run has {had}; images it validated on would be "
+                "trained on); start a new run instead")
     return cfg, run_dir, main_file, main
+
+
+# the keys that decide which images are trained on and which validated on
+SPLIT_KEYS = ("dataset", "seed", "train_ratio", "train_split", "val_split", "houston_train",
+              "houston_test", "synthetic_train", "synthetic_val", "num_classes")
 
 
 def torch_threads(local_size: int) -> int:
@@ -223,6 +236,11 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     torch.manual_seed(r.seed)
     model = build_model(o.model, nc, d.image_size, **getattr(train_ds, "model_kwargs", {})).to(device)
     prenormalized = getattr(train_ds, "prenormalized", False)
+    if not prenormalized and len(train_ds):
+        channels = train_ds[0][0].shape[0]
+        if len(d.mean) != channels or len(d.std) != channels:
+            raise ValueError(f"mean / std have {len(d.mean)} / {len(d.std)} values but the "
+                             f"{d.dataset} images have {channels} channels: give one per channel")
     crop = getattr(train_ds, "crop_augment", True)       # per-pixel patches: the centre is the label
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                  seed=r.seed, drop_last=True)
