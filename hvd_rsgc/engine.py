@@ -16,6 +16,7 @@ messages through a :class:`~hvd_rsgc.transport.Transport` and asks the engine th
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -382,6 +383,11 @@ class Engine:
             if not st.memory_ready:
                 self.method.init_memory(st, tensor.device)
                 st.memory_ready = True
+            elif st.memory:                 # loaded before the model moved (model.cuda() after
+                first = next(iter(st.memory.values()))    # load_state_dict): follow the gradient
+                if isinstance(first, torch.Tensor) and first.device != tensor.device:
+                    st.memory = {k: v.to(tensor.device) if isinstance(v, torch.Tensor) else v
+                                 for k, v in st.memory.items()}
             self.schedule.update(st, self.table, self.method)
         st.step += 1
         if st.step > self.meter.cur_step:
@@ -465,6 +471,36 @@ class Engine:
                 "skipped_steps": self.skipped_steps,
                 "rng": self.method.rng_state() if self.method is not None else {}}
 
+    def _check_buffers(self, e: Entry, saved: dict) -> None:
+        """The saved buffers of ``e`` are the ones this configuration keeps (names and shapes),
+        also in a fresh process, before the first step allocated any: a momentum of 0 against
+        0.9, another radius or unit layout would otherwise fail later without a name."""
+        st = e.layer
+        if e.sparse:
+            want = st.memory
+            if not want:                        # what the first step would allocate
+                probe = copy.copy(st)
+                try:
+                    self.method.init_memory(probe, torch.device("meta"))
+                    want = probe.memory
+                except Exception:               # noqa: BLE001 - a method that cannot: no check
+                    return
+            want = {k: tuple(v.shape) for k, v in want.items() if isinstance(v, torch.Tensor)}
+        else:                                   # dense: the local momentum, after a first step
+            want = {"u": tuple(e.param.shape)} if self.dense_momentum is not None else {}
+        got = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got)) if e.sparse and want else []
+        if extra or missing:
+            raise ValueError(f"compression state for parameter '{e.name}': buffers {sorted(got)}, this "
+                             f"configuration keeps {sorted(want)} (a different momentum, method or "
+                             "options than the run that saved it?)")
+        for key, shape in got.items():
+            if key in want and math.prod(want[key]) != math.prod(shape) or \
+                    (e.sparse and key in want and want[key] != shape):
+                raise ValueError(f"compression state for parameter '{e.name}': buffer '{key}' "
+                                 f"has shape {shape}, expected {want[key]}")
+
     def load_state_dict(self, state: dict, owner: str) -> None:
         legacy = isinstance(state, dict) and state.get("format") in LEGACY_STATE_FORMATS
         if not isinstance(state, dict) or (state.get("format") != STATE_FORMAT and not legacy):
@@ -485,11 +521,8 @@ class Engine:
                 rec = {**rec, "memory": {k: st.layout.from_legacy(v) if isinstance(v, torch.Tensor)
                                          and v.shape == (st.layout.num_units, st.layout.unit_size)
                                          else v for k, v in rec["memory"].items()}}
-            for key, val in rec["memory"].items():
-                want = st.memory.get(key)
-                if want is not None and want.shape != val.shape:
-                    raise ValueError(f"compression state for parameter '{e.name}': buffer '{key}' "
-                                     f"has shape {tuple(val.shape)}, expected {tuple(want.shape)}")
+            if rec["memory"]:
+                self._check_buffers(e, rec["memory"])
             st.memory = {k: v.to(e.param.device).clone() for k, v in rec["memory"].items()}
             st.memory_ready = bool(st.memory)     # saved before its first step: allocated anew
             st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])

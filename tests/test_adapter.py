@@ -138,6 +138,28 @@ def test_load_state_dict_rejects_foreign_and_mismatched_state():
         comp.load_state_dict(TopKCompression(Net(), density=0.01).state_dict())
 
 
+def test_load_state_dict_checks_buffers_in_a_fresh_process():
+    """A fresh compressor (no step yet, so no buffer to compare with) loading a state of
+    another configuration: the parameter and the buffers are named at load, not a KeyError or
+    a shape error on the first step."""
+    torch.manual_seed(0)
+    a = Net()
+    trained = RSDGCCompression(a, density=0.1, momentum=0.9, min_numel=0)
+    opt = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=a.named_parameters(), compression=trained)
+    run(a, opt, batches(1))
+    state = trained.state_dict()
+    with pytest.raises(ValueError, match=r"parameter 'conv.weight': buffers \['u', 'v'\], this "
+                                         r"configuration keeps \['e'\]"):
+        RSDGCCompression(Net(), density=0.1, momentum=0.0, min_numel=0).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"parameter '(conv|fc).weight': buffer '.' has shape"):
+        RSDGCCompression(Net(), density=0.1, momentum=0.9, min_numel=0, radius=2).load_state_dict(state)
+    fresh = RSDGCCompression(Net(), density=0.1, momentum=0.9, min_numel=0)
+    fresh.load_state_dict(state)                        # the same configuration loads
+    assert torch.equal(fresh.state_dict()["layers"]["conv.weight"]["memory"]["v"],
+                       state["layers"]["conv.weight"]["memory"]["v"])
+
+
 @pytest.mark.parametrize("kwargs,param", [
     (dict(density=0.0), "density"), (dict(density=1.5), "density"),
     (dict(density=float("nan")), "density"), (dict(beta=1.2), "beta"),
