@@ -138,6 +138,35 @@ def test_load_state_dict_rejects_foreign_and_mismatched_state():
         comp.load_state_dict(TopKCompression(Net(), density=0.01).state_dict())
 
 
+def test_two_compressors_stepping_together_submit_distinct_names():
+    """Two optimizers, each with its compressor (distinct parameter names, as Horovod's own
+    names must be), stepped after one backward: their bucket collectives must not share a name
+    (both were "hvd_rsgc.bucket0.s9": Horovod refuses a name in flight, or pairs them up)."""
+    torch.manual_seed(0)
+    models = {"g": Net(), "d": Net()}
+    names, opts = {}, []
+    for tag, m in models.items():
+        named = [(f"{tag}.{n}", p) for n, p in m.named_parameters()]
+        comp = RSDGCCompression(named, density=0.1, min_numel=0)
+        names[tag] = seen = []
+        local = comp.horovod.local
+        real = local.allgather_async
+
+        def record(t, name, key=None, _real=real, _seen=seen):
+            _seen.append(name)
+            return _real(t, name, key)
+        local.allgather_async = record
+        opts.append(hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                                             named_parameters=named, compression=comp))
+    x, y = batches(1)[0]
+    for o in opts:
+        o.zero_grad()
+    (F.cross_entropy(models["g"](x), y) + F.cross_entropy(models["d"](x), y)).backward()
+    for o in opts:
+        o.step()
+    assert names["g"] and names["d"] and not set(names["g"]) & set(names["d"]), names
+
+
 def test_load_state_dict_checks_buffers_in_a_fresh_process():
     """A fresh compressor (no step yet, so no buffer to compare with) loading a state of
     another configuration: the parameter and the buffers are named at load, not a KeyError or

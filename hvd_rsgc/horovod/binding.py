@@ -212,7 +212,10 @@ class HorovodBinding:
             self._buckets = []
             for b, members in enumerate(make_buckets(sparse, self.comp.bucket_bytes)):
                 codec = BucketCodec(self.method, [e.layer for e in members])
-                state = {"id": b, "codec": codec, "members": [e.name for e in members]}
+                # named by its first parameter, as Horovod names a tensor: two compressors
+                # (two optimizers) stepping together must not submit the same names
+                state = {"id": b, "codec": codec, "members": [e.name for e in members],
+                         "wire": f"hvd_rsgc.bucket.{members[0].name}"}
                 self._buckets.append(state)
                 for e in members:
                     self._bucket_by_name[e.name] = state
@@ -234,7 +237,7 @@ class HorovodBinding:
         flag = self._flag_tensor(True, tensor)
         if len(b["ctxs"]) == len(b["members"]):
             msgs = b["codec"].encode(b["grads"], b["ctxs"])
-            key = f"hvd_rsgc.bucket{b['id']}"
+            key = b["wire"]
             for name in b["members"]:
                 m_e, t = b["tensors"][name]
                 self.engine.record(m_e, flag.numel() * flag.element_size(), t,
@@ -275,6 +278,12 @@ class HorovodBinding:
                 self.transport.size, self.method, layers, self.engine.schedule.density))
         return self._rs_decided[1]
 
+    def _tag(self) -> str:
+        """This compressor's part of a collective's name: its first compressed parameter's
+        (unique among the optimizers of a job, as Horovod's own names must be)."""
+        rows = self.engine.table.compressed
+        return rows[0].name if rows else "none"
+
     def _run_reduce_scatter(self) -> None:
         """First decompress() of a step: every compress() of the step has run on every rank
         (stock synchronize()), so all ranks exchange the same tensors, in table order."""
@@ -282,7 +291,7 @@ class HorovodBinding:
         self._rs_pending = []
         items = [(c["entry"].layer, *c["pieces"]) for c in pending]
         sums, marks = self.comp.collective.exchange(self.method, items, self.transport,
-                                                    "hvd_rsgc.rs")
+                                                    f"hvd_rsgc.rs.{self._tag()}")
         self._rs_results = {c["name"]: (s, mk) for c, s, mk in zip(pending, sums, marks)}
 
     def _run_multi(self, step: int, device) -> None:
@@ -294,8 +303,9 @@ class HorovodBinding:
         self._multi_step = step
         self._multi_cache = {}
         bad = torch.full((1,), float(self.engine.local_nonfinite), device=device)
-        self._multi_skipped = float(self.transport.allreduce(bad, "hvd_rsgc.multi.nonfinite", "sum",
-                                                              key="hvd_rsgc.multi")) > 0
+        tag = self._tag()
+        self._multi_skipped = float(self.transport.allreduce(bad, f"hvd_rsgc.multi.nonfinite.{tag}",
+                                                              "sum", key=f"hvd_rsgc.multi.{tag}")) > 0
         if self._multi_skipped:
             return
         rows = self.engine.table.compressed
