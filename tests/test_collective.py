@@ -9,6 +9,7 @@
   at Horovod's alltoall / allgather, and ``reselect=None`` equal to the allgather path.
 """
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -86,10 +87,13 @@ def reference(items_by_rank, layers, budget_factor, bins_per_rank, score, size=P
         b = next(i for i, c in enumerate(cums) if c >= t)
         bounds.append(min(U, -(-(b + 1) * U // nb)))
     bounds.append(U)
-    budget = math.ceil(budget_factor * sum(st.k for st in layers) / size)
+    K = sum(st.k for st in layers)
     final = {}
     for j in range(size):
         rows = sorted(gr for gr in contrib if bounds[j] <= gr < bounds[j + 1])
+        # the owner's share of the budget follows its candidates (entries, duplicates counted)
+        cand = sum(len(contrib[gr]) for gr in rows)
+        budget = math.ceil(Fraction(budget_factor) * K * cand / tot) if tot else 0
         sums = {}
         for gr in rows:
             acc = torch.zeros(S)
@@ -191,6 +195,32 @@ def test_int8_values_with_nothing_to_send_neither_crash_nor_hang():
         assert any(res[0][0]["sums"][j].any() for j in range(len(shapes)))
         if bad is not None:
             assert res[bad][0]["items"][0][1].numel() == 0
+
+
+def test_owners_share_the_budget_by_their_candidates_when_they_cluster():
+    """Every rank's top units in the same few rows of one tensor: the histogram cannot split
+    one bin, so one owner's region holds every candidate and the others none. With a budget of
+    K / P per owner the update shrank to K / P units; shared by candidates, it keeps K."""
+    shape = (4096,)
+
+    def rank_main(r, tr):
+        m = topk_method()
+        st = make_layer(m, shape, 16 / 4096, name="t0", index=0)
+        g = torch.zeros(shape)
+        g[:16] = torch.arange(1, 17, dtype=torch.float32) * (1 + r)   # the same 16 rows everywhere
+        g[16:] = 1e-3 * torch.randn(4080, generator=torch.Generator().manual_seed(r))
+        rows, vals = m.pick(st, g)
+        coll = SparseCollective("reduce_scatter", 1.0, bins_per_rank=8)
+        sums, marks = coll.exchange(m, [(st, rows, vals)], tr, "rs")
+        return {"rows": rows.tolist(), "sum": sums[0], "stats": dict(coll.last)}
+    res = list(run_threads(P, rank_main).values())
+    assert all(sorted(r["rows"]) == list(range(16)) for r in res)
+    for r in res:
+        assert torch.equal(r["sum"], res[0]["sum"])
+        assert r["stats"]["final_units"] == 16, r["stats"]
+    want = torch.zeros(shape)
+    want[:16] = torch.arange(1, 17, dtype=torch.float32) * sum(1 + r for r in range(P))
+    assert torch.allclose(res[0]["sum"], want)
 
 
 def test_reselect_none_equals_the_allgather_path():

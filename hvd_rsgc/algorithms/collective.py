@@ -12,8 +12,11 @@ bucket; tensors with different unit sizes form separate groups):
    same on every rank -- balanced from this step's own index statistics, so no state is kept;
 3. **alltoall**: each rank sends the units falling in region j to rank j (its owner);
 4. the owner sums what it received (duplicates add) and **re-selects** its share of the
-   step's budget, ``ceil(reselect * K / P)`` units (K: units per step over the group), by the
-   method's own unit score (|v| for element methods, the NSI for RS-DGC);
+   step's budget, ``ceil(reselect * K * c_j / C)`` units (K: units per step over the group;
+   ``c_j`` of the ``C`` candidates fall in its region, from the same histogram: ``K / P`` when
+   the regions are balanced, and no loss of budget where candidates cluster in a bin, which
+   leaves other regions empty), by the method's own unit score (|v| for element methods, the
+   NSI for RS-DGC);
    ``reselect=None`` keeps every unit (the result is then exactly the allgather path's sum);
 5. **allgather** of the owners' re-selected units: every rank gets the same (rows, values).
 
@@ -24,6 +27,7 @@ only once the caller knows the tensor's step is finite (:meth:`Marks.apply`).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -197,6 +201,14 @@ class _Group:
             inner = torch.div((b + 1) * U + nb - 1, nb, rounding_mode="floor").clamp_(max=U)
         self.bounds = torch.cat([torch.zeros(1, dtype=torch.int64), inner,
                                  torch.tensor([U], dtype=torch.int64)])
+        # this owner's candidates: the histogram's bins inside its region (the inner bounds
+        # are bin edges); its share of the budget follows them
+        if tot == 0:
+            self.share = (0, 1)
+        else:
+            edges = torch.div(self.bounds * nb, U, rounding_mode="floor").clamp_(max=nb)
+            upto = torch.cat([torch.zeros(1, dtype=torch.int64), cum.cpu()])[edges]
+            self.share = (int(upto[self.me + 1] - upto[self.me]), tot)
         cuts = torch.searchsorted(self.rows, self.bounds.to(self.rows.device))
         self.splits = [int(x) for x in torch.diff(cuts).cpu()]
         self.outgoing = pack_sparse(self.wire, self.rows, self.index_dtype)
@@ -214,8 +226,9 @@ class _Group:
         if rows.numel():
             add_in_order(sums, inv, vals.float())     # CUDA: not atomics (run-to-run bits)
         self.stats["owner_units"] = int(uniq.numel())
+        mine, tot = self.share
         keep = uniq.numel() if self.coll.reselect is None else \
-            min(uniq.numel(), math.ceil(self.coll.reselect * self.budget / self.P))
+            min(uniq.numel(), math.ceil(Fraction(self.coll.reselect) * self.budget * mine / tot))
         if keep < uniq.numel():
             counts = self.coll.valid_counts(self.layers, received.device)
             scores = self.method.unit_scores(sums, None if counts is None else counts[uniq])
