@@ -542,3 +542,9 @@ def test_bucket_decode_equals_per_tensor_scatter_for_any_message(kernels, method
     if kernels == "native":
         with pytest.raises(ValueError, match="does not fit"):
             codec.decode_into(msgs, torch.zeros(10), offsets)
+        # a layer of the last group out of place: refused before any group is written
+        last = codec.groups[-1].layers[-1].name
+        base = torch.full((o + 2,), 7.0)
+        with pytest.raises(ValueError, match=f"'{last}' .*does not fit"):
+            codec.decode_into(msgs, base, {**offsets, last: o + 1})
+        assert (base == 7.0).all()

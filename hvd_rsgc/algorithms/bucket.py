@@ -209,13 +209,15 @@ class BucketCodec:
         if not (self.native and base.device.type == "cpu" and base.dtype == torch.float32
                 and base.dim() == 1 and base.is_contiguous()):
             return False
-        self.flagged = set()
-        for g, msg in zip(self.groups, gathered):
-            offs = [int(offsets[st.name]) for st in g.layers]
+        all_offs = [[int(offsets[st.name]) for st in g.layers] for g in self.groups]
+        for g, offs in zip(self.groups, all_offs):        # every group's, before any write
             for st, o in zip(g.layers, offs):
                 if o < 0 or o + st.layout.numel > base.numel():
                     raise ValueError(f"decode_into: layer '{st.name}' at {o} does not fit a "
                                      f"buffer of {base.numel()} elements")
+        self.flagged = set()
+        for g, msg, offs in zip(self.groups, gathered, all_offs):
+            for st, o in zip(g.layers, offs):
                 native.zero(base[o:o + st.layout.numel])
             vals, rows = self._received(g, msg)
             if rows.numel():
