@@ -138,6 +138,26 @@ def test_load_state_dict_rejects_foreign_and_mismatched_state():
         comp.load_state_dict(TopKCompression(Net(), density=0.01).state_dict())
 
 
+def test_elastic_size_1_compresses_each_gradient_once(monkeypatch):
+    """HOROVOD_ELASTIC=1 makes Horovod register its hooks at size 1 too: they compress every
+    gradient, so comp.synchronize(opt) must hand over to opt.synchronize() (it ran the local
+    pass as well: every gradient went into the residual twice)."""
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")
+    torch.manual_seed(0)
+    a = Net()
+    comp = RSDGCCompression(a, density=0.1, min_numel=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(a.parameters(), lr=0.1),
+                                   named_parameters=a.named_parameters(), compression=comp)
+    for x, y in batches(2):
+        opt.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        comp.synchronize(opt)
+        with opt.skip_synchronize():
+            opt.step()
+    assert {e.name: e.layer.step for e in comp.engine.table} == \
+        {n: 2 for n, _ in a.named_parameters()}
+
+
 def test_two_compressors_stepping_together_submit_distinct_names():
     """Two optimizers, each with its compressor (distinct parameter names, as Horovod's own
     names must be), stepped after one backward: their bucket collectives must not share a name

@@ -43,6 +43,8 @@ correction would silently vanish: the compressor's ``torch.optim`` step pre-hook
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..algorithms.memory import all_finite
@@ -199,6 +201,8 @@ class HorovodBinding:
         for b in self._buckets or []:
             b.pop("step", None)
         self._local_done.clear()
+        self._multi_cache, self._multi_step, self._multi_skipped = {}, -1, False
+        self._rs_pending, self._rs_results, self._rs_decided = [], {}, (-1, False)
 
     def _buckets_by_name(self) -> dict:
         """Bucket state by parameter name, built on first use (parameters outside any bucket
@@ -354,9 +358,10 @@ class HorovodBinding:
 
     @staticmethod
     def _hooks_absent() -> bool:
-        """Horovod registers no hooks at size 1 (non-elastic): the compressor never runs."""
+        """Horovod registers no hooks at size 1 unless the run is elastic (its own condition:
+        ``size() > 1 or HOROVOD_ELASTIC == '1'``): the compressor would never run."""
         try:
-            return hvd().size() == 1
+            return hvd().size() == 1 and os.environ.get("HOROVOD_ELASTIC") != "1"
         except Exception:      # noqa: BLE001 - not initialised
             return False
 
