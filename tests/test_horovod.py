@@ -185,6 +185,8 @@ def test_np2_skip_policy_skips_the_step_on_every_rank_and_training_goes_on(tmp_p
                 assert x["kept"] is True and x["rounds"] == 5, (kind, x)
         # defect 1: a finite fp16 gradient whose fp16 sum overflows is no "non-finite gradient"
         assert r["fp16big"] == {"error": None, "params_finite": True}, r["fp16big"]
+        # Random-k's fp16 values, each in range, summed past it: saturated at 65504 / P per rank
+        assert r["fp16big_randomk"] == {"error": None, "params_finite": True}, r["fp16big_randomk"]
 
 
 def test_np2_sparse_gradient_is_refused_clearly_on_every_rank(tmp_path):

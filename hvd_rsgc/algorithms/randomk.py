@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, scatter_sum, to_wire
+from .base import FP16_MAX, Method, scatter_sum, to_wire
 from .select import random_indices, splitmix_seed
 
 
@@ -33,7 +33,12 @@ class RandomK(Method):
         if not self.memory.error_feedback:
             values = values * (layer.numel / layer.k)
         # to_wire saturates fp16 at 65504 (the n/k scaling reaches it soon); what is cut off
-        # stays in the error-feedback residual, never an inf on the wire or in it
+        # stays in the error-feedback residual, never an inf on the wire or in it. The values
+        # are allreduced, summed in fp16 over ``size`` ranks: each rank's saturates at
+        # 65504 / size, so the sum cannot overflow either
+        size = max(1, int(ctx.get("size", 1)))
+        if self.value_dtype == torch.float16 and size > 1:
+            values = values.clamp(-FP16_MAX / size, FP16_MAX / size)
         wire, sent = to_wire(values, self.value_dtype)
         self.memory.mark_sent(layer.memory, rows, sent, layer.layout)
         ctx["rows"] = rows

@@ -97,7 +97,8 @@ class DDPBinding:
                     m.accumulate(e.layer, gc)
                 eng.record(e, fb, g)
                 continue
-            ctx = {"rank": self.transport.rank}      # per-rank random draws (TernGrad, natural)
+            # per-rank random draws (TernGrad, natural); the world (an allreduced fp16 sum)
+            ctx = {"rank": self.transport.rank, "size": n}
             if fused:
                 fz_grads[e.name] = gc
                 fz_ctxs[e.name] = ctx

@@ -117,6 +117,7 @@ class HorovodBinding:
         if bucket is not None:
             return self._fused_compress(bucket, e, g, tensor, ctx)
         if finite:
+            ctx["size"] = self.transport.size      # an allreduced fp16 message fits its sum
             msg = m.encode(e.layer, g, ctx)
         else:
             msg = m.empty_message(e.layer, tensor.device)

@@ -311,13 +311,18 @@ def nonfinite_skip(kind):
             "rounds": comp.method.step if multi else None}
 
 
-def fp16_large_gradients():
-    """Finite fp16 gradients whose fp16 sum overflows (4.0 x 100,000 elements): no alarm."""
+def fp16_large_gradients(kind="fp16"):
+    """Finite fp16 gradients whose fp16 sum overflows (4.0 x 100,000 elements): no alarm.
+    ``randomk``: fp16 values scaled by n/k = 1000 without error feedback, 40000 per rank, which
+    fit fp16 but whose sum over the ranks does not."""
     model = torch.nn.Linear(1000, 100)
-    comp = hvd_rsgc.FP16Compression(model)
+    if kind == "randomk":
+        comp = hvd_rsgc.RandomKCompression(model, density=0.001, fp16_values=True, error_feedback=False)
+    else:
+        comp = hvd_rsgc.FP16Compression(model)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                    named_parameters=model.named_parameters(), compression=comp)
-    model(torch.ones(4, 1000)).sum().backward()
+    model(torch.ones(4 if kind == "fp16" else 40, 1000)).sum().backward()
     try:
         opt.step()
         return {"error": None, "params_finite": bool(torch.isfinite(flat_params(model)).all())}
@@ -435,6 +440,7 @@ def main():
         res["sparse_as_dense"] = sparse_as_dense()
     if "fp16big" in scen:
         res["fp16big"] = fp16_large_gradients()
+        res["fp16big_randomk"] = fp16_large_gradients("randomk")
     if "nonfinite" in scen:           # last: leaves the optimizer mid-step
         res["nonfinite"] = nonfinite()
     if "sparse" in scen:              # alone: leaves the optimizer mid-step
