@@ -169,8 +169,25 @@ def test_read_only_directory_is_named(tmp_path):
         ckpt.atomic_save({"x": 1}, str(ro / "a.pt"))
 
 
-def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path):
+def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path, monkeypatch):
+    """metrics.jsonl / .csv keep the epochs up to the checkpoint; TensorBoard's writer purges
+    the later ones (a stand-in module records what the real one would be asked)."""
+    import types
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.purge_step, self.scalars = purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, k, v, step):
+            self.scalars.append((k, step))
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     rep = Reporter(str(tmp_path), 0, quiet=True, progress=False)
+    rep.truncate(0)                                   # what a new run does first
     for e in (1, 2, 3):
         rep.epoch({"epoch": e, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
                    "top1": 0.5, "oa": 0.5, "aa": float("nan"), "kappa": 0.1, "bytes_per_worker": 1,
@@ -185,6 +202,8 @@ def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["aa"] is None   # NaN written as null
     csv_rows = open(tmp_path / "metrics.csv").read().split()
     assert len(csv_rows) == 3 and csv_rows[1].startswith("1,") and csv_rows[2].startswith("2,")
+    assert [w.purge_step for w in writers] == [1, 2]
+    assert {s for _, s in writers[1].scalars} == {2}
 
 
 def test_json_safe_turns_nan_into_null():

@@ -36,13 +36,18 @@ class Reporter:
         self.active = rank == 0
         self.quiet = quiet or not self.active
         self.progress = progress and self.active and not quiet
-        self.tb = _tensorboard(run_dir) if self.active else None
+        self.tb = None                  # opened by truncate(), which knows where the run goes on
 
     def truncate(self, last_epoch: int) -> None:
         """Drop logged rows after ``last_epoch`` (1-based), e.g. when resuming from an older
-        checkpoint than the last logged epoch."""
+        checkpoint than the last logged epoch, or all of them for a new run in a directory
+        that has some; TensorBoard's events too (``purge_step``: a resumed run's superseded
+        epochs, or an earlier run's curves, are not shown beside this one's)."""
         if not self.active:
             return
+        if self.tb:
+            self.tb.close()
+        self.tb = _tensorboard(self.run_dir, purge_step=last_epoch + 1)
         jl = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(jl):
             with open(jl) as f:
@@ -142,10 +147,10 @@ def _print_summary(s, flat, classes, last):
         print(f"plot               {p}")
 
 
-def _tensorboard(run_dir):
+def _tensorboard(run_dir, purge_step=None):
     try:
         from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(os.path.join(run_dir, "tb"))
+        return SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
     except Exception:      # noqa: BLE001 - tensorboard not installed
         return None
 
