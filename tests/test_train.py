@@ -243,6 +243,13 @@ def test_data_reader_errors(tmp_path):
         warnings.simplefilter("always")
         tr, va, classes = build_datasets(*_cfg(data_root=str(root), train_ratio=0.6))
     assert any("skipped 1 unreadable" in str(x.message) for x in w)
+    assert tr.skipped == [str(root / "c" / "broken.jpg")]          # counted in summary.json too
+    from hvd_rsgc.app.report import Reporter
+    os.makedirs(tmp_path / "rep")
+    s = Reporter(str(tmp_path / "rep"), 0, quiet=True, progress=False).finish(
+        [], ["a", "b", "c"], {"compression": "none", "algorithm": "horovod", "model": "m",
+                              "dataset": "folder"}, tr.skipped)
+    assert s["skipped_images"] == 1 and s["skipped_image_files"] == tr.skipped
     assert classes == ["a", "b", "c"]
     assert len(tr) + len(va) == 11
     x, y = tr[0]

@@ -103,7 +103,7 @@ class Reporter:
                   f"kappa {rec['kappa']:.4f}  sent {rec['bytes_per_worker'] / 2**20:.2f} "
                   f"MiB/worker ({ratio})  {rec['seconds']:.1f}s{cons}{skipped}", flush=True)
 
-    def finish(self, history: list, classes: list, flat: dict) -> dict:
+    def finish(self, history: list, classes: list, flat: dict, skipped_images=()) -> dict:
         last = history[-1] if history else {}
         best = max(history, key=lambda r: r["top1"]) if history else {}
         summary = {"run_dir": self.run_dir, "compression": flat["compression"],
@@ -115,7 +115,9 @@ class Reporter:
                    "dense_bytes_per_worker": sum(r["dense_bytes_per_worker"] for r in history),
                    "seconds": sum(r["seconds"] for r in history),
                    "torch_threads": torch.get_num_threads(),
-                   "classes": classes, "per_class": last.get("per_class")}
+                   "classes": classes, "per_class": last.get("per_class"),
+                   "skipped_images": len(skipped_images),
+                   "skipped_image_files": list(skipped_images)[:20]}
         b = summary["bytes_per_worker"]
         summary["compression_ratio"] = summary["dense_bytes_per_worker"] / b if b else None
         if not self.active:

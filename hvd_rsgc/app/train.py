@@ -356,7 +356,8 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         hvd.barrier()
     # + this process's place in the run's group (compare writes its results from rank 0
     # without asking a group that may be down by then)
-    return {**report.finish(history, classes, flat), "rank": rank, "world_size": world}
+    return {**report.finish(history, classes, flat, getattr(train_ds, "skipped", ())),
+            "rank": rank, "world_size": world}
 
 
 def main(argv=None):

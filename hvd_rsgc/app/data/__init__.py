@@ -54,8 +54,9 @@ def build_datasets(cfg, seed: int):
     # decoded images are kept in memory for small sets read in the main process; with loader
     # workers each worker would fill (and lose) its own copy
     cache = len(scan.samples) * size * size * 3 < 512 * 2**20 and not cfg.workers
-    return (SceneFolder(train, scan.classes, size, cache), SceneFolder(val, scan.classes, size, cache),
-            scan.classes)
+    train_ds = SceneFolder(train, scan.classes, size, cache)
+    train_ds.skipped = list(scan.skipped)          # unreadable images: in the run's summary
+    return train_ds, SceneFolder(val, scan.classes, size, cache), scan.classes
 
 
 __all__ = ["build_datasets", "SceneFolder", "SyntheticScenes", "scan_folder", "ratio_split",
