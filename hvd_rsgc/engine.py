@@ -156,7 +156,11 @@ class ParamTable:
         sparse = [e for e in order if e.param.grad is not None and e.param.grad.is_sparse
                   and e.param.grad.shape == tensor.shape and not tensor.is_sparse]
         if len(sparse) > 1:
-            sparse = [e for e in sparse if torch.equal(e.param.grad.to_dense(), tensor)] or sparse[:1]
+            same = [e for e in sparse if torch.equal(e.param.grad.to_dense(), tensor)] or sparse
+            # equal values (two unused embeddings: zeros): the one not yet begun this step
+            # (begin() advances a layer's step), so no entry is claimed twice
+            low = min(e.layer.step for e in same)
+            sparse = [e for e in same if e.layer.step == low]
         if sparse:
             return sparse[0]
         for e in order:

@@ -158,6 +158,29 @@ def test_elastic_size_1_compresses_each_gradient_once(monkeypatch):
         {n: 2 for n, _ in a.named_parameters()}
 
 
+def test_sparse_as_dense_tells_equal_gradients_of_same_shape_apart():
+    """sparse_as_dense=True hands compress() p.grad.to_dense(), a new tensor, matched to its
+    parameter by shape and value: two same-shape embeddings both unused in a step (zeroed
+    sparse gradients, equal) were both matched to the first, which then ran twice."""
+    torch.manual_seed(0)
+    e1, e2, fc = nn.Embedding(50, 8, sparse=True), nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3)
+    model = nn.ModuleDict({"e1": e1, "e2": e2, "fc": fc})
+    comp = DGCCompression(model, density=0.1, min_numel=100)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), compression=comp,
+                                   sparse_as_dense=True)
+    idx = torch.randint(0, 50, (4,))
+    for use in (True, False, False):
+        for p in model.parameters():                # zero_grad(set_to_none=False)
+            if p.grad is not None:
+                p.grad.zero_()
+        h = e1(idx) + e2(idx) if use else torch.randn(4, 8)
+        F.cross_entropy(fc(h), torch.zeros(4, dtype=torch.long)).backward()
+        opt.step()
+    steps = {e.name: e.layer.step for e in comp.engine.table}
+    assert steps["e1.weight"] == steps["e2.weight"] == 3, steps
+
+
 def test_two_compressors_stepping_together_submit_distinct_names():
     """Two optimizers, each with its compressor (distinct parameter names, as Horovod's own
     names must be), stepped after one backward: their bucket collectives must not share a name
