@@ -202,6 +202,18 @@ def test_split_files_with_file_names_repeated_across_classes(tmp_path):
         build_datasets(*cfg)
 
 
+def test_ratio_split_is_stratified_and_a_class_of_one_image_trains():
+    from hvd_rsgc.app.data import ratio_split
+    samples = [(f"a{i}", 0) for i in range(10)] + [(f"b{i}", 1) for i in range(2)] + [("c0", 2)]
+    tr, va = ratio_split(samples, 0.8, seed=3)
+    by = lambda part, y: sorted(p for p, c in part if c == y)      # noqa: E731
+    assert len(by(tr, 0)) == 8 and len(by(va, 0)) == 2               # ceil(0.8 * 10)
+    assert len(by(tr, 1)) == 1 and len(by(va, 1)) == 1               # at least one each side
+    assert by(tr, 2) == ["c0"] and by(va, 2) == []                   # was all to validation
+    assert ratio_split(samples, 0.8, seed=3) == (tr, va)             # seeded
+    assert not {p for p, _ in tr} & {p for p, _ in va}
+
+
 def test_16_bit_images_are_refused_by_name_not_clipped(tmp_path):
     """A 16-bit GeoTIFF-like image: convert("RGB") would clip it (uint16 reflectances mostly
     became 255); the scan names the file and its mode instead."""

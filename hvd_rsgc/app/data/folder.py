@@ -131,7 +131,9 @@ def apply_split(samples, names: list[str], what: str):
 
 
 def ratio_split(samples, train_ratio: float, seed: int):
-    """Stratified: per class a seeded shuffle, the first ceil(ratio*n) to train."""
+    """Stratified: per class a seeded shuffle, the first ceil(ratio*n) to train, and at least
+    one image each to train and to validation (a class of one image: to train, where the
+    model can learn it)."""
     if not 0.0 < train_ratio < 1.0:
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
     by_class: dict[int, list] = {}
@@ -142,7 +144,7 @@ def ratio_split(samples, train_ratio: float, seed: int):
     for y in sorted(by_class):
         items = by_class[y]
         perm = torch.randperm(len(items), generator=g).tolist()
-        cut = min(len(items) - 1, max(1, math.ceil(train_ratio * len(items))))
+        cut = 1 if len(items) == 1 else min(len(items) - 1, max(1, math.ceil(train_ratio * len(items))))
         train += [items[i] for i in perm[:cut]]
         val += [items[i] for i in perm[cut:]]
     return train, val
