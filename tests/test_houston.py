@@ -105,6 +105,7 @@ def test_band_first_mat_npy_and_v73(tmp_path):
     ("missing", "houston_lidar: .* is not a file"),
     ("ext", "houston_hsi: .* is not a .mat"),
     ("nan", "NaN"),
+    ("unlabelled", "houston_test: the test label map labels no pixel"),
 ])
 def test_bad_input_names_the_parameter(tmp_path, case, match):
     hsi, lidar, tr, te = scene(20, 30, 12)
@@ -121,6 +122,8 @@ def test_bad_input_names_the_parameter(tmp_path, case, match):
         te[tr > 0] = 1
     if case == "nan":
         lidar[3, 3] = np.nan
+    if case == "unlabelled":
+        te = np.zeros_like(te)
     p = write(tmp_path, hsi, lidar, tr, te, "npy")
     if case == "missing":
         p["lidar"] = str(tmp_path / "nope.mat")

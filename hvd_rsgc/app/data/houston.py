@@ -88,6 +88,9 @@ def load_scene(hsi_path, lidar_path, train_path, test_path, bands: int = BANDS,
         if lo < 0 or hi > num_classes:
             raise ValueError(f"{param}: label values must be in 0..{num_classes} (0 = unlabelled), "
                              f"found {lo if lo < 0 else hi}")
+        if hi == 0:
+            raise ValueError(f"{param}: the {what} label map labels no pixel (all 0 = unlabelled): "
+                             "the wrong file?")
         maps.append(torch.from_numpy(lab.astype(np.int64)))
     if bool(((maps[0] > 0) & (maps[1] > 0)).any()):
         raise ValueError("houston_train and houston_test label the same pixel(s): the split must be disjoint")
