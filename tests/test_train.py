@@ -626,6 +626,64 @@ def test_bench_tta_int8_method_trains_rsdgc_with_int8_values_and_its_warmup():
         bench_tta.parse_args(["--methods", "rsdgc-int4"])
 
 
+class _FakeCluster:
+    """Runs a stand-in for the training job on this machine, with the training's argv shape
+    (``--out_dir <parent> --run_name <name>``): it writes one epoch a second to metrics.jsonl
+    (top-1 0.3, 0.6, 0.9, ...) and a child process that outlives it, as Gloo's remote ranks
+    outlive horovodrun."""
+    SCRIPT = ("import json, os, subprocess, sys, time\n"
+              "out = os.path.join(sys.argv[2], sys.argv[4])\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', *sys.argv[1:]])\n"
+              "for e in range(1, 20):\n"
+              "    time.sleep(1)\n"
+              "    with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:\n"
+              "        f.write(json.dumps({'epoch': e, 'top1': min(1.0, 0.3 * e), 'seconds': 1.0,\n"
+              "                            'bytes_per_worker': 1, 'dense_bytes_per_worker': 2}) + '\\n')\n")
+
+    def hosts(self, first, n):
+        return ",".join(f"node{i}:1" for i in range(first, first + n))
+
+    def popen(self, node, cmd, env=None, cwd=None, **kw):
+        i = cmd.index("--out_dir")
+        return subprocess.Popen([sys.executable, "-c", self.SCRIPT, *cmd[i:i + 4]], cwd=cwd,
+                                start_new_session=True, **kw)
+
+
+def test_bench_tta_stops_every_process_of_a_run_and_checks_its_options(tmp_path, monkeypatch):
+    """A run stopped at its target leaves no process behind (the training's argv names its
+    directory as --out_dir + --run_name, which the search for leftovers missed); so does a run
+    interrupted (Ctrl-C); the record keeps the settings, so --skip_done reuses only a run of the
+    same settings; a bad --target is refused up front (it used to fail at the end, with the
+    report unwritten); a link without its dense run is reported as failed, not a crash."""
+    from hvd_rsgc.app import bench_tta
+    with pytest.raises(SystemExit):
+        bench_tta.parse_args(["--target", "dense_final"])
+    with pytest.raises(SystemExit):
+        bench_tta.parse_args(["--target", "1.5"])
+    args = bench_tta.parse_args(["--methods", "rsdgc", "--links", "100mbit", "--target", "0.85"])
+    run_dir = str(tmp_path / "100mbit" / "rsdgc")
+    rec = bench_tta.launch(_FakeCluster(), args, "100mbit", "rsdgc", run_dir, target=0.85)
+    assert rec["stopped"] == "target reached" and [e["top1"] for e in rec["epochs"]][-1] >= 0.85
+    assert rec["overrides"] == bench_tta.train_overrides(args, "rsdgc") and rec["nodes"] == 4
+    time.sleep(0.5)
+    assert bench_tta._run_pids(run_dir) == []
+    calls = []
+
+    def interrupt(_):
+        calls.append(1)
+        if len(calls) > 8:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(bench_tta.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        bench_tta.launch(_FakeCluster(), args, "100mbit", "rsdgc", run_dir)
+    monkeypatch.undo()
+    time.sleep(0.5)
+    assert bench_tta._run_pids(run_dir) == []
+    missing = []
+    assert bench_tta.analyse({"100mbit": {"rsdgc": rec}}, "dense-final", missing=missing) == {}
+    assert "100mbit: no report" in missing[0]
+
+
 def test_bench_tta_runs_are_deterministic_unless_told_otherwise():
     """``bench tta`` trains every method with ``--deterministic true`` (fixed allreduce groups,
     so a seed's dense target repeats run to run); ``--deterministic false`` gives Horovod's own

@@ -95,6 +95,18 @@ def parse_args(argv):
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; known: {sorted(METHODS)}")
+    if args.target not in ("dense-final", "dense-best"):
+        try:
+            ok = 0.0 <= float(args.target) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            ap.error(f"--target: dense-final, dense-best or an accuracy in [0, 1], got {args.target!r}")
+    for name in ("nodes", "epochs", "epochs_sparse", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.links or not args.methods:
+        ap.error("--links and --methods need at least one entry each")
     return args
 
 
@@ -125,16 +137,22 @@ def train_overrides(args, method):
 
 
 def _run_pids(run_dir):
-    """Processes (in any node) whose command line names this run directory."""
+    """Processes (in any node: the nodes share this PID namespace) of this run: their command
+    line has ``--out_dir <parent> --run_name <name>`` (the training's argv; the whole path
+    appears in none of them) or the run directory itself."""
+    whole = run_dir.encode()
+    parent = b"\0" + os.path.dirname(run_dir).encode() + b"\0"
+    name = b"--run_name\0" + os.path.basename(run_dir).encode() + b"\0"
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != os.getpid():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if run_dir.encode() in f.read():
-                        pids.append(int(d))
+                    argv = f.read()
             except OSError:
-                pass
+                continue
+            if whole in argv or (name in argv and parent in argv):
+                pids.append(int(d))
     return pids
 
 
@@ -158,6 +176,38 @@ def stop_run(proc, run_dir, grace=20.0):
         if proc.poll() is not None and not _run_pids(run_dir):
             return
     proc.wait()
+
+
+def _follow(proc, args, run_dir, metrics, t0, target, budget):
+    """Poll a run's metrics until it ends, reaches ``target``, spends ``budget`` or times out;
+    -> (rc, why it was stopped or None, wall time of each epoch)."""
+    walls, seen, train_s, stopped = [], 0, 0.0, None
+    while True:
+        rc = proc.poll()
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                lines = f.read().splitlines()
+            while seen < len(lines) and lines[seen].endswith("}"):
+                walls.append(time.time() - t0)
+                rec = json.loads(lines[seen])
+                train_s += rec["seconds"]
+                print(f"[tta]   epoch {rec['epoch']:3d}  top-1 {rec['top1']:.3f}  "
+                      f"{rec['seconds']:7.1f} s  wall {walls[-1]:7.1f} s", flush=True)
+                seen += 1
+                if rc is None and target is not None and rec["top1"] >= target - 1e-9:
+                    stopped = "target reached"
+                elif rc is None and budget is not None and train_s > budget:
+                    stopped = "budget spent"
+        if rc is not None:
+            return rc, stopped, walls
+        if stopped:
+            print(f"[tta]   stopping the run: {stopped}", flush=True)
+            stop_run(proc, run_dir)
+            return 0, stopped, walls
+        if time.time() - t0 > args.timeout:
+            stop_run(proc, run_dir)
+            return "timeout", stopped, walls
+        time.sleep(0.25)
 
 
 def launch(cluster, args, link, method, run_dir, target=None, budget=None):
@@ -186,39 +236,14 @@ def launch(cluster, args, link, method, run_dir, target=None, budget=None):
           + (f"; stop at top-1 {target:.3f}" if target is not None else "")
           + (f" or after {budget:.0f} s of training" if budget is not None else "") + ")", flush=True)
     load0 = os.getloadavg()
-    stopped = None
     with open(log_path, "w") as log:
         t0 = time.time()
         proc = cluster.popen("node1", cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        walls, seen, train_s = [], 0, 0.0
-        while True:
-            rc = proc.poll()
-            if os.path.exists(metrics):
-                with open(metrics) as f:
-                    lines = f.read().splitlines()
-                while seen < len(lines) and lines[seen].endswith("}"):
-                    walls.append(time.time() - t0)
-                    rec = json.loads(lines[seen])
-                    train_s += rec["seconds"]
-                    print(f"[tta]   epoch {rec['epoch']:3d}  top-1 {rec['top1']:.3f}  "
-                          f"{rec['seconds']:7.1f} s  wall {walls[-1]:7.1f} s", flush=True)
-                    seen += 1
-                    if rc is None and target is not None and rec["top1"] >= target - 1e-9:
-                        stopped = "target reached"
-                    elif rc is None and budget is not None and train_s > budget:
-                        stopped = "budget spent"
-            if rc is not None:
-                break
-            if stopped:
-                print(f"[tta]   stopping the run: {stopped}", flush=True)
-                stop_run(proc, run_dir)
-                rc = 0
-                break
-            if time.time() - t0 > args.timeout:
-                stop_run(proc, run_dir)
-                rc = "timeout"
-                break
-            time.sleep(0.25)
+        try:
+            rc, stopped, walls = _follow(proc, args, run_dir, metrics, t0, target, budget)
+        except BaseException:                 # Ctrl-C (the run is in its own session), a bug
+            stop_run(proc, run_dir)
+            raise
         total = time.time() - t0
     if rc != 0:
         tail = open(log_path, errors="replace").read()[-3000:]
@@ -227,6 +252,7 @@ def launch(cluster, args, link, method, run_dir, target=None, budget=None):
     walls += [total] * (len(recs) - len(walls))   # lines written in the last poll interval
     out = {"method": method, "label": label, "link": link, "run_dir": run_dir, "total_wall_s": total,
            "schedule_epochs": epochs_of(args, method), "stopped": stopped,
+           "nodes": args.nodes, "overrides": train_overrides(args, method),
            "loadavg_before": load0, "loadavg_after": os.getloadavg(),
            "epochs": [{"epoch": r["epoch"], "top1": r["top1"], "seconds": r["seconds"],
                        "bytes_per_worker": r["bytes_per_worker"],
@@ -248,12 +274,18 @@ def time_to(run, target, key):
     return None
 
 
-def analyse(results, target_spec):
-    """results: {link: {method: run}} -> {link: {"target": t, "rows": {method: row}}}"""
+def analyse(results, target_spec, missing=None):
+    """results: {link: {method: run}} -> {link: {"target": t, "rows": {method: row}}}.
+    ``missing``: a list that collects the links left out for want of the dense run the target
+    needs (else that is an error)."""
     report = {}
     for link, runs in results.items():
         if target_spec in ("dense-final", "dense-best"):
             if "none" not in runs:
+                if missing is not None:
+                    missing.append(f"{link}: no report (target {target_spec} needs the dense run, "
+                                   "which did not finish)")
+                    continue
                 raise ValueError(f"target {target_spec} needs the dense run ('none') on {link}")
             accs = [e["top1"] for e in runs["none"]["epochs"]]
             target = accs[-1] if target_spec == "dense-final" else max(accs)
@@ -384,9 +416,17 @@ def main(argv=None):
                 run_dir = os.path.join(out, link, m)
                 done = os.path.join(run_dir, "tta_run.json")
                 if args.report or (args.skip_done and os.path.exists(done)):
-                    if os.path.exists(done):
-                        results[link][m] = json.load(open(done))
-                    continue
+                    kept = json.load(open(done)) if os.path.exists(done) else None
+                    same = kept is not None and kept.get("overrides") == train_overrides(args, m) \
+                        and kept.get("nodes") == args.nodes
+                    if kept is not None and (same or args.report):
+                        results[link][m] = kept
+                        continue
+                    if args.report:
+                        continue
+                    if kept is not None:                     # another seed, model, ...: not reused
+                        print(f"[tta] {link} {m}: the run in {run_dir} had other settings; "
+                              "running it again", flush=True)
                 target = budget = None
                 if not args.no_stop and m != "none":
                     try:
@@ -407,8 +447,10 @@ def main(argv=None):
     finally:
         if cluster is not None and not args.keep and not args.reuse:
             cluster.down(check=False)
-    report = analyse({k: v for k, v in results.items() if v}, args.target)
-    md = markdown(report, desc + f" Benchmark wall time {time.time() - t_all:.0f} s."
+    report = analyse({k: v for k, v in results.items() if v}, args.target, missing=failed)
+    if args.report and os.path.exists(os.path.join(out, "tta.json")):   # the runs' own setup
+        desc = json.load(open(os.path.join(out, "tta.json"))).get("description", desc)
+    md = markdown(report, desc + ("" if args.report else f" Benchmark wall time {time.time() - t_all:.0f} s.")
                   + "".join(f"\n\nFAILED: {f}" for f in failed))
     with open(os.path.join(out, "tta.json"), "w") as f:
         json.dump({"config": vars(args), "description": desc, "report": report, "runs": results}, f, indent=1)
