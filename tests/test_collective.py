@@ -366,6 +366,33 @@ def test_bench_collective_bytes_follow_the_formulas(tmp_path):
     assert (tmp_path / "collective.md").exists()
 
 
+def test_bench_collective_leaves_a_cluster_it_did_not_start_up():
+    """``bench collective --cluster`` on a cluster that is already up (scripts/cluster.sh up,
+    or bench tta --keep) uses it and leaves it up; it took it down at the end."""
+    from hvd_rsgc.app.bench_collective import use_cluster
+
+    class Fake:
+        def __init__(self, up, n):
+            self.up_, self.n, self.calls = up, n, []
+
+        def is_up(self):
+            return self.up_
+
+        def size(self):
+            return self.n
+
+        def shape(self, which, bw):
+            self.calls.append(("shape", bw))
+
+        def up(self, n, bw, extra=()):
+            self.calls.append(("up", n))
+    big = Fake(True, 8)
+    assert use_cluster(big, 4, "1gbit") is False and big.calls == [("shape", "1gbit")]
+    small = Fake(True, 2)
+    assert use_cluster(small, 4, "1gbit") is True and small.calls == [("up", 4)]
+    assert use_cluster(Fake(False, 0), 4, "1gbit") is True
+
+
 def test_training_cli_communicator_reduce_scatter_np4(tmp_path):
     """``--communicator reduce_scatter`` through the training CLI (4 ranks, RS-DGC): trains,
     compresses, and the run records the setting."""

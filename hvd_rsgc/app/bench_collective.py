@@ -111,6 +111,22 @@ def formula(label, P, N, k, S):
     return 2 * k * (S + 1) * (P - 1) / P + 2 * 64 * P * (P - 1) / P
 
 
+def use_cluster(cluster, nodes: int, bw: str) -> bool:
+    """Bring up ``nodes`` nodes, or use the cluster that is up if it is large enough (its links
+    shaped to ``bw``; it stays up afterwards). True if this call brought it up (then the bench
+    takes it down at the end: one it did not start, it leaves alone)."""
+    if cluster.is_up() and cluster.size() >= nodes:
+        print(f"[collective] using the {cluster.size()}-node cluster that is up; its links "
+              f"are shaped to {bw} and stay so", flush=True)
+        cluster.shape("all", bw=bw)
+        return False
+    if cluster.is_up():
+        print(f"[collective] replacing the {cluster.size()}-node cluster that is up", flush=True)
+    print(f"[collective] bringing up {nodes} nodes at {bw}", flush=True)
+    cluster.up(nodes, bw=bw, extra=("--replace",))
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -119,17 +135,13 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     py = sys.executable
     hvdrun = os.path.join(os.path.dirname(py), "horovodrun")
-    cluster = None
+    cluster, started = None, False
     if args.cluster:
         why = unavailable()
         if why:
             sys.exit(f"bench collective: {why}")
         cluster = EmuCluster()
-        if not cluster.is_up() or cluster.size() < max(ranks):
-            print(f"[collective] bringing up {max(ranks)} nodes at {args.bw}", flush=True)
-            cluster.up(max(ranks), bw=args.bw, extra=("--replace",))
-        else:
-            cluster.shape("all", bw=args.bw)
+        started = use_cluster(cluster, max(ranks), args.bw)
     rows = []
     try:
         for P in ranks:
@@ -155,7 +167,7 @@ def main(argv=None):
                              "formula_bytes": 4 * formula(label, P, per_rank[0]["numel"], k, S),
                              "k_units": k, "time_s": max(m["time_s"] for m in ms)})
     finally:
-        if cluster is not None:
+        if started:
             cluster.down(check=False)
     c = args.compute_ms / 1000.0
     for r in rows:
