@@ -437,6 +437,13 @@ def main(argv=None):
         from .app.bench_tta import main as tta_main
         return tta_main(argv[1:])
     args = ap.parse_args(argv)
+    for name in ("repeats", "ranks"):
+        if getattr(args, name, 1) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.cmd == "compress" and args.methods:
+        unknown = [m for m in args.methods.split(",") if m not in METHODS]
+        if unknown:
+            ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     if args.cmd == "rdpsgd":
         bench_rdpsgd(repeats=args.repeats)
     if args.cmd == "update":

@@ -684,6 +684,23 @@ def test_bench_tta_stops_every_process_of_a_run_and_checks_its_options(tmp_path,
     assert "100mbit: no report" in missing[0]
 
 
+def test_bench_options_are_checked_by_name(capsys):
+    """An unknown method is an error naming --methods (bench compress dropped it silently; bench
+    step failed as a KeyError inside every rank); 0 repeats / rounds are refused by name."""
+    from hvd_rsgc.app.bench_step import parse_args as step_args
+    from hvd_rsgc.bench import main as bench_main
+    for argv, want in ((["compress", "--methods", "rsdgcc"], "--methods: unknown ['rsdgcc']"),
+                       (["compress", "--repeats", "0"], "--repeats must be >= 1")):
+        with pytest.raises(SystemExit):
+            bench_main(argv)
+        assert want in capsys.readouterr().err
+    for argv, want in ((["--methods", "DGC;foo"], "--methods: unknown ['foo']"),
+                       (["--rounds", "0"], "--rounds must be >= 1")):
+        with pytest.raises(SystemExit):
+            step_args(argv)
+        assert want in capsys.readouterr().err
+
+
 def test_bench_tta_runs_are_deterministic_unless_told_otherwise():
     """``bench tta`` trains every method with ``--deterministic true`` (fixed allreduce groups,
     so a seed's dense target repeats run to run); ``--deterministic false`` gives Horovod's own

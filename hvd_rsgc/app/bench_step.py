@@ -101,7 +101,14 @@ def parse_args(argv):
     ap.add_argument("--methods", default=";".join(METHODS))
     ap.add_argument("--out", default="runs/step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("np", "rounds", "batch", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    unknown = [m for m in args.methods.split(";") if m not in METHODS]
+    if unknown:                 # checked here, not as a KeyError inside every rank
+        ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)} (';'-separated)")
+    return args
 
 
 def main(argv=None):
