@@ -149,6 +149,46 @@ def test_grouped_rsdgc_sampled_selection(spy, density):
     assert spy and all(spy)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "sparse"])
+@pytest.mark.parametrize("cls", [DGC, RSDGC])
+def test_grouped_sampled_selection_breaks_ties_as_the_per_layer_route(spy, kind, cls):
+    """Gradients with repeated values (bf16-rounded; mostly zeros) where more than 1.3x k
+    candidates pass the threshold: both routes keep the largest and, among equal values, the
+    lower rows (the per-layer route kept whichever torch.topk chose)."""
+    def grads_of(step, grads):
+        for k, v in grads.items():
+            if kind == "bf16":
+                grads[k] = v.bfloat16().float()
+            else:
+                keep = torch.zeros_like(v).view(-1)
+                keep[: max(1, keep.numel() // 200)] = 1.0
+                grads[k] = v * keep.view_as(v)
+        return grads
+    kw = {} if cls is DGC else {"selection": "sampled"}
+    shapes = [(1000, 10), (300, 20), (64, 64, 3, 3)]
+    _assert_same(_run("grouped", "momentum", shapes, 0.01, steps=3, grads_of=grads_of, cls=cls, **kw),
+                 _run("eager", "momentum", shapes, 0.01, steps=3, grads_of=grads_of, cls=cls, **kw))
+    assert spy and all(spy)
+
+
+@pytest.mark.parametrize("cls", [DGC, RSDGC, TopK])
+def test_grouped_route_under_a_float64_default_dtype(spy, cls):
+    """torch.set_default_dtype(torch.float64) in the user's script: the route's own buffers are
+    fp32 (they followed the default, and the group failed after its residuals were touched)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mem = "ef" if cls is TopK else "momentum"
+        shapes = [(64, 64, 3, 3), (40, 31), (1000, 10)]
+        a = _run("grouped", mem, shapes, 0.01, steps=2, cls=cls)
+        b = _run("eager", mem, shapes, 0.01, steps=2, cls=cls)
+    finally:
+        torch.set_default_dtype(old)
+    _assert_same(a, b)
+    assert spy and all(spy)
+    assert all(r.dtype == torch.float32 for step in a for r in step[2].values())
+
+
 def test_grouped_dgc_missing_layers_non_finite_and_warmup_density(spy):
     """DGC: a layer without a gradient draws no sample offset and keeps its residual; a step
     with NaN takes the per-layer route (flag rows; the offsets it draws are the per-layer

@@ -93,7 +93,8 @@ class _Plan:
             tws.append(torch.full((U,), tw, dtype=torch.int64, device=device))
             c = lay.valid_counts(device)
             padded |= c is not None
-            counts.append(c if c is not None else torch.full((U,), float(self.S), device=device))
+            counts.append(c if c is not None else torch.full((U,), float(self.S), dtype=torch.float32,
+                                                              device=device))
             self.offs.append(off)
             self.sizes.append(n)
             self.ustart.append(self.ustart[-1] + U)
@@ -133,7 +134,7 @@ def _flat(group, plan, keys, device) -> dict:
     values copied, where it is not)."""
     flats = group.native_tables.get(("grouped-flat", str(device)))
     if flats is None or any(k not in flats for k in keys):
-        flats = {k: torch.zeros(plan.numel, device=device) for k in keys}
+        flats = {k: torch.zeros(plan.numel, dtype=torch.float32, device=device) for k in keys}
         group.native_tables[("grouped-flat", str(device))] = flats
     for k in keys:
         f = flats[k]
@@ -315,7 +316,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     Returns (group rows ascending, units per present layer)."""
     L = len(group.layers)
     sizes = [plan.ustart[i + 1] - plan.ustart[i] for i in range(L)]
-    thr = torch.full((L,), math.inf)        # on the host; absent layers: nothing passes
+    thr = torch.full((L,), math.inf, dtype=torch.float32)   # host; absent layers: nothing passes
     ns = [0] * L
     loops, sampled = [], []                 # sampled: (layer, first unit, stride, count, top k)
     for i in present:
@@ -349,7 +350,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         key = torch.sort(_desc_key(value_of(pos), seg)).values[tab_d[3]]
         thr[tab[:, 0]] = _key_value(key).cpu()                    # a host sync
     bounds = torch.tensor(plan.ustart, device=dev)
-    diff = torch.empty(plan.units, device=dev)
+    diff = torch.empty(plan.units, dtype=torch.float32, device=dev)
     views = [diff[a:b] for a, b in zip(plan.ustart[:-1], plan.ustart[1:])]
     mask = method.workspace.get("grouped_mask", plan.units, dev, torch.bool)
     overflow, active = [], loops

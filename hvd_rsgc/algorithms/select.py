@@ -232,8 +232,10 @@ def sampled_threshold_indices(importance: torch.Tensor, plan: SamplePlan,
             cnt = idx.numel()
             if cnt > plan.num_selects:
                 if cnt > 1.3 * plan.num_selects:
-                    keep = torch.topk(filt.values(idx), plan.num_selects, sorted=False).indices
-                    idx = idx[keep.sort().values]
+                    # the largest, ties to the lower rows (a stable sort, as the grouped route
+                    # does: torch.topk's choice among equal values is its own)
+                    keep = torch.sort(filt.values(idx), descending=True, stable=True).indices
+                    idx = idx[keep[: plan.num_selects].sort().values]
                 break
             if cnt < 0.8 * plan.num_selects:
                 thr = thr * 0.8
