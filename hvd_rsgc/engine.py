@@ -385,13 +385,12 @@ class Engine:
             if tensor.numel() == 0:
                 raise ValueError(f"parameter '{e.name}': empty gradient")
             if not st.memory_ready:
-                self.method.init_memory(st, tensor.device)
-                st.memory_ready = True
-            elif st.memory:                 # loaded before the model moved (model.cuda() after
-                first = next(iter(st.memory.values()))    # load_state_dict): follow the gradient
-                if isinstance(first, torch.Tensor) and first.device != tensor.device:
+                if st.memory:               # loaded (load_state_dict): onto the gradient's device,
                     st.memory = {k: v.to(tensor.device) if isinstance(v, torch.Tensor) else v
-                                 for k, v in st.memory.items()}
+                                 for k, v in st.memory.items()}     # model.cuda() may come after
+                else:
+                    self.method.init_memory(st, tensor.device)
+                st.memory_ready = True
             self.schedule.update(st, self.table, self.method)
         st.step += 1
         if st.step > self.meter.cur_step:
@@ -499,9 +498,9 @@ class Engine:
             raise ValueError(f"compression state for parameter '{e.name}': buffers {sorted(got)}, this "
                              f"configuration keeps {sorted(want)} (a different momentum, method or "
                              "options than the run that saved it?)")
-        for key, shape in got.items():
-            if key in want and math.prod(want[key]) != math.prod(shape) or \
-                    (e.sparse and key in want and want[key] != shape):
+        for key, shape in got.items():             # every key is in want (extra: refused above)
+            same = want[key] == shape if e.sparse else math.prod(want[key]) == math.prod(shape)
+            if not same:
                 raise ValueError(f"compression state for parameter '{e.name}': buffer '{key}' "
                                  f"has shape {shape}, expected {want[key]}")
 
@@ -527,8 +526,10 @@ class Engine:
                                          else v for k, v in rec["memory"].items()}}
             if rec["memory"]:
                 self._check_buffers(e, rec["memory"])
+            # the first step moves the buffers to its gradient's device, or allocates them
+            # anew if the state was saved before that tensor's first step (empty)
             st.memory = {k: v.to(e.param.device).clone() for k, v in rec["memory"].items()}
-            st.memory_ready = bool(st.memory)     # saved before its first step: allocated anew
+            st.memory_ready = False
             st.step, st.density, st.k = int(rec["step"]), float(rec["density"]), int(rec["k"])
             if st.layout is not None and st.k:
                 self.method.on_density(st)
