@@ -586,6 +586,8 @@ def test_compare_seeds_are_checked_and_missing_metrics_print_as_n_a():
     for bad in ("0,,1", "a", "-1", "1,1"):
         with pytest.raises(SystemExit, match="--seeds"):
             main(["--config", SYNTH, "--seeds", bad])
+    with pytest.raises(SystemExit, match="--methods: give at least one"):
+        main(["--config", SYNTH, "--methods", ","])
     runs = [{"compression": "rdpsgd", "seed": 0, "final_top1": 0.5, "final_aa": 0.5, "final_kappa": 0.4,
              "bytes_per_worker": 0.0, "compression_ratio": None}]
     text = table(aggregate(runs))

@@ -101,6 +101,8 @@ def main(argv=None):
     args, rest = ap.parse_known_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in names() + GOSSIP]
+    if not methods:
+        raise SystemExit("--methods: give at least one method")
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {names() + GOSSIP}")
     try:
