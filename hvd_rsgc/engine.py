@@ -381,16 +381,16 @@ class Engine:
                             "(use nn.Embedding(sparse=False), or hvd.DistributedOptimizer(..., "
                             "sparse_as_dense=True))")
         st = e.layer
+        if e.sparse and tensor.numel() == 0:
+            raise ValueError(f"parameter '{e.name}': empty gradient")
+        if not st.memory_ready:
+            if st.memory:                   # loaded (load_state_dict): onto the gradient's device,
+                st.memory = {k: v.to(tensor.device) if isinstance(v, torch.Tensor) else v
+                             for k, v in st.memory.items()}   # model.cuda() may come after; a
+            elif e.sparse:                  # dense tensor's momentum 'u' too (DenseMomentum)
+                self.method.init_memory(st, tensor.device)
+            st.memory_ready = True
         if e.sparse:
-            if tensor.numel() == 0:
-                raise ValueError(f"parameter '{e.name}': empty gradient")
-            if not st.memory_ready:
-                if st.memory:               # loaded (load_state_dict): onto the gradient's device,
-                    st.memory = {k: v.to(tensor.device) if isinstance(v, torch.Tensor) else v
-                                 for k, v in st.memory.items()}     # model.cuda() may come after
-                else:
-                    self.method.init_memory(st, tensor.device)
-                st.memory_ready = True
             self.schedule.update(st, self.table, self.method)
         st.step += 1
         if st.step > self.meter.cur_step:

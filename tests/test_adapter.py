@@ -408,3 +408,26 @@ def test_warmup_ramp_through_the_optimizer(make):
     ref = [max(0.25 ** (1 + 4 * (16 * t // 8) / 16), 0.01) for t in range(8)] + [0.01] * 3
     assert seen == ref
     assert seen[:3] == [0.25, 0.25 ** 1.5, 0.0625]
+
+
+def test_loaded_state_follows_the_gradients_device_dense_momentum_too():
+    """A checkpoint is loaded on the CPU (``map_location``), then ``model.cuda()``: every
+    loaded buffer moves to the device of its tensor's first gradient -- the residuals of the
+    sparse tensors and the local momentum 'u' of the tensors sent dense (biases), which stayed
+    on the CPU and failed the first step on a GPU. A 'meta' gradient stands in for the GPU."""
+    torch.manual_seed(0)
+    a = Net()
+    trained = RSDGCCompression(a, density=0.1, momentum=0.9, min_numel=100)
+    opt = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=a.named_parameters(), compression=trained)
+    run(a, opt, batches(2))
+    state = trained.state_dict()
+    dense = [n for n, rec in state["layers"].items() if list(rec["memory"]) == ["u"]]
+    assert dense and len(dense) < len(state["layers"]), "want both kinds of tensor"
+    comp = RSDGCCompression(Net(), density=0.1, momentum=0.9, min_numel=100)
+    comp.load_state_dict(state)
+    eng = comp.engine
+    for e in eng.table:
+        eng.begin(e, torch.empty(e.layer.shape, device="meta"), 1, check=False)
+        assert {k: v.device.type for k, v in e.layer.memory.items()} \
+            == {k: "meta" for k in state["layers"][e.name]["memory"]}, e.name
