@@ -431,3 +431,28 @@ def test_loaded_state_follows_the_gradients_device_dense_momentum_too():
         eng.begin(e, torch.empty(e.layer.shape, device="meta"), 1, check=False)
         assert {k: v.device.type for k, v in e.layer.memory.items()} \
             == {k: "meta" for k in state["layers"][e.name]["memory"]}, e.name
+
+
+def test_loading_an_earlier_state_starts_the_per_step_records_over():
+    """Roll back in the same process (load the state of step 3 after step 4; e.g. going back
+    to the last good checkpoint): the next step is numbered 4 again, which the multi-round
+    record of the last step matched, so PowerSGD skipped its rounds and found no result
+    (KeyError) -- the records keyed by step start over with the loaded state."""
+    from hvd_rsgc import PowerSGDCompression
+    torch.manual_seed(0)
+    model = Net()
+    comp = PowerSGDCompression(model, rank=2, min_numel=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    data = batches(5)
+    run(model, opt, data[:3])
+    state, ckpt = copy.deepcopy(comp.state_dict()), copy.deepcopy(model.state_dict())
+    opt_ckpt = copy.deepcopy(opt.state_dict())
+    run(model, opt, data[3:4])
+    want = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(ckpt)
+    comp.load_state_dict(state)
+    opt.load_state_dict(opt_ckpt)
+    run(model, opt, data[3:4])                           # the same step again, the same result
+    for a, b in zip(want, model.parameters()):
+        assert torch.equal(a, b)
