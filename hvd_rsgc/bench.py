@@ -349,22 +349,27 @@ def bench_update(repeats=15):
 
 
 def bench_rdpsgd(numel=25_557_032, ratios=(0.5, 0.1, 0.01), repeats=5, loop_sample=20_000):
-    """RD-PSGD's programming optimisations, side by side (paper Table 2): index generation by
-    geometric gaps vs N Bernoulli draws; extraction + expansion with index_select/index_copy_ vs
-    a boolean mask (masked_select/masked_scatter_) vs the Python for-loop the paper started from
-    (timed on ``loop_sample`` entries and scaled, stated as such); bytes per exchange vs dense."""
+    """RD-PSGD's programming optimisations, side by side (paper Table 2), **round-robin**: each
+    round times, once each, index generation by geometric gaps and by N Bernoulli draws, and
+    extraction + expansion with index_select/index_copy_, with a boolean mask
+    (masked_select/masked_scatter_) and with the Python for-loop the paper started from (timed
+    on ``loop_sample`` entries and scaled, stated as such); the speed-ups are the median
+    [min-max] of the per-round ratios (a busy machine shifts a whole round alike). Also bytes
+    per exchange vs dense. Returns one row per ``p``."""
     from .algorithms.rdpsgd import bernoulli_indices, encode_gaps, geometric_indices
     dev = torch.device("cpu")
     x = torch.randn(numel)
     recv = torch.randn(numel)
-    print(f"RD-PSGD, {numel:,} parameters (ResNet-50), median of {repeats}; per neighbour per round")
-    print(f"{'p':>6s} {'gen geom ms':>11s} {'gen bern ms':>11s} {'speed-up':>8s} "
-          f"{'extr+exp ms':>11s} {'mask ms':>8s} {'loop ms*':>9s} {'vs loop':>8s} "
-          f"{'bytes shared-seed':>17s} {'bytes +8bit idx':>15s} {'dense':>11s}")
+    what = " (ResNet-50)" if numel == 25_557_032 else ""
+    print(f"RD-PSGD, {numel:,} parameters{what}, {repeats} rounds, round-robin; per "
+          "neighbour per round; ms: median, speed-ups: median [min-max] of the per-round ratios")
+    print(f"{'p':>6s} {'gen geom ms':>11s} {'gen bern ms':>11s} {'bern / geom':>18s} "
+          f"{'extr+exp ms':>11s} {'mask ms':>8s} {'loop ms*':>9s} {'mask / vectorised':>18s} "
+          f"{'loop / vectorised':>20s} {'bytes shared-seed':>17s} {'bytes +8bit idx':>15s} "
+          f"{'dense':>11s}")
+    rows = []
     for p in ratios:
         g = torch.Generator().manual_seed(0)
-        t_geo = _time(lambda: geometric_indices(numel, p, g), dev, repeats)
-        t_ber = _time(lambda: bernoulli_indices(numel, p, g), dev, repeats)
         idx = geometric_indices(numel, p, g)
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[idx] = True
@@ -390,16 +395,34 @@ def bench_rdpsgd(numel=25_557_032, ratios=(0.5, 0.1, 0.01), repeats=5, loop_samp
             for k, i in enumerate(sub):
                 y[i] = send[k]
             return y
-        t_vec = _time(vec, dev, repeats)
-        t_mask = _time(masked, dev, repeats)
-        t_loop = _time(loop, dev, 1) * numel / loop_sample
+        fns = {"geo": lambda: geometric_indices(numel, p, g),
+               "bern": lambda: bernoulli_indices(numel, p, g), "vec": vec, "mask": masked,
+               "loop": loop}
+        for fn in fns.values():                     # warm-up
+            fn()
+        t = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t[k].append(_once(fn, dev))
+        t["loop"] = [v * numel / loop_sample for v in t["loop"]]
+        med = {k: statistics.median(v) for k, v in t.items()}
+        per_round = {name: [a / b for a, b in zip(t[num], t[den])]
+                     for name, num, den in (("bern/geo", "bern", "geo"), ("mask/vec", "mask", "vec"),
+                                            ("loop/vec", "loop", "vec"))}
         m = idx.numel()
         gap = encode_gaps(idx).numel()
-        print(f"{p:6.2f} {t_geo * 1e3:11.1f} {t_ber * 1e3:11.1f} {t_ber / t_geo:8.1f} "
-              f"{t_vec * 1e3:11.1f} {t_mask * 1e3:8.1f} {t_loop * 1e3:9.0f} {t_loop / t_vec:8.0f} "
+        print(f"{p:6.2f} {med['geo'] * 1e3:11.1f} {med['bern'] * 1e3:11.1f} "
+              f"{_spread(per_round['bern/geo']):>18s} {med['vec'] * 1e3:11.1f} "
+              f"{med['mask'] * 1e3:8.1f} {med['loop'] * 1e3:9.0f} "
+              f"{_spread(per_round['mask/vec']):>18s} {_spread(per_round['loop/vec']):>20s} "
               f"{4 * m:17,d} {4 * m + gap + 4:15,d} {4 * numel:11,d}")
+        rows.append({"p": p, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+                     **{k: statistics.median(v) for k, v in per_round.items()},
+                     "bytes_shared_seed": 4 * m, "bytes_8bit_idx": 4 * m + gap + 4,
+                     "bytes_dense": 4 * numel})
     print("* the Python loop is timed on the first "
           f"{loop_sample:,} entries and scaled to the whole vector")
+    return rows
 
 
 def main(argv=None):

@@ -333,3 +333,25 @@ def test_rank_failing_outside_the_exchange_ends_the_job(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode != 0 and elapsed < 120, (elapsed, out[-3000:])
     assert "no space left on the device" in out and "aborting the MPI job" in out, out[-3000:]
+
+
+def test_bench_rdpsgd_times_round_robin_and_counts_the_bytes(monkeypatch):
+    """``python -m hvd_rsgc.bench rdpsgd``: every round times each variant once, in turn (the
+    speed-ups are per-round ratios, not medians of separate stretches of time), and the bytes
+    are 4 per sent value, plus the 8-bit gaps when indices are sent."""
+    from hvd_rsgc import bench
+    from hvd_rsgc.algorithms.rdpsgd import encode_gaps, geometric_indices
+    calls = []
+    real = bench._once
+
+    def spy(fn, device):
+        calls.append(fn.__name__)
+        return real(fn, device)
+    monkeypatch.setattr(bench, "_once", spy)
+    rows = bench.bench_rdpsgd(numel=50_000, ratios=(0.1,), repeats=3, loop_sample=500)
+    assert calls == ["<lambda>", "<lambda>", "vec", "masked", "loop"] * 3
+    m = geometric_indices(50_000, 0.1, torch.Generator().manual_seed(0))
+    r = rows[0]
+    assert (r["bytes_shared_seed"], r["bytes_dense"]) == (4 * m.numel(), 200_000)
+    assert r["bytes_8bit_idx"] == 4 * m.numel() + encode_gaps(m).numel() + 4
+    assert r["mask/vec"] > 0 and r["loop/vec"] > 0 and r["bern/geo"] > 0
