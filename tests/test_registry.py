@@ -1,37 +1,55 @@
 """The registry and the README's worked example of adding a compressor (one algorithm, one
 registration): built by name, refused options named, trained through the stock optimizer."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hvd_rsgc
-from hvd_rsgc.algorithms.base import Method
-from hvd_rsgc.algorithms.memory import ErrorFeedback
-from hvd_rsgc.compressor import Compressor
 from hvd_rsgc.registry import REGISTRY, make_compression, names, register
+from support import ROOT
 
 
-class ScaledSign(Method):                       # the README's example, verbatim in substance
-    communicator = "allgather"
-
-    def empty_message(self, layer, device):
-        return torch.zeros(0, dtype=torch.float32, device=device)
-
-    def encode(self, layer, g, ctx):
-        acc = self.memory.accumulate(layer.memory, layer.layout.to_units(g.float()))
-        sent = acc.abs().mean() * acc.sign()
-        self.memory.mark_sent(layer.memory, None, sent)
-        return sent.view(-1)
-
-    def decode(self, layer, gathered, nranks, ctx):
-        return gathered.view(nranks, -1).sum(0).view(layer.shape)
+def readme_example() -> tuple[str, str]:
+    """The two code blocks of the README's "Adding a compressor": the algorithm file and its
+    registration, as a user would copy them."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("### Adding a compressor"):]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return blocks[0], blocks[1]
 
 
-@register("scaledsign-example")
-class ScaledSignCompression(Compressor):
-    def __init__(self, model, *, min_numel=1024, exclude=(), average=True, process_set=None):
-        super().__init__(model, method=ScaledSign(ErrorFeedback()), density=1.0, min_numel=min_numel,
-                         exclude=exclude, average=average, process_set=process_set)
+def load_example():
+    """The algorithm block as the module ``hvd_rsgc.algorithms.scaledsign`` (its relative
+    imports resolve there), the registration block run with the names compression.py has."""
+    algo, reg = readme_example()
+    mod = types.ModuleType("hvd_rsgc.algorithms.scaledsign")
+    mod.__package__ = "hvd_rsgc.algorithms"
+    exec(compile(algo, "README: scaledsign.py", "exec"), mod.__dict__)
+    import hvd_rsgc.compression as compression
+    ns = {**vars(compression), "ScaledSign": mod.ScaledSign}
+    exec(compile(reg, "README: registration", "exec"), ns)
+    return mod.ScaledSign, ns["ScaledSignCompression"]
+
+
+ScaledSign, ScaledSignCompression = load_example()          # registers "scaledsign"
+
+
+def test_readme_example_is_lint_clean():
+    """What the README tells a user to paste passes the lint the test command runs over it."""
+    exe = shutil.which("ruff", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.fail("ruff not installed: scripts/test.sh installs it (pip install ruff)")
+    algo, _ = readme_example()
+    p = subprocess.run([exe, "check", "--stdin-filename", "hvd_rsgc/algorithms/scaledsign.py", "-"],
+                       input=algo, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]
 
 
 def test_every_builtin_is_registered_and_built_by_name():
@@ -64,7 +82,7 @@ def test_worked_example_trains_through_the_stock_optimizer():
     hvd.init()
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    comp = make_compression("scaledsign-example", m, min_numel=100)
+    comp = make_compression("scaledsign", m, min_numel=100)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
                                    named_parameters=m.named_parameters(), compression=comp)
     x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))

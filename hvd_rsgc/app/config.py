@@ -104,7 +104,7 @@ class CompressionConfig:
     warmup_ramp_steps: int = opt(0, "DGC/RS-DGC: warm-up as a per-step ramp 0.25^(1+4t/T) over "
                                  "T steps (instead of compression_warmup_epochs)", minimum=0)
     fp16_values: bool = opt(False, "send values as fp16")
-    int8_values: bool = opt(False, "rsdgc/dgc/topk: send each unit's values as int8 with a "
+    int8_values: bool = opt(False, "rsdgc/dgc/topk/threshold: send each unit's values as int8 with a "
                             "bfloat16 scale (S + 2 bytes per unit)")
     min_numel: int = opt(1024, "smaller tensors (and 1-D ones) are sent dense", minimum=0)
     exclude: list = opt([], "fnmatch patterns of parameter names kept dense", kind="strs")
