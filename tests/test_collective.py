@@ -349,14 +349,14 @@ def test_horovod_np4_reselect_none_equals_allgather(tmp_path):
 def test_bench_collective_bytes_follow_the_formulas(tmp_path):
     """``python -m hvd_rsgc.bench collective`` (P processes here): the bytes each rank received,
     measured at the transport, within 3% of docs/COLLECTIVES.md's formulas; the reduce-scatter
-    receives less than the allgather at P = 4."""
+    receives less than the allgather at P = 4; the times are per-round ratios to dense."""
     import json
     import subprocess
     import sys
     from support import ROOT, _env
     p = subprocess.run([sys.executable, "-m", "hvd_rsgc.bench", "collective", "--ranks", "4",
-                        "--numel", "262144", "--steps", "1", "--out", str(tmp_path),
-                        "--methods", "Top-k allgather;Top-k reduce-scatter;RS-DGC reduce-scatter"],
+                        "--numel", "262144", "--steps", "2", "--out", str(tmp_path), "--methods",
+                        "dense fp32 allreduce;Top-k allgather;Top-k reduce-scatter;RS-DGC reduce-scatter"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = {r["method"]: r for r in json.load(open(tmp_path / "collective.json"))["rows"]}
@@ -364,6 +364,10 @@ def test_bench_collective_bytes_follow_the_formulas(tmp_path):
         assert abs(r["recv_bytes"] - r["formula_bytes"]) <= 0.03 * r["formula_bytes"], r
     assert rows["Top-k reduce-scatter"]["recv_bytes"] < 0.6 * rows["Top-k allgather"]["recv_bytes"]
     assert (tmp_path / "collective.md").exists()
+    # timed round-robin: one ratio to the dense exchange of the same round per round
+    assert rows["dense fp32 allreduce"]["x_dense"] == [1.0, 1.0]
+    for r in rows.values():
+        assert len(r["x_dense"]) == 2 and all(x > 0 for x in r["x_dense"]), r
 
 
 def test_bench_collective_leaves_a_cluster_it_did_not_start_up():

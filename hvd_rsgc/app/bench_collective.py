@@ -9,7 +9,9 @@ every P sees the same per-rank data: weak scaling) and runs ``--steps`` exchange
 through the stock ``hvd.DistributedOptimizer`` (backward of ``sum(p * G)`` hands ``G`` to the
 hooks; ``opt.synchronize()`` ends the exchange). Reported per P and method: bytes received by
 the busiest rank (the byte meter, measured from the collectives' results; the dense row is a
-ring allreduce's ``2N(P-1)/P``), the median exchange time of the slowest rank, and the
+ring allreduce's ``2N(P-1)/P``), the median exchange time (each exchange's slowest rank), its
+ratio to the dense exchange of the same round (the methods run round-robin: each round runs
+every method once, so a busy machine shifts a whole round alike), and the
 weak-scaling efficiency ``c / (c + t(P))`` for a nominal compute time ``c`` per step
 (``--compute-ms``, default 100 ms: a ResNet-50 step on one GPU) with no overlap.
 """
@@ -48,19 +50,22 @@ def worker(args) -> None:
     cols = max(1, args.numel // (args.tensors * rows))
     shapes = [(rows, cols)] * args.tensors
     out = {"rank": hvd.rank(), "size": hvd.size(), "numel": rows * cols * args.tensors, "methods": {}}
-    for label in args.methods.split(";"):
+    gen = torch.Generator().manual_seed(1000 + hvd.rank())
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    runs = {}
+    for j, label in enumerate(args.methods.split(";")):
         name, opts = METHODS[label]
-        torch.manual_seed(0)
         model = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in shapes])
-        named = [(f"w{i}", p) for i, p in enumerate(model)]
+        named = [(f"m{j}.w{i}", p) for i, p in enumerate(model)]   # one name per method
         kw = {} if name == "none" else {"density": args.density, **opts}
         comp = make_compression(name, named, **kw)
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
                                        named_parameters=named, compression=comp)
-        gen = torch.Generator().manual_seed(1000 + hvd.rank())
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        times, recv, sent = [], [], []
-        for step in range(args.steps + 1):
+        runs[label] = (name, model, comp, opt, {"times": [], "recv": [], "sent": []})
+    # round-robin: every step runs each method once, in turn, so a busy machine (or link)
+    # shifts a whole round alike; step 0 is the warm-up
+    for step in range(args.steps + 1):
+        for name, model, comp, opt, rec in runs.values():
             opt.zero_grad()
             hvd.allreduce(torch.zeros(1), name="bench.barrier")      # start together
             t0 = time.perf_counter()
@@ -70,16 +75,17 @@ def worker(args) -> None:
             with opt.skip_synchronize():
                 opt.step()
             st = comp.stats()
-            if step:                                                  # step 0: warm-up
-                times.append(dt)
-                sent.append(st["step_bytes"])
+            if step:
+                rec["times"].append(dt)
+                rec["sent"].append(st["step_bytes"])
                 n = hvd.size()
-                recv.append(st["step_received_bytes"] if name != "none"
-                            else 2 * st["step_bytes"] * (n - 1) // n)
+                rec["recv"].append(st["step_received_bytes"] if name != "none"
+                                   else 2 * st["step_bytes"] * (n - 1) // n)
+    for label, (name, _model, comp, _opt, rec) in runs.items():
         k_units = sum(e.layer.k for e in comp.engine.table.compressed) if name != "none" else None
-        out["methods"][label] = {"time_s": statistics.median(times), "recv_bytes": max(recv),
-                                 "sent_bytes": max(sent), "k_units": k_units,
-                                 "collective": comp.stats().get("collective")}
+        out["methods"][label] = {"time_s": statistics.median(rec["times"]), "times_s": rec["times"],
+                                 "recv_bytes": max(rec["recv"]), "sent_bytes": max(rec["sent"]),
+                                 "k_units": k_units, "collective": comp.stats().get("collective")}
     write_rank(args.out, hvd.rank(), out)
 
 
@@ -158,6 +164,12 @@ def main(argv=None):
             if p.returncode != 0:
                 sys.exit(f"bench collective: P={P} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
             per_rank = [read_rank(run_dir, r) for r in range(P)]
+            # each exchange's time is its slowest rank's; the methods ran round-robin, so
+            # step t of every method is one round, and the ratio to dense is taken per round
+            slowest = {label: [max(ts) for ts in zip(*(r["methods"][label]["times_s"]
+                                                         for r in per_rank))]
+                       for label in per_rank[0]["methods"]}
+            dense = next((v for lab, v in slowest.items() if lab.startswith("dense")), None)
             for label in per_rank[0]["methods"]:
                 ms = [r["methods"][label] for r in per_rank]
                 k = ms[0]["k_units"] or 0
@@ -165,7 +177,9 @@ def main(argv=None):
                 rows.append({"P": P, "method": label, "numel": per_rank[0]["numel"],
                              "recv_bytes": max(m["recv_bytes"] for m in ms),
                              "formula_bytes": 4 * formula(label, P, per_rank[0]["numel"], k, S),
-                             "k_units": k, "time_s": max(m["time_s"] for m in ms)})
+                             "k_units": k, "time_s": statistics.median(slowest[label]),
+                             "x_dense": [a / b for a, b in zip(slowest[label], dense)]
+                             if dense else None})
     finally:
         if started:
             cluster.down(check=False)
@@ -175,13 +189,18 @@ def main(argv=None):
     where = f"emulated cluster, 1 rank per node, links {args.bw}" if cluster else "one machine"
     lines = [f"# Sparse collectives versus P ({where})", "",
              f"{args.numel:,} gradient elements per rank in {args.tensors} tensors, density "
-             f"{args.density}, median of {args.steps} exchanges; efficiency = c/(c+t) for a nominal "
-             f"compute time c = {args.compute_ms:g} ms per step.", "",
-             "| P | method | MiB received / rank (measured) | by the formula | exchange ms | efficiency |",
-             "|---|---|---|---|---|---|"]
+             f"{args.density}; the methods run round-robin, one exchange each per round, "
+             f"{args.steps} rounds; an exchange's time is its slowest rank's; ms: the median, x "
+             "dense: median [min-max] of the per-round ratios; efficiency = c/(c+t) for a "
+             f"nominal compute time c = {args.compute_ms:g} ms per step.", "",
+             "| P | method | MiB received / rank (measured) | by the formula | exchange ms | "
+             "x dense | efficiency |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        xd = r["x_dense"]
+        rel = f"{statistics.median(xd):.2f} [{min(xd):.2f}-{max(xd):.2f}]" if xd else "n/a"
         lines.append(f"| {r['P']} | {r['method']} | {r['recv_bytes'] / 2**20:.3f} | "
-                     f"{r['formula_bytes'] / 2**20:.3f} | {1000 * r['time_s']:.1f} | "
+                     f"{r['formula_bytes'] / 2**20:.3f} | {1000 * r['time_s']:.1f} | {rel} | "
                      f"{100 * r['efficiency']:.0f}% |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "collective.json"), "w") as f:
