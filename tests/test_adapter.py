@@ -456,3 +456,37 @@ def test_loading_an_earlier_state_starts_the_per_step_records_over():
     run(model, opt, data[3:4])                           # the same step again, the same result
     for a, b in zip(want, model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_broadcast_optimizer_state_at_np1_runs_no_compression_step():
+    """``hvd.broadcast_optimizer_state`` creates a new optimizer's state with one base-class
+    step on zero gradients. At -np N no hook fires; at -np 1 the local pass ran the compressor
+    on those zeros: step counters + 1 and, on resume, one more momentum step in the residual,
+    so a resumed run left the uninterrupted one."""
+    def build(model):
+        comp = DGCCompression(model, density=0.1, min_numel=0)
+        opt = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=model.named_parameters(), compression=comp)
+        return comp, opt
+
+    torch.manual_seed(0)
+    model = Net()
+    comp, opt = build(model)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert comp.stats()["steps"] == 0 and all(e.layer.step == 0 for e in comp.engine.table)
+    data = batches(6)
+    run(model, opt, data[:3])
+    ckpt = copy.deepcopy((model.state_dict(), opt.state_dict(), comp.state_dict()))
+    run(model, opt, data[3:])
+    want = [p.detach().clone() for p in model.parameters()]
+
+    model2 = Net()
+    model2.load_state_dict(ckpt[0])
+    comp2, opt2 = build(model2)
+    opt2.load_state_dict(ckpt[1])
+    comp2.load_state_dict(ckpt[2])
+    hvd.broadcast_parameters(model2.state_dict(), root_rank=0)      # what a resumed job does
+    hvd.broadcast_optimizer_state(opt2, root_rank=0)
+    run(model2, opt2, data[3:])
+    for a, b in zip(want, model2.parameters()):
+        assert torch.equal(a, b)

@@ -44,6 +44,7 @@ correction would silently vanish: the compressor's ``torch.optim`` step pre-hook
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -53,6 +54,22 @@ from ..transport import LocalTransport
 from .transport import HorovodTransport, hvd
 
 FLAG_OK, FLAG_NONFINITE = 0.0, 1.0
+
+
+def _in_state_broadcast() -> bool:
+    """Whether this step is the one ``hvd.broadcast_optimizer_state`` takes to create a new
+    optimizer's state (zero gradients, the base class's step, no allreduce at any size): at -np
+    1 the local pass must skip it as the hooks do at -np N, else the compressor ran a step on
+    zeros (counters + 1, the residual one more momentum step: a resume was not bit-exact)."""
+    f = sys._getframe(1)
+    for _ in range(16):
+        if f is None:
+            return False
+        if f.f_code.co_name == "broadcast_optimizer_state" \
+                and f.f_globals.get("__name__", "").startswith("horovod."):
+            return True
+        f = f.f_back
+    return False
 
 
 def _updated(opt) -> set:
@@ -354,7 +371,8 @@ class HorovodBinding:
             opt.synchronize()
 
     def pre_step(self, opt) -> None:
-        if not getattr(opt, "_requires_update", None) and self._hooks_absent():
+        if not getattr(opt, "_requires_update", None) and self._hooks_absent() \
+                and not _in_state_broadcast():
             self._run_local(getattr(opt, "sparse_as_dense", False), _updated(opt))
 
     @staticmethod
