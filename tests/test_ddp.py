@@ -149,3 +149,22 @@ def test_ddp_four_processes_fused_buckets(tmp_path):
         for kind, x in r["train"].items():
             assert all(x["identical"]) and x["wire"] == x["lib"], (kind, x)
             assert x["after"] < x["before"], kind
+
+
+def test_process_group_has_a_backend_for_cpu_tensors_on_a_gpu_machine(monkeypatch):
+    """``--backend ddp`` on a GPU machine: the loop reduces CPU tensors (metrics, counts) and
+    ``--device cpu`` runs DDP on the CPU; a group of NCCL alone has no backend for them (it
+    failed at the end of the first epoch). Unknown reduce ops are refused by name."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from hvd_rsgc.ddp.process import TorchProcessGroup, backend_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("HVD_RSGC_DDP_BACKEND", raising=False)
+    assert BackendConfig(dist.Backend(backend_spec())).get_device_backend_map() \
+        == {"cpu": "gloo", "cuda": "nccl"}
+    monkeypatch.setenv("HVD_RSGC_DDP_BACKEND", "gloo")
+    assert backend_spec() == "gloo"
+    with pytest.raises(ValueError, match="op must be 'sum' or 'average', got 'max'"):
+        TorchProcessGroup().allreduce(torch.ones(1), op="max")

@@ -9,6 +9,16 @@ import torch
 import torch.distributed as dist
 
 
+def backend_spec() -> str:
+    """The process group's backends: with CUDA, NCCL for CUDA tensors and Gloo for CPU ones --
+    NCCL alone has no backend for a CPU tensor, and the loop reduces CPU tensors (its metrics
+    and counts), and ``--device cpu`` on a GPU machine runs DDP on the CPU. Gloo alone without
+    CUDA, or with ``HVD_RSGC_DDP_BACKEND=gloo``."""
+    if torch.cuda.is_available() and os.environ.get("HVD_RSGC_DDP_BACKEND") != "gloo":
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 class TorchProcessGroup:
     Sum, Average = "sum", "average"
 
@@ -17,8 +27,7 @@ class TorchProcessGroup:
             if "RANK" not in os.environ:
                 raise ValueError("backend ddp: launch with torchrun (python -m torch.distributed.run "
                                  "--nproc_per_node N ...); RANK/WORLD_SIZE are not set")
-            dist.init_process_group("nccl" if torch.cuda.is_available() and
-                                    os.environ.get("HVD_RSGC_DDP_BACKEND") != "gloo" else "gloo")
+            dist.init_process_group(backend_spec())
 
     def rank(self) -> int:
         return dist.get_rank()
@@ -33,6 +42,8 @@ class TorchProcessGroup:
         return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
     def allreduce(self, t: torch.Tensor, op="average", name=None) -> torch.Tensor:
+        if op not in (self.Sum, self.Average):
+            raise ValueError(f"allreduce: op must be {self.Sum!r} or {self.Average!r}, got {op!r}")
         out = t.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         if op == self.Average:
