@@ -518,14 +518,18 @@ class Engine:
             missing, extra = sorted(mine - set(saved)), sorted(set(saved) - mine)
             raise ValueError(f"compression state does not match the model: missing {missing[:5]}, "
                              f"unexpected {extra[:5]}")
-        for e in self.table:
-            rec, st = saved[e.name], e.layer
+        recs = {}
+        for e in self.table:                  # every layer checked before any is changed: a
+            rec, st = saved[e.name], e.layer  # refused state leaves the compressor as it was
             if legacy and st.layout is not None:
                 rec = {**rec, "memory": {k: st.layout.from_legacy(v) if isinstance(v, torch.Tensor)
                                          and v.shape == (st.layout.num_units, st.layout.unit_size)
                                          else v for k, v in rec["memory"].items()}}
             if rec["memory"]:
                 self._check_buffers(e, rec["memory"])
+            recs[e.name] = rec
+        for e in self.table:
+            rec, st = recs[e.name], e.layer
             # the first step moves the buffers to its gradient's device, or allocates them
             # anew if the state was saved before that tensor's first step (empty)
             st.memory = {k: v.to(e.param.device).clone() for k, v in rec["memory"].items()}

@@ -490,3 +490,29 @@ def test_broadcast_optimizer_state_at_np1_runs_no_compression_step():
     run(model2, opt2, data[3:])
     for a, b in zip(want, model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_refused_state_leaves_the_compressor_as_it_was():
+    """``load_state_dict`` of a state saved under other options is refused, naming the
+    parameter -- and changes nothing: layers before the one that failed the check were
+    already overwritten, and a caller that went on trained on half of each state."""
+    def trained(radius):
+        torch.manual_seed(0)
+        m = Net()
+        comp = RSDGCCompression(m, density=0.1, momentum=0.9, min_numel=0, radius=radius)
+        opt = hvd.DistributedOptimizer(DGCSGD(m.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=m.named_parameters(), compression=comp)
+        run(m, opt, batches(2, seed=radius))
+        return comp
+    comp, other = trained(2), trained(1)
+    before = copy.deepcopy(comp.state_dict())
+    with pytest.raises(ValueError, match=r"parameter '(conv|fc).weight': buffer '.' has shape"):
+        comp.load_state_dict(other.state_dict())
+    after = comp.state_dict()
+    assert after["layers"].keys() == before["layers"].keys()
+    for name, rec in before["layers"].items():
+        got = after["layers"][name]
+        assert (got["step"], got["k"]) == (rec["step"], rec["k"]), name
+        assert got["memory"].keys() == rec["memory"].keys(), name
+        for k, v in rec["memory"].items():
+            assert torch.equal(got["memory"][k], v), (name, k)
