@@ -66,7 +66,10 @@ def _value_dtype(fp16_values: bool, int8_values: bool = False):
 
 
 def _momentum_memory(momentum, nesterov, momentum_masking, error_feedback):
-    if momentum > 0:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0 <= momentum < 1:                    # NaN and negatives too: a negative
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")   # one switched the
+    if momentum > 0:                                     # correction off without a word
         if not error_feedback:
             raise ValueError("error_feedback=False needs momentum=0 (momentum correction keeps "
                              "its residual by construction)")

@@ -74,8 +74,11 @@ class Compressor:
         if fused and not isinstance(method, SparseMethod):
             raise ValueError(f"fused=True: {type(self).__name__} has no bucketed path; it is for "
                              "the sparse methods (rsdgc, dgc, topk)")
-        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) \
+                or not 0 < bucket_mb < float("inf"):
+            raise ValueError(f"bucket_mb must be a finite number > 0, got {bucket_mb!r}")
+        if not isinstance(average, bool):               # "no" was truthy: averaged
+            raise ValueError(f"average must be True or False, got {average!r}")
         self.fused = fused
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
         self.method = method

@@ -198,6 +198,10 @@ class DensitySchedule:
                              "pass steps_per_epoch=0 to rely on set_epoch() alone)")
         if steps_per_epoch is not None:
             check_int("steps_per_epoch", steps_per_epoch, 0)
+        if warmup_epochs > len(tuple(warmup_densities)):   # the warm-up silently ended early
+            raise ValueError(f"warmup_epochs={warmup_epochs} needs one density per warm-up epoch, "
+                             f"warmup_densities has {len(tuple(warmup_densities))}: "
+                             f"{tuple(warmup_densities)}")
         for d in list(warmup_densities)[:warmup_epochs]:
             check_density("warmup_densities[...]", d)
         self.density = float(density)
@@ -319,8 +323,12 @@ class Engine:
         check_int("min_numel", min_numel, 0)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if exclude is None:
+            exclude = ()
         if isinstance(exclude, str):
             exclude = (exclude,)
+        if not all(isinstance(x, str) for x in exclude):
+            raise ValueError(f"exclude must be fnmatch patterns (strings), got {exclude!r}")
         self.owner = owner
         self.method = method
         self.schedule = DensitySchedule(density, dynamic=dynamic, update_every=update_every,

@@ -241,10 +241,22 @@ def test_load_state_dict_checks_buffers_in_a_fresh_process():
     (dict(density_floor=2.0), "density_floor"), (dict(clip_norm=0.0), "clip_norm"),
     (dict(warmup_ramp_steps=-1), "warmup_ramp_steps"),
     (dict(warmup_ramp_steps=4, warmup_epochs=2, steps_per_epoch=2), "warmup_ramp_steps"),
+    # accepted before, silently: no momentum correction, no sampling, averaging, a short warm-up
+    (dict(momentum=-0.9), "momentum"), (dict(momentum=float("nan")), "momentum"),
+    (dict(selection="sampled", sample_ratio=0.0), "sample_ratio"),
+    (dict(selection="sampled", sample_ratio=2.0), "sample_ratio"),
+    (dict(average="no"), "average"), (dict(bucket_mb=float("inf")), "bucket_mb"),
+    (dict(warmup_epochs=3, warmup_densities=(0.5,), steps_per_epoch=2), "warmup_epochs=3"),
+    (dict(warmup_epochs=5, steps_per_epoch=2), "warmup_densities has 4"),
+    (dict(exclude=[1]), "exclude"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, param):
     with pytest.raises(ValueError, match=param):
         RSDGCCompression(Net(), **kwargs)
+
+
+def test_exclude_none_excludes_nothing():
+    assert RSDGCCompression(Net(), exclude=None, min_numel=0).engine.exclude == ()
 
 
 def test_bad_model_argument():

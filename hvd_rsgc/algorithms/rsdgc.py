@@ -38,6 +38,8 @@ class RSDGC(SparseMethod):
             raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
         if selection not in ("topk", "sampled"):
             raise ValueError(f"selection must be 'topk' or 'sampled', got {selection!r}")
+        if not 0.0 < sample_ratio <= 1.0:                # as DGC's: NaN, 0 and 2 refused
+            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
         self.beta = float(beta)
         self.radius = radius
         self.neighbourhood = neighbourhood

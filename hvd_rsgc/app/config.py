@@ -99,8 +99,9 @@ class CompressionConfig:
     density_floor: float = opt(0.1, "RS-DGC: no layer below density_floor*density", 0.0, 1.0)
     selection: str = opt("topk", "RS-DGC: exact top-k or DGC's sampled threshold",
                          choices=("topk", "sampled"))
-    compression_warmup_epochs: int = opt(0, "DGC warm-up densities over the first epochs",
-                                         minimum=0)
+    compression_warmup_epochs: int = opt(0, "DGC warm-up densities over the first epochs "
+                                         "(0.25, 0.0625, 0.015625, 0.004: at most 4)",
+                                         minimum=0, maximum=4)
     warmup_ramp_steps: int = opt(0, "DGC/RS-DGC: warm-up as a per-step ramp 0.25^(1+4t/T) over "
                                  "T steps (instead of compression_warmup_epochs)", minimum=0)
     fp16_values: bool = opt(False, "send values as fp16")
