@@ -143,6 +143,25 @@ def test_write_errors_name_the_path_say_no_space_and_leave_no_tmp(tmp_path, monk
     assert os.listdir(tmp_path / "c") == []
 
 
+def test_an_interrupted_or_unpicklable_save_leaves_no_tmp_and_a_bare_name_saves(tmp_path, monkeypatch):
+    """Ctrl-C (or an object torch cannot save) in the middle of a checkpoint: the error goes
+    on as it was, and no ``.tmp`` stays beside the checkpoints; a path without a directory
+    is written in the working directory (it failed: ``makedirs('')``)."""
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.atomic_save({"x": 1}, str(tmp_path / "c" / "epoch0000.pt"))
+    assert os.listdir(tmp_path / "c") == []
+    with pytest.raises(Exception):             # noqa: B017 - whatever pickle raises, as it was
+        ckpt.atomic_save({"f": lambda: 0}, str(tmp_path / "c" / "epoch0001.pt"))
+    assert os.listdir(tmp_path / "c") == []
+    monkeypatch.chdir(tmp_path)
+    assert ckpt.atomic_save({"x": 1}, "bare.pt") == "bare.pt" and (tmp_path / "bare.pt").exists()
+
+
 def test_a_really_full_disk_is_named_as_such(tmp_path):
     """On a disk that fills up, torch.save raises "unexpected pos ..." (a RuntimeError), not
     ENOSPC: the error must still say the disk is full, and leave no partial file behind."""

@@ -46,25 +46,47 @@ def atomic_save(obj, path: str) -> str:
     file. On failure the temporary file is removed and the error names the path (and says
     so when the disk is full)."""
     tmp = path + ".tmp"
+    directory = os.path.dirname(path) or "."
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:            # a file object: its ENOSPC reaches the context
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)                 # the rename itself, before older files go
     except (OSError, RuntimeError) as e:
-        no_space = _disk_full(e, os.path.dirname(path) or ".")
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        no_space = _disk_full(e, directory)
+        _remove(tmp)
         why = "no space left on the device" if no_space else (
             "permission denied" if getattr(e, "errno", None) in (errno.EACCES, errno.EROFS)
             else str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise OSError(errno.ENOSPC if no_space else getattr(e, "errno", None) or errno.EIO,
                       f"cannot write checkpoint {path!r}: {why}") from e
+    except BaseException:                     # an object that cannot be saved, Ctrl-C: no
+        _remove(tmp)                          # stray .tmp beside the checkpoints
+        raise
     return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                           # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def shard_path(main_path: str, rank: int) -> str:
