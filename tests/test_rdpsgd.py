@@ -355,3 +355,21 @@ def test_bench_rdpsgd_times_round_robin_and_counts_the_bytes(monkeypatch):
     assert (r["bytes_shared_seed"], r["bytes_dense"]) == (4 * m.numel(), 200_000)
     assert r["bytes_8bit_idx"] == 4 * m.numel() + encode_gaps(m).numel() + 4
     assert r["mask/vec"] > 0 and r["loop/vec"] > 0 and r["bern/geo"] > 0
+
+
+def test_mpi_process_group_reduces_half_types(tmp_path):
+    """The gossip runs' process group (mpi4py): bf16 / fp16 tensors have no MPI type (bf16
+    raised TypeError); they are reduced in fp32 and handed back in their own dtype."""
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import torch\n"
+        "from hvd_rsgc.mpi.process import MPIProcessGroup\n"
+        "g = MPIProcessGroup(); g.init(); r = g.rank()\n"
+        "for dt in (torch.bfloat16, torch.float16):\n"
+        "    s = g.allreduce(torch.full((3,), r + 1.5, dtype=dt), op=g.Sum)\n"
+        "    a = g.allreduce(torch.full((3,), r + 1.5, dtype=dt), op=g.Average)\n"
+        "    assert s.dtype == dt and a.dtype == dt, (s.dtype, a.dtype)\n"
+        "    assert s.tolist() == [4.0] * 3 and a.tolist() == [2.0] * 3, (s, a)\n"
+        "print('ok', r)\n")
+    p, _ = mpirun_python(2, str(script), timeout=120, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.count("ok") == 2, p.stdout[-2000:] + p.stderr[-2000:]

@@ -143,6 +143,43 @@ def test_bn_batches_reestimate_statistics_before_evaluation(tmp_path):
         assert torch.allclose(main["model"][name + ".running_var"].double(), var, rtol=1e-4, atol=1e-5), name
 
 
+def test_recompute_batchnorm_matches_update_bn_and_restores_the_model_on_error():
+    """One rank: the re-estimated statistics are torch's own ``update_bn``'s (cumulative
+    average); with no batch anywhere the error is raised and the model is as it was --
+    its statistics, BatchNorm momenta and training mode (they were left reset, None, eval)."""
+    import copy
+
+    from hvd_rsgc.app.strategies import recompute_batchnorm
+
+    class One:                                  # a 1-rank group with Horovod's names
+        Sum = "sum"
+
+        def allreduce(self, t, op=None, name=None):
+            return t.clone()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Dropout(0.5))
+    model.train()
+    for _ in range(3):                          # statistics to keep
+        model(torch.randn(4, 3, 8, 8))
+    batches = [torch.randn(5, 3, 8, 8) for _ in range(3)]
+    ref = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, ref)
+    mine = copy.deepcopy(model)
+    assert recompute_batchnorm(mine, batches, One())
+    bn, rbn = mine[1], ref[1]
+    assert torch.allclose(bn.running_mean, rbn.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, rbn.running_var, atol=1e-5)
+    assert bn.momentum == 0.3 and mine.training
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with pytest.raises(ValueError, match="bn_batches"):
+        recompute_batchnorm(model, [], One())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model[1].momentum == 0.3 and not model.training and not model[1].training
+
+
 def test_metrics_against_hand_computation():
     # true \\ pred   0  1  2
     cm = torch.tensor([[5, 1, 0],

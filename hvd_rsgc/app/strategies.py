@@ -270,27 +270,35 @@ def recompute_batchnorm(model, batches, hvd) -> bool:
         return False
     was_training = model.training
     momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None                 # cumulative average over the batches
-        m.train()
-    seen = 0
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-            seen += 1
-    total = int(hvd.allreduce(torch.tensor([seen]), op=hvd.Sum, name="hvd_rsgc.bn.batches"))
-    if total == 0:
-        raise ValueError("bn_batches: no training batch to re-estimate BatchNorm statistics from")
-    for i, m in enumerate(bns):       # pooled, each rank weighted by its batches
-        mean, var = m.running_mean.double(), m.running_var.double()
-        st = torch.stack([mean, var + mean ** 2]) * seen
-        st = hvd.allreduce(st, op=hvd.Sum, name=f"hvd_rsgc.bn.{i}") / total
-        m.running_mean.copy_(st[0])
-        m.running_var.copy_((st[1] - st[0] ** 2).clamp_(min=0))
-        m.momentum = momenta[i]
-    model.train(was_training)
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    done = False
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None                 # cumulative average over the batches
+            m.train()
+        seen = 0
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                seen += 1
+        total = int(hvd.allreduce(torch.tensor([seen]), op=hvd.Sum, name="hvd_rsgc.bn.batches"))
+        if total == 0:
+            raise ValueError("bn_batches: no training batch to re-estimate BatchNorm statistics from")
+        for i, m in enumerate(bns):       # pooled, each rank weighted by its batches
+            mean, var = m.running_mean.double(), m.running_var.double()
+            st = torch.stack([mean, var + mean ** 2]) * seen
+            st = hvd.allreduce(st, op=hvd.Sum, name=f"hvd_rsgc.bn.{i}") / total
+            m.running_mean.copy_(st[0])
+            m.running_var.copy_((st[1] - st[0] ** 2).clamp_(min=0))
+        done = True
+    finally:                              # on an error the model is as it was: statistics,
+        for m, mom, sd in zip(bns, momenta, saved):     # momenta and mode
+            m.momentum = mom
+            if not done:
+                m.load_state_dict(sd)
+        model.train(was_training)
     return True
 
 

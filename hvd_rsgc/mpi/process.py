@@ -85,13 +85,14 @@ class MPIProcessGroup:
         if op not in (self.Sum, self.Average):
             raise ValueError(f"allreduce op must be Sum or Average, got {op!r}")
         src = t.detach().cpu().contiguous()
-        a = src.numpy()
+        half = src.dtype in (torch.float16, torch.bfloat16)     # no MPI (or numpy) type: in fp32
+        a = (src.float() if half else src).numpy()
         out = np.empty_like(a)
         self.comm.Allreduce(a, out, op=MPI.SUM)
         res = torch.from_numpy(out)
         if op == self.Average:
             res = res / self.size() if res.is_floating_point() else res // self.size()
-        return res.to(t.device)
+        return res.to(device=t.device, dtype=t.dtype)
 
     def broadcast_object(self, obj, root_rank=0, name=None):
         return self.comm.bcast(obj, root=root_rank)
