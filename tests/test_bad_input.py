@@ -418,3 +418,24 @@ def test_cli_resume_validates_overrides_and_reads_an_empty_checkpoint_clearly(tm
     rows = [json.loads(x)["epoch"] for x in open(run / "metrics.jsonl")]
     assert rows == [1, 2]                      # epoch 2 re-run once, not duplicated
     assert coerce("lr", "1e-3") == 1e-3
+
+
+def test_checkpoints_past_epoch_9999_and_rank_999_are_found_ordered_and_pruned(tmp_path):
+    """``epoch10000.pt`` was neither found on resume nor rotated (the glob wanted 4 digits, and
+    the names sorted as text); ``.rank1000`` shards were not set aside."""
+    run = str(tmp_path / "run")
+    for e in (9998, 9999, 10000):
+        path = ckpt.main_path(run, e)
+        for r in (999, 1000):
+            ckpt.atomic_save({"format": ckpt.SHARD_FORMAT, "rank": r}, ckpt.shard_path(path, r))
+        ckpt.atomic_save({"format": ckpt.CKPT_FORMAT, "epoch": e}, path)
+    assert [os.path.basename(p) for p in ckpt.checkpoints(run)] == \
+        ["epoch9998.pt", "epoch9999.pt", "epoch10000.pt"]
+    assert ckpt.resolve(run)[1].endswith("epoch10000.pt")
+    ckpt.save_main(run, 10001, {"format": ckpt.CKPT_FORMAT, "epoch": 10001}, keep=2)
+    left = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert left == ["epoch10000.pt", "epoch10000.rank1000.pt", "epoch10000.rank999.pt",
+                    "epoch10001.pt"], left
+    folder, moved = ckpt.set_aside(run, 9999, "superseded")
+    assert sorted(moved) == ["epoch10000.pt", "epoch10000.rank1000.pt", "epoch10000.rank999.pt",
+                             "epoch10001.pt"]

@@ -12,7 +12,6 @@ checkpoint than the directory's latest, first moves the files it would replace i
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import re
 import time
@@ -21,8 +20,9 @@ import torch
 
 CKPT_FORMAT = "hvd_rsgc.checkpoint/1"
 SHARD_FORMAT = "hvd_rsgc.checkpoint-shard/1"
-_MAIN_GLOB = "epoch[0-9][0-9][0-9][0-9].pt"
-_EPOCH_FILE = re.compile(r"epoch(\d{4})(\.rank\d{3})?\.pt$")
+# epochs past 9999 and ranks past 999 get more digits: matched, and ordered by number
+_MAIN_FILE = re.compile(r"epoch(\d{4,})\.pt")
+_EPOCH_FILE = re.compile(r"epoch(\d{4,})(\.rank\d{3,})?\.pt$")
 
 
 def _disk_full(e: BaseException, directory: str) -> bool:
@@ -101,7 +101,9 @@ def save_main(run_dir: str, epoch: int, payload: dict, keep: int) -> str:
     path = atomic_save(payload, main_path(run_dir, epoch))
     mains = checkpoints(run_dir)
     for old in mains[:-keep]:
-        for f in [old] + glob.glob(old[: -len(".pt")] + ".rank*.pt"):
+        stem = os.path.basename(old)[: -len(".pt")]
+        for f in [old] + [os.path.join(os.path.dirname(old), n) for n in os.listdir(os.path.dirname(old))
+                          if re.fullmatch(re.escape(stem) + r"\.rank\d{3,}\.pt", n)]:
             os.remove(f)
     return path
 
@@ -128,7 +130,10 @@ def set_aside(run_dir: str, after_epoch: int, why: str) -> tuple[str | None, lis
 
 def checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoints (main files), oldest first."""
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", _MAIN_GLOB)))
+    folder = os.path.join(run_dir, "checkpoints")
+    found = [(int(m.group(1)), n) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := _MAIN_FILE.fullmatch(n))]
+    return [os.path.join(folder, n) for _, n in sorted(found)]
 
 
 def load(path: str, kind: str = CKPT_FORMAT) -> dict:
@@ -159,7 +164,7 @@ def resolve(resume: str) -> tuple[str, str]:
     if os.path.isfile(resume):
         path = os.path.abspath(resume)
         if os.path.basename(os.path.dirname(path)) != "checkpoints" \
-                or not re.fullmatch(r"epoch\d{4}\.pt", os.path.basename(path)):
+                or not _MAIN_FILE.fullmatch(os.path.basename(path)):
             raise ValueError(f"--resume {resume!r}: a checkpoint file is resumed where the run "
                              "wrote it, <run>/checkpoints/epochNNNN.pt, with its rank shards "
                              "beside it (the continued run writes into <run>); pass that file "
