@@ -163,8 +163,14 @@ class BucketCodec:
     def _received(self, g: Group, msg: torch.Tensor):
         """A gathered group message -> (values, rows) of its units, flag rows taken out and
         their layers added to :attr:`flagged`."""
-        vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units + len(g.layers))
-        if rows.numel() and int(rows.max()) >= g.units:            # some rank flagged a layer
+        n = g.units + len(g.layers)
+        vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, n, check_rows=False)
+        if not rows.numel():
+            return vals, rows
+        lo, hi = torch.stack(torch.aminmax(rows)).tolist()        # one host sync: range + flags
+        if lo < 0 or hi >= n:
+            raise ValueError(f"sparse message index out of range [0, {n})")
+        if hi >= g.units:                                          # some rank flagged a layer
             flag = rows >= g.units
             self.flagged.update(g.layers[i].name for i in (rows[flag] - g.units).tolist())
             keep = ~flag

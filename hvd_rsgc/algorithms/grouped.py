@@ -28,10 +28,12 @@ Top-k is the same route with element units (s = 1: a unit's row is its position,
 and |e| as the score. DGC (and RS-DGC with ``selection="sampled"``) replaces step 3 with the
 sampled threshold for all layers at once (``_sampled_rows``): the per-layer route's sample
 offsets, thresholds and re-adjust loop, with two host syncs per round of that loop (the
-candidates' count, their split by layer) and one for the thresholds.
+candidates' count, their split by layer) and one for the thresholds; everything else in it
+has sizes known on the host (fixed-size index operations, no boolean masks).
 
 One host sync per group for exact top-k: the finiteness test of its gradients, one
-multi-tensor max-norm. A group holding inf / NaN takes the per-layer route, which flags it, as
+multi-tensor max-norm (each layer's first row is added to its picks by one multi-tensor
+operation, not a host-to-device copy). A group holding inf / NaN takes the per-layer route, which flags it, as
 does a group with a unit that is not an s x s block (a 1x7 kernel) or a memory other than
 momentum correction / error feedback. Scores are the NSI summed in another order than the per-layer route's, so they can
 differ in the last bit; the tests check the same rows, values and residuals as the per-layer
@@ -101,6 +103,8 @@ class _Plan:
             off += n
         self.numel, self.units = off, self.ustart[-1]
         self.x = self.tw = self.counts = None
+        # each layer's first unit, on the device (the sampled threshold's split by layer)
+        self.bounds = torch.tensor(self.ustart, dtype=torch.int64, device=device)
         if s == 1:                  # element units: a unit's position is its row, no tables
             return
         idx = torch.int32 if off // s + 1 < 2 ** 31 else torch.int64
@@ -192,6 +196,8 @@ def scores(method, plan, flat, beta: float | None) -> torch.Tensor:
     # |v| and v^2 by chunks of a quarter of the group: a few launches, a quarter word per parameter
     scratch = method.workspace.get("grouped_scratch",
                                    min(plan.numel, max(1 << 16, -(-plan.numel // 4) + plan.s)), dev)
+    # the other pieces' positions: s - 1 small operations a step, not s - 1 more int32 tables
+    # (a fifth of a word per parameter; the state stays under 3 words)
     idx = [plan.x] + [plan.x + r * plan.tw for r in range(1, plan.s)]
     abs_sum = _unit_sums(plan, flat, pieces, scratch, idx, "abs")
     if beta == 1.0:
@@ -264,9 +270,8 @@ def _exact_rows(plan, present, st_of, sc, acc, beta, dev):
             starts.append(a)
     if not picks:
         return torch.zeros(0, dtype=torch.int64, device=dev), ks
-    rows = torch.cat(picks) + torch.repeat_interleave(
-        torch.tensor(starts, device=dev), torch.tensor([k for k in ks if k], device=dev),
-        output_size=sum(ks))
+    # each layer's first row added by one multi-tensor operation: no host-to-device copy
+    rows = torch.cat(torch._foreach_add(picks, starts))
     if unsorted:                                # layers in order, rows ascending in each
         rows = torch.sort(rows).values
     return rows, ks
@@ -285,6 +290,21 @@ def _rank_in_segment(first: torch.Tensor, counts: torch.Tensor, n: int) -> torch
     starting at entry ``first``): each entry's position within its segment."""
     return (torch.arange(n, device=counts.device)
             - torch.repeat_interleave(first, counts, output_size=n))
+
+
+def _h2d(t: torch.Tensor, dev) -> torch.Tensor:
+    """A small host tensor onto ``dev``; on a GPU through pinned memory without blocking (a
+    pageable copy waits for the stream: every kernel queued before it)."""
+    if torch.device(dev).type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _segment_heads(start: torch.Tensor, take: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of the first ``take[i]`` entries of every segment ``i`` (starting at entry
+    ``start[i]``), segment after segment, ascending within each; ``n = sum(take)``."""
+    first = torch.cumsum(take, 0) - take
+    return torch.repeat_interleave(start, take, output_size=n) + _rank_in_segment(first, take, n)
 
 
 def _key_value(key: torch.Tensor) -> torch.Tensor:
@@ -341,15 +361,15 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
         cnt = tab[:, 3]
         cstart = torch.cumsum(cnt, 0) - cnt
         T = int(cnt.sum())
-        tab_d = torch.stack([tab[:, 1] - tab[:, 2] * cstart, tab[:, 2], cnt,
-                             cstart + tab[:, 4] - 1]).to(dev)
+        tab_d = _h2d(torch.stack([tab[:, 1] - tab[:, 2] * cstart, tab[:, 2], cnt,
+                             cstart + tab[:, 4] - 1]), dev)
         pos = (torch.repeat_interleave(tab_d[0], tab_d[2], output_size=T)
                + torch.repeat_interleave(tab_d[1], tab_d[2], output_size=T)
                * torch.arange(T, device=dev))
         seg = torch.repeat_interleave(torch.arange(len(sampled), device=dev), tab_d[2], output_size=T)
         key = torch.sort(_desc_key(value_of(pos), seg)).values[tab_d[3]]
         thr[tab[:, 0]] = _key_value(key).cpu()                    # a host sync
-    bounds = torch.tensor(plan.ustart, device=dev)
+    bounds = plan.bounds
     diff = torch.empty(plan.units, dtype=torch.float32, device=dev)
     views = [diff[a:b] for a, b in zip(plan.ustart[:-1], plan.ustart[1:])]
     mask = method.workspace.get("grouped_mask", plan.units, dev, torch.bool)
@@ -382,20 +402,19 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     over = [0] * L
     for i in overflow:
         keep_n[i], over[i] = 0, 1
-    C = cand.numel()
-    tab = torch.tensor([cuts[:-1], counts, keep_n, over, ns], device=dev)
-    rows = cand[_rank_in_segment(tab[0], tab[1], C)
-                < torch.repeat_interleave(tab[2], tab[1], output_size=C)]
+    # every size below is known on the host: fixed-size index operations, no boolean masks
+    # (a mask's result has a data-dependent size, one more host sync each on a GPU)
+    ocounts = [c * o for c, o in zip(counts, over)]
+    ns_over = [n * o for n, o in zip(ns, over)]
+    tab = _h2d(torch.tensor([cuts[:-1], keep_n, ocounts, ns_over], dtype=torch.int64), dev)
+    rows = cand[_segment_heads(tab[0], tab[1], sum(keep_n))]    # each layer's first keep_n
     if overflow:
-        Co = sum(counts[i] for i in overflow)
-        flag = torch.repeat_interleave(tab[3].bool(), tab[1], output_size=C)
-        co = cand[flag]
-        seg = torch.repeat_interleave(torch.arange(L, device=dev), tab[1], output_size=C)[flag]
+        Co = sum(ocounts)
+        co = cand[_segment_heads(tab[0], tab[2], Co)]            # the overflowing layers' all
+        seg = torch.repeat_interleave(torch.arange(L, device=dev), tab[2], output_size=Co)
         perm = torch.sort(_desc_key(value_of(co), seg), stable=True).indices    # ties: lower rows
-        ocounts = tab[1] * tab[3]
-        first = torch.cumsum(ocounts, 0) - ocounts
-        picks = co[perm[_rank_in_segment(first, ocounts, Co)
-                        < torch.repeat_interleave(tab[4], ocounts, output_size=Co)]]
+        first = torch.cumsum(tab[2], 0) - tab[2]
+        picks = co[perm[_segment_heads(first, tab[3], sum(ns_over))]]          # ns largest each
         rows = torch.sort(torch.cat([rows, picks])).values
         for i in overflow:
             keep_n[i] = ns[i]
