@@ -490,6 +490,9 @@ def test_bucket_flag_rows_reach_every_decode():
         bad[0, -1] = torch.tensor([g0.units + len(g0.layers)], dtype=torch.int32).view(torch.float32)
         with pytest.raises(ValueError, match="out of range"):
             codec.decode([bad] + gathered[1:])
+        bad[0, -1] = torch.tensor([-1], dtype=torch.int32).view(torch.float32)   # below as well
+        with pytest.raises(ValueError, match="out of range"):
+            codec.decode([bad] + gathered[1:])
 
 
 def test_zero_streams_large_buffers_and_leaves_neighbours():
