@@ -96,13 +96,20 @@ def assert_same_checkpoint(run_a, run_b, epoch: int, ranks: int):
     a, b = load(run_a, ""), load(run_b, "")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    shards = []
+    assert a["model"].keys() == b["model"].keys() and a["model"]
+    shards, kept = [], False
     for r in range(ranks):
         sa, sb = load(run_a, f".rank{r:03d}"), load(run_b, f".rank{r:03d}")
-        for name, lay in sa["compression"]["layers"].items():
+        la, lb = sa["compression"]["layers"], sb["compression"]["layers"]
+        assert la.keys() == lb.keys(), (r, sorted(la.keys() ^ lb.keys())[:4])
+        for name, lay in la.items():
+            assert lay["memory"].keys() == lb[name]["memory"].keys(), (r, name)
             for key, t in lay["memory"].items():
-                assert torch.equal(t, sb["compression"]["layers"][name]["memory"][key]), (r, name, key)
+                assert torch.equal(t, lb[name]["memory"][key]), (r, name, key)
+                kept = kept or bool(t.count_nonzero())
         shards.append(sa)
+    # the same residuals, not two empty states (a compressor that kept nothing matched)
+    assert kept or not any(s["compression"]["layers"] for s in shards), "no residual was kept"
     return a, b, shards
 
 
