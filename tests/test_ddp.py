@@ -80,7 +80,7 @@ def test_ddp_double_momentum_is_refused(np2):
 def test_ddp_nonfinite_gradient_skip_and_raise(tmp_path):
     """One layer's gradient is NaN on rank 1 at step 2 (buckets: the flag row of the message;
     per tensor and dense: the flag in the bucket's allreduce). skip: every rank skips exactly
-    that step, leaves the parameters alone, keeps its state finite and trains on identically;
+    that step, gets NaN for that tensor, keeps its state finite and trains on identically;
     raise: every rank's backward raises, naming the parameter."""
     for r in run(2, tmp_path, "--scenarios", "nonfinite", "--kinds", "none"):
         for kind, x in r["nonfinite"].items():
@@ -89,7 +89,7 @@ def test_ddp_nonfinite_gradient_skip_and_raise(tmp_path):
                     and "conv2.weight" in x["raised"] and x["step"] == 2, (kind, x)
                 continue
             assert x["raised"] is None and x["skipped"] == [2], (kind, x)
-            assert x["unchanged"] and all(x["identical"]) and len(x["identical"]) == 5, (kind, x)
+            assert x["nan_grad"] and all(x["identical"]) and len(x["identical"]) == 5, (kind, x)
             assert x["params_finite"] and x["memory_finite"] and x["stats_skipped"] == 1, (kind, x)
             # the meter == torch.distributed's bytes, the NaN step included (the rank sending
             # an empty message still sends the padding up to the other rank's rows)

@@ -275,8 +275,9 @@ def nonfinite_skip(kind):
     comp = compressor(kind, model, nonfinite="skip")
     opt = optimizer_for(kind, model, comp)
     x, y = make_data(450 + hvd.rank(), 6 * 16)
-    skipped, unchanged, kept = [], True, None
+    skipped, nan_grad, kept = [], True, None
     multi = getattr(comp.method, "rounds", "single") == "multi"
+    bad = [getattr(model, only).weight] if only else list(model.parameters())
     for s in range(6):
         opt.zero_grad()
         loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
@@ -292,19 +293,20 @@ def nonfinite_skip(kind):
         loss.backward()
         for h in hooks:
             h.remove()
-        before = flat_params(model).clone()
         comp.synchronize(opt)
         if multi and s == 2:
             kept = accumulators.kept(comp, acc, caught)
         if comp.step_nonfinite:
             skipped.append(s)
+            # the contract: every rank gets NaN for the tensor(s) of that step, whatever its
+            # own gradient was (rank 0's was finite)
+            nan_grad = nan_grad and all(bool(torch.isnan(p.grad).all()) for p in bad)
             opt.zero_grad()
-            unchanged = unchanged and torch.equal(before, flat_params(model))
             continue
         with opt.skip_synchronize():
             opt.step()
     mem = [v for lay in comp.state_dict()["layers"].values() for v in lay["memory"].values()]
-    return {"skipped": skipped, "unchanged": unchanged, "identical": identical_across_ranks(model),
+    return {"skipped": skipped, "nan_grad": nan_grad, "identical": identical_across_ranks(model),
             "params_finite": bool(torch.isfinite(flat_params(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
             "stats_skipped": comp.stats()["skipped_steps"], "kept": kept,
