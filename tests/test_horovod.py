@@ -154,6 +154,8 @@ def test_np2_backward_passes_per_step(np2):
         b = rank_res["bpps"]
         assert b["identical"]
         assert set(b["compress_calls"].values()) == {4}      # 4 steps x 2 passes -> 4 compressions
+        for kind, v in b["dense_equiv"].items():             # both passes' gradients, summed
+            assert v["max_abs_diff"] <= 1e-6 * max(1.0, v["ref_scale"]), (kind, v)
 
 
 def test_np2_parameter_without_gradient_on_some_steps(np2):
