@@ -135,23 +135,36 @@ def train(kind, steps, counter, **extra):
 
 
 def equivalence(steps):
-    """density 1, no error feedback: the same parameters as plain DDP, bit for bit."""
+    """density 1, no error feedback: the same parameters as plain DDP, bit for bit; also with
+    two micro-batches accumulated under no_sync() into bucket views (the hook must reduce
+    both micro-batches' gradients, as plain DDP does)."""
     out = {}
     for kind in ("plain", "topk"):
-        torch.manual_seed(0)
-        model = Net()
-        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
-        if kind == "topk":
-            comp = hvd_rsgc.TopKCompression(model, density=1.0, error_feedback=False, min_numel=MIN_NUMEL)
-            ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        x, y = make_data(300 + dist.get_rank(), steps * 16)
-        for s in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
-            opt.step()
-        out[kind] = flat(model)
-    return {"max_diff": float((out["plain"] - out["topk"]).abs().max())}
+        for micro in (1, 2):
+            torch.manual_seed(0)
+            model = Net()
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01,
+                                                      gradient_as_bucket_view=micro == 2)
+            if kind == "topk":
+                comp = hvd_rsgc.TopKCompression(model, density=1.0, error_feedback=False,
+                                                min_numel=MIN_NUMEL)
+                ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            x, y = make_data(300 + dist.get_rank(), steps * 16 * micro)
+            for s in range(steps):
+                opt.zero_grad()
+                for h in range(micro):
+                    i = (s * micro + h) * 16
+                    if h < micro - 1:
+                        with ddp.no_sync():
+                            F.cross_entropy(ddp(x[i:i + 16]), y[i:i + 16]).backward()
+                    else:
+                        F.cross_entropy(ddp(x[i:i + 16]), y[i:i + 16]).backward()
+                opt.step()
+            out[kind, micro] = flat(model)
+    return {"max_diff": float((out["plain", 1] - out["topk", 1]).abs().max()),
+            "max_diff_nosync": float((out["plain", 2] - out["topk", 2]).abs().max()),
+            "nosync_moved": float((out["plain", 2] - out["plain", 1]).abs().max())}
 
 
 def no_sync_and_views(steps):
