@@ -118,6 +118,60 @@ def test_sampled_threshold_selects_about_k_and_only_large_values():
     assert chosen.min() >= torch.topk(imp, int(plan.num_selects * 2)).values.min()
 
 
+def _sampled_reference(x: list, plan, start: int) -> list:
+    """DGC's sampled selection written plainly (lists, Python sorts), from the paper's
+    description: the top_k_samples-th largest of every stride-th value from ``start`` is the
+    threshold; while fewer than 0.8 k pass, it is lowered (x 0.8, in fp32; at most 10
+    rounds); more than 1.3 k: the k largest of them (ties: lower positions); then the first
+    k, ascending."""
+    n, ns = len(x), plan.num_selects
+    if ns >= n:
+        return list(range(n))
+    samples = x[start::plan.stride] if plan.stride != 1 else x
+    thr = torch.tensor(sorted(samples, reverse=True)[plan.top_k_samples - 1], dtype=torch.float32)
+    idx = [i for i in range(n) if x[i] >= float(thr)]
+    if n > plan.num_samples:
+        for _ in range(10):
+            if len(idx) > ns:
+                if len(idx) > 1.3 * ns:
+                    idx = sorted(sorted(idx, key=lambda i: -x[i])[:ns])    # stable: lower first
+                break
+            if len(idx) < 0.8 * ns:
+                thr = thr * 0.8
+                idx = [i for i in range(n) if x[i] >= float(thr)]
+                continue
+            break
+    return idx[:ns]
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "sample_high", "signed"])
+def test_sampled_threshold_against_a_plain_reference(data):
+    """The selection's indices, exactly, against :func:`_sampled_reference`: plain normal
+    values (the first threshold holds), many equal values (more than 1.3 k pass: the k
+    largest, ties to the lower positions), large values on the sampled positions only (the
+    threshold overshoots and is lowered round after round), signed values (``magnitude``)."""
+    g = torch.Generator().manual_seed(11)
+    n = 60_000
+    imp = torch.randn(n, generator=g).abs()
+    plan = SamplePlan.make(n, 0.002)
+    start = int(torch.randint(0, plan.stride, (1,), generator=torch.Generator().manual_seed(4)).item())
+    if data == "ties":
+        imp = torch.randint(0, 3, (n,), generator=g).float()
+    elif data == "sample_high":
+        imp = torch.rand(n, generator=g) * 0.1
+        imp[start::plan.stride] += 10.0
+    x = imp
+    if data == "signed":
+        x = imp * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+    got = sampled_threshold_indices(x, plan, torch.Generator().manual_seed(4), magnitude=data == "signed")
+    want = _sampled_reference(imp.tolist(), plan, start)
+    assert got.tolist() == want
+    if data == "ties":
+        assert len(want) == plan.num_selects            # the > 1.3 k branch ran
+    if data == "sample_high":
+        assert len(want) >= 0.8 * plan.num_selects      # lowered until enough passed
+
+
 def test_random_indices_distinct_deterministic():
     a = random_indices(10_000, 500, torch.Generator().manual_seed(5))
     b = random_indices(10_000, 500, torch.Generator().manual_seed(5))
