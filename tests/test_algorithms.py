@@ -244,14 +244,23 @@ def test_lossy_values_lose_nothing_under_every_memory(value_dtype, method_name):
     st = layer_for(method, shape, 0.1)
     S = st.layout.unit_size
     total_in, total_sent = torch.zeros(shape), torch.zeros(shape)
+    key = "e" if method_name == "topk" else "v"
     for _ in range(4):
         g = torch.randn(shape) * torch.rand(16, 1, 1, 1)        # per-unit scales differ
         total_in += g
+        units = st.layout.to_units(st.memory[key].view(shape) + g)     # what is selected from
         msg = method.encode(st, g, {})
         assert msg.dtype == value_dtype
         vals, rows = unpack_sparse(msg, S, torch.int32, st.layout.num_units)
         assert vals.dtype == (torch.float32 if value_dtype == torch.int8 else value_dtype)
         total_sent += scatter_sum(st.layout, vals, rows, torch.float32)
+        # which units (conservation alone holds for any choice) and their values, as rounded
+        if method_name != "dgc":                # DGC's sampled choice: its own test
+            score = units.abs().view(-1) if method_name == "topk" else \
+                torch.tensor([ref_nsi(u.tolist(), 0.5) for u in units])
+            assert sorted(rows.tolist()) == sorted(torch.topk(score, st.k).indices.tolist())
+        tol = 1e-3 * units.abs().max() if value_dtype == torch.float16 else units.abs().max() / 100
+        assert torch.allclose(vals.float(), units[rows], rtol=0, atol=float(tol))
     residual = st.memory["e" if method_name == "topk" else "v"].view(shape)
     assert torch.allclose(total_sent + residual, total_in, atol=1e-5)
     assert total_sent.abs().sum() > 0
