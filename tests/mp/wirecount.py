@@ -17,6 +17,8 @@ KINDS = ("grouped_allreduce", "grouped_allgather", "allreduce", "allgather", "br
 class WireCounter:
     def __init__(self):
         self.records = []          # (kind, name, bytes)
+        self.own = 0               # alltoall bytes addressed to this rank itself (since take)
+        self.last_own = 0          # ... up to the last take()
         self._installed = []
 
     def install(self):
@@ -48,6 +50,12 @@ class WireCounter:
                 root = args[2]
                 if root != mpi_ops.rank():
                     nbytes = 0
+            if kind == "alltoall" and args[1].numel() and tensors[0].shape[0]:
+                # (tensor, splits, ...): splits[r] rows go to rank r; this rank's own never
+                # leave it (global ranks: the tests' process set is the global one)
+                t = tensors[0]
+                row = t.numel() // t.shape[0] * t.element_size()
+                self.own += int(args[1][mpi_ops.rank()]) * row
             self.records.append((kind, name, nbytes))
             return fn(*args)
         return wrapper
@@ -59,4 +67,5 @@ class WireCounter:
             k0, b0 = out.get(name, (kind, 0))
             out[name] = (k0, b0 + nbytes)
         self.records = []
+        self.last_own, self.own = self.own, 0
         return out

@@ -140,6 +140,7 @@ def train(kind, steps, counter, batch=32, options=None):
         st = comp.stats()
         per_step.append({"wire": {n: b for n, (k, b) in wire.items()},
                          "kinds": {n: k for n, (k, b) in wire.items()},
+                         "alltoall_own": counter.last_own,
                          "lib_step_bytes": st["step_bytes"], "grads_none": grads_none})
     same = identical_across_ranks(model)
     counter.take()
