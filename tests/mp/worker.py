@@ -244,21 +244,34 @@ def bpps():
 def missing_grad():
     """A branch used only on rank 0 and only on even steps: on the other steps/ranks its
     parameters have no gradient (Horovod submits zeros for them in synchronize())."""
-    torch.manual_seed(0)
-    model = Net()
-    model.branch = torch.nn.Linear(10, 10)           # 110 params, compressed with min_numel=100
-    comp = compressor("rsdgc", model)
-    opt = optimizer_for("rsdgc", model, comp)
-    x, y = make_data(500 + hvd.rank(), 6 * 16)
-    for s in range(6):
-        opt.zero_grad()
-        out = model(x[s * 16:(s + 1) * 16])
-        if hvd.rank() == 0 and s % 2 == 0:
-            out = model.branch(out)
-        F.cross_entropy(out, y[s * 16:(s + 1) * 16]).backward()
-        opt.step()
+    def run(explicit_zeros):
+        torch.manual_seed(0)
+        model = Net()
+        model.branch = torch.nn.Linear(10, 10)       # 110 params, compressed with min_numel=100
+        comp = compressor("rsdgc", model)
+        opt = optimizer_for("rsdgc", model, comp)
+        x, y = make_data(500 + hvd.rank(), 6 * 16)
+        for s in range(6):
+            opt.zero_grad()
+            out = model(x[s * 16:(s + 1) * 16])
+            if hvd.rank() == 0 and s % 2 == 0:
+                out = model.branch(out)
+            F.cross_entropy(out, y[s * 16:(s + 1) * 16]).backward()
+            if explicit_zeros:                       # the twin: zeros given by hand
+                for p in model.branch.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            opt.step()
+        return model, comp
+    model, comp = run(False)
+    twin, twin_comp = run(True)
+    mem = comp.state_dict()["layers"]["branch.weight"]["memory"]
+    twin_mem = twin_comp.state_dict()["layers"]["branch.weight"]["memory"]
     return {"identical": identical_across_ranks(model), "steps": comp.engine.table.of(model.branch.weight).layer.step,
-            "compressed": "branch.weight" in comp.compressed_names}
+            "compressed": "branch.weight" in comp.compressed_names,
+            # a missing gradient is a zero one: the same parameters and residuals, bit for bit
+            "as_zeros": torch.equal(flat_params(model), flat_params(twin))
+            and mem.keys() == twin_mem.keys() and all(torch.equal(v, twin_mem[k]) for k, v in mem.items())}
 
 
 def nonfinite():
