@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import time
+import types
+import weakref
 
 import pytest
 import torch
@@ -223,3 +225,37 @@ def run_threads(size, fn):
     if errs:
         raise errs[0]
     return res
+
+
+def reachable_storage_bytes(root, exclude_ptrs=()) -> int:
+    """Bytes of every tensor storage reachable from ``root`` through attributes, dicts and
+    sequences (each storage once; ``exclude_ptrs``: storages not to count, e.g. the model's
+    parameters): the memory an object holds, counted without asking it."""
+    seen, storages, stack = set(), {}, [root]
+    skip = (str, bytes, int, float, bool, complex, type(None), types.ModuleType, type,
+            types.FunctionType, types.BuiltinFunctionType, types.MethodType, weakref.ref,
+            torch.dtype, torch.device, torch.Generator)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, skip):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if o.device.type != "meta":
+                s = o.untyped_storage()
+                if s.data_ptr() not in exclude_ptrs:
+                    storages[s.data_ptr()] = s.nbytes()
+            continue
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        else:
+            d = getattr(o, "__dict__", None)
+            if isinstance(d, dict):
+                stack.extend(d.values())
+            for sl in getattr(type(o), "__slots__", ()):
+                if hasattr(o, sl):
+                    stack.append(getattr(o, sl))
+    return sum(storages.values())
