@@ -330,9 +330,8 @@ class LGCCompression(Compressor):
 
     def load_state_dict(self, state: dict) -> None:
         lg = state.get("lgc") if isinstance(state, dict) else None
-        if lg is None or lg.get("mode") != self.mode or lg.get("K") != self.K:
-            raise ValueError("LGC state does not match this compressor (mode or signal length differ)")
-        super().load_state_dict(state)
+        self.method.check_state(lg, self._nodes() or 1)     # all of it before any part loads:
+        super().load_state_dict(state)                      # a refused state changes nothing
         self.method.load_state_dict(lg, self._nodes() or 1)
 
 

@@ -140,3 +140,36 @@ def test_resume_continues_in_the_right_stage(device):
     assert c2.stage() == 3
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_refused_state_leaves_lgc_as_it_was():
+    """A state whose autoencoder has other shapes (another code_channels) is refused before
+    the engine's residuals or the step counters are replaced (they were, then the autoencoder
+    failed to load: half of each state)."""
+    from hvd_rsgc import LGCCompression
+    hvd.init()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 64, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(5)]
+
+    def trained(channels, steps):
+        torch.manual_seed(0)
+        m = Net()
+        comp = LGCCompression(m, density=0.2, warmup_steps=2, ae_steps=2, min_numel=0,
+                              code_channels=channels)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+                                       named_parameters=m.named_parameters(), compression=comp)
+        for x, y in data[:steps]:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return comp
+    comp, other = trained(4, 5), trained(2, 3)
+    before = copy.deepcopy(comp.state_dict())
+    with pytest.raises(ValueError, match="autoencoder does not match"):
+        comp.load_state_dict(other.state_dict())
+    after = comp.state_dict()
+    assert after["lgc"]["step"] == before["lgc"]["step"]
+    for name, rec in before["layers"].items():
+        assert after["layers"][name]["step"] == rec["step"], name
+        for k, v in rec["memory"].items():
+            assert torch.equal(after["layers"][name]["memory"][k], v), (name, k)

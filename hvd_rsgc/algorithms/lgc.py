@@ -373,9 +373,27 @@ class LGC:
                 "replay": [b.detach().cpu().clone() for b in self.buffer],
                 "stage_bytes": dict(self.stage_bytes), "stage_steps": dict(self.stage_steps)}
 
-    def load_state_dict(self, lg: dict, nodes: int) -> None:
-        if lg is None or lg.get("mode") != self.mode or lg.get("K") != self.K:
+    def check_state(self, lg, nodes: int) -> None:
+        """Refuse a state that :meth:`load_state_dict` could not load whole, before anything is
+        changed (the caller checks the engine's part too, then loads both)."""
+        if not isinstance(lg, dict) or lg.get("mode") != self.mode or lg.get("K") != self.K:
             raise ValueError("LGC state does not match this compressor (mode or signal length differ)")
+        missing = [k for k in ("step", "ae", "ae_opt", "ae_loss", "synced", "stage_bytes",
+                               "stage_steps") if k not in lg]
+        if missing:
+            raise ValueError(f"LGC state lacks {missing}")
+        here = next(self.ae.parameters()).device if self.ae is not None else "cpu"
+        want = {k: tuple(v.shape) for k, v in self.autoencoder(nodes, here).state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in lg["ae"].items()}
+        if want != got:
+            diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            raise ValueError(f"LGC state's autoencoder does not match this one (another rank "
+                             f"count or code_channels?): {diff[:4]}")
+        if len(lg["ae_opt"].get("param_groups", ())) != len(self.ae_opt.param_groups):
+            raise ValueError("LGC state's autoencoder optimizer does not match this one")
+
+    def load_state_dict(self, lg: dict, nodes: int) -> None:
+        self.check_state(lg, nodes)
         self.step = int(lg["step"])
         ae = self.autoencoder(nodes, "cpu")
         ae.load_state_dict(lg["ae"])
