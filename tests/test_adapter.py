@@ -210,17 +210,22 @@ def test_two_compressors_stepping_together_submit_distinct_names():
     assert names["g"] and names["d"] and not set(names["g"]) & set(names["d"]), names
 
 
+def trained_rsdgc(steps: int, **kw):
+    """An RS-DGC compressor (momentum 0.9, density 0.1) after ``steps`` steps of a fresh Net."""
+    torch.manual_seed(0)
+    a = Net()
+    comp = RSDGCCompression(a, density=0.1, momentum=0.9, **kw)
+    opt = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=a.named_parameters(), compression=comp)
+    run(a, opt, batches(steps))
+    return comp
+
+
 def test_load_state_dict_checks_buffers_in_a_fresh_process():
     """A fresh compressor (no step yet, so no buffer to compare with) loading a state of
     another configuration: the parameter and the buffers are named at load, not a KeyError or
     a shape error on the first step."""
-    torch.manual_seed(0)
-    a = Net()
-    trained = RSDGCCompression(a, density=0.1, momentum=0.9, min_numel=0)
-    opt = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
-                                   named_parameters=a.named_parameters(), compression=trained)
-    run(a, opt, batches(1))
-    state = trained.state_dict()
+    state = trained_rsdgc(1, min_numel=0).state_dict()
     with pytest.raises(ValueError, match=r"parameter 'conv.weight': buffers \['u', 'v'\], this "
                                          r"configuration keeps \['e'\]"):
         RSDGCCompression(Net(), density=0.1, momentum=0.0, min_numel=0).load_state_dict(state)
@@ -427,13 +432,7 @@ def test_loaded_state_follows_the_gradients_device_dense_momentum_too():
     loaded buffer moves to the device of its tensor's first gradient -- the residuals of the
     sparse tensors and the local momentum 'u' of the tensors sent dense (biases), which stayed
     on the CPU and failed the first step on a GPU. A 'meta' gradient stands in for the GPU."""
-    torch.manual_seed(0)
-    a = Net()
-    trained = RSDGCCompression(a, density=0.1, momentum=0.9, min_numel=100)
-    opt = hvd.DistributedOptimizer(DGCSGD(a.parameters(), lr=0.1, momentum=0.9),
-                                   named_parameters=a.named_parameters(), compression=trained)
-    run(a, opt, batches(2))
-    state = trained.state_dict()
+    state = trained_rsdgc(2, min_numel=100).state_dict()
     dense = [n for n, rec in state["layers"].items() if list(rec["memory"]) == ["u"]]
     assert dense and len(dense) < len(state["layers"]), "want both kinds of tensor"
     comp = RSDGCCompression(Net(), density=0.1, momentum=0.9, min_numel=100)
@@ -508,15 +507,7 @@ def test_a_refused_state_leaves_the_compressor_as_it_was():
     """``load_state_dict`` of a state saved under other options is refused, naming the
     parameter -- and changes nothing: layers before the one that failed the check were
     already overwritten, and a caller that went on trained on half of each state."""
-    def trained(radius):
-        torch.manual_seed(0)
-        m = Net()
-        comp = RSDGCCompression(m, density=0.1, momentum=0.9, min_numel=0, radius=radius)
-        opt = hvd.DistributedOptimizer(DGCSGD(m.parameters(), lr=0.1, momentum=0.9),
-                                       named_parameters=m.named_parameters(), compression=comp)
-        run(m, opt, batches(2, seed=radius))
-        return comp
-    comp, other = trained(2), trained(1)
+    comp, other = trained_rsdgc(2, min_numel=0, radius=2), trained_rsdgc(3, min_numel=0, radius=1)
     before = copy.deepcopy(comp.state_dict())
     with pytest.raises(ValueError, match=r"parameter '(conv|fc).weight': buffer '.' has shape"):
         comp.load_state_dict(other.state_dict())

@@ -209,12 +209,15 @@ def bpps():
     opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                    compression=comp, backward_passes_per_step=2)
     x, y = make_data(300 + hvd.rank(), 8 * 16)
-    for s in range(4):
-        opt.zero_grad()
-        for h in range(2):
-            i = (2 * s + h) * 16
-            F.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
-        opt.step()
+
+    def two_passes_a_step(model, opt):
+        for s in range(4):
+            opt.zero_grad()
+            for h in range(2):
+                i = (2 * s + h) * 16
+                F.cross_entropy(model(x[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+    two_passes_a_step(model, opt)
     steps = {e.name: e.layer.step for e in comp.engine.table}
     # density 1, no memory: the compressors must give what Horovod's own accumulation of the
     # two passes gives (one that compressed only the last pass's gradient would not)
@@ -229,12 +232,7 @@ def bpps():
         o = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
                                      named_parameters=m.named_parameters(), compression=c,
                                      backward_passes_per_step=2)
-        for s in range(4):
-            o.zero_grad()
-            for h in range(2):
-                i = (2 * s + h) * 16
-                F.cross_entropy(m(x[i:i + 16]), y[i:i + 16]).backward()
-            o.step()
+        two_passes_a_step(m, o)
         flat = flat_params(m)
         ref = flat if ref is None else ref
         diff[kind] = {"max_abs_diff": (flat - ref).abs().max().item(), "ref_scale": ref.abs().max().item()}
