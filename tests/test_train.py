@@ -669,10 +669,15 @@ class _FakeCluster:
     """Runs a stand-in for the training job on this machine, with the training's argv shape
     (``--out_dir <parent> --run_name <name>``): it writes one epoch a second to metrics.jsonl
     (top-1 0.3, 0.6, 0.9, ...) and a child process that outlives it, as Gloo's remote ranks
-    outlive horovodrun."""
+    outlive horovodrun: in a session of its own (a remote rank is in no process group of the
+    launcher's, so stopping the launcher's group does not reach it), its pid appended to
+    ``children.pid`` in the run directory."""
     SCRIPT = ("import json, os, subprocess, sys, time\n"
               "out = os.path.join(sys.argv[2], sys.argv[4])\n"
-              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', *sys.argv[1:]])\n"
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', *sys.argv[1:]],\n"
+              "                     start_new_session=True)\n"
+              "with open(os.path.join(out, 'children.pid'), 'a') as f:\n"
+              "    f.write(f'{c.pid}\\n')\n"
               "for e in range(1, 20):\n"
               "    time.sleep(1)\n"
               "    with open(os.path.join(out, 'metrics.jsonl'), 'a') as f:\n"
@@ -686,6 +691,23 @@ class _FakeCluster:
         i = cmd.index("--out_dir")
         return subprocess.Popen([sys.executable, "-c", self.SCRIPT, *cmd[i:i + 4]], cwd=cwd,
                                 start_new_session=True, **kw)
+
+
+def _assert_children_gone(run_dir, wait=5.0):
+    """Every child the stand-in started (children.pid) has ended (gone, or a zombie) --
+    checked through /proc, not through the search under test."""
+    pids = [int(x) for x in open(os.path.join(run_dir, "children.pid")).read().split()]
+    assert pids
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + wait
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]
 
 
 def test_bench_tta_stops_every_process_of_a_run_and_checks_its_options(tmp_path, monkeypatch):
@@ -704,20 +726,19 @@ def test_bench_tta_stops_every_process_of_a_run_and_checks_its_options(tmp_path,
     rec = bench_tta.launch(_FakeCluster(), args, "100mbit", "rsdgc", run_dir, target=0.85)
     assert rec["stopped"] == "target reached" and [e["top1"] for e in rec["epochs"]][-1] >= 0.85
     assert rec["overrides"] == bench_tta.train_overrides(args, "rsdgc") and rec["nodes"] == 4
-    time.sleep(0.5)
-    assert bench_tta._run_pids(run_dir) == []
-    calls = []
+    _assert_children_gone(run_dir)
+    calls, real_sleep = [], time.sleep
 
-    def interrupt(_):
+    def interrupt(_):                   # Ctrl-C once the run is going and has its child
         calls.append(1)
-        if len(calls) > 8:
+        real_sleep(0.05)
+        if len(calls) > 8 and os.path.exists(os.path.join(run_dir, "children.pid")):
             raise KeyboardInterrupt
     monkeypatch.setattr(bench_tta.time, "sleep", interrupt)
     with pytest.raises(KeyboardInterrupt):
         bench_tta.launch(_FakeCluster(), args, "100mbit", "rsdgc", run_dir)
     monkeypatch.undo()
-    time.sleep(0.5)
-    assert bench_tta._run_pids(run_dir) == []
+    _assert_children_gone(run_dir)
     missing = []
     assert bench_tta.analyse({"100mbit": {"rsdgc": rec}}, "dense-final", missing=missing) == {}
     assert "100mbit: no report" in missing[0]
