@@ -166,6 +166,7 @@ def sbatch_across_two_nodes(c, script: str, env: dict, tmp, timeout: float = 240
     assert "launcher=srun tasks=2 nodes=2" in out
     # the step's task really ran on node2 too (its slurmd launched it)
     assert f"StepId={job}.0" in open(os.path.join(c.dir, "log", "slurmd-node2.log")).read()
+    assert_one_world(env["RUN_DIR"], 2)          # one job across the nodes, not one per node
     return json.load(open(os.path.join(env["RUN_DIR"], "summary.json")))
 
 
@@ -259,3 +260,14 @@ def reachable_storage_bytes(root, exclude_ptrs=()) -> int:
                 if hasattr(o, sl):
                     stack.append(getattr(o, sl))
     return sum(storages.values())
+
+
+def assert_one_world(run, ranks: int):
+    """The tasks formed one job of ``ranks`` ranks (PMIx wired up), not ``ranks`` jobs of one
+    writing the same run directory: the first checkpoint says so, and every rank wrote its
+    shard."""
+    ck = os.path.join(str(run), "checkpoints", "epoch0000")
+    main = torch.load(ck + ".pt", weights_only=True)
+    assert main["world_size"] == ranks, main["world_size"]
+    for r in range(ranks):
+        assert torch.load(ck + f".rank{r:03d}.pt", weights_only=True)["rank"] == r

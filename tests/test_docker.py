@@ -357,6 +357,8 @@ def test_slurm_launcher_podman_runtime(engine, image, tmp_path, launcher):
         assert f"launcher={launcher} tasks=2" in out
         summary = json.load(open(tmp_path / "run" / "summary.json"))
         assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
+        from support import assert_one_world
+        assert_one_world(tmp_path / "run", 2)          # one job of 2 ranks, not 2 of one
     finally:
         assert cluster.stop(), "a Slurm daemon did not stop"
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from slurm_local import LocalSlurm, available
+from support import assert_one_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.dirname(os.path.dirname(sys.executable))
@@ -74,3 +75,5 @@ def test_srun_pmix_launch_with_horovod_mpi_controller(cluster, tmp_path):
     assert "launcher=srun tasks=2" in out
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["epochs"] == 1 and summary["compression_ratio"] > 1
+    assert_one_world(tmp_path / "run", 2)
+
