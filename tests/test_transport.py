@@ -30,11 +30,12 @@ def expected(P, r, backend="horovod"):
             by_key[k] += 8 + 12 * (P - 1 - r)
         by_key["t.a2a"] += 8 * (P - 1)
     return {
-        "avg": [sum(range(1, P + 1)) / P] * 5,
-        "sum": [float(sum(range(1, P + 1)))] * 5,
-        "gather": [[float(i)] * 3 for i in range(P) for _ in range(i + 1)],
+        "avg": [10 * (P + 1) / 2 + i for i in range(5)],
+        "sum": [float(10 * P * (P + 1) // 2 + P * i) for i in range(5)],
+        "gather": [[float(100 * i + 3 * j + c) for c in range(3)] for i in range(P) for j in range(i + 1)],
         "bcast": [float(i * P) for i in range(4)],
-        "a2a": [[float(100 * i + r)] * 2 for i in range(P) for _ in range(r + 1)],
+        "a2a": [[float(1000 * i + 10 * r + 2 * k + c) for c in range(2)]
+                for i in range(P) for k in range(r + 1)],
         "a2a_splits": [r + 1] * P,
     }, by_key
 

@@ -14,15 +14,18 @@ from hvd_rsgc.engine import ByteMeter  # noqa: E402
 
 def exercise(t, P, r):
     res = {}
-    x = torch.full((5,), float(r + 1))
+    # every element its own value: a transport that permutes or shifts elements shows
+    x = torch.arange(5, dtype=torch.float32) + 10 * (r + 1)
     res["avg"] = t.allreduce(x, "t.avg").tolist()
     res["sum"] = t.allreduce(x, "t.sum", op="sum").tolist()
-    assert torch.equal(x, torch.full((5,), float(r + 1))), "allreduce changed its input"
-    g = torch.full((r + 1, 3), float(r))                    # first dimension differs per rank
+    assert torch.equal(x, torch.arange(5, dtype=torch.float32) + 10 * (r + 1)), \
+        "allreduce changed its input"
+    g = torch.arange(3 * (r + 1), dtype=torch.float32).view(-1, 3) + 100 * r   # rows differ per rank
     res["gather"] = t.allgather(g, "t.gather").tolist()
     b = torch.arange(4, dtype=torch.float32) * (r + 1)
     res["bcast"] = t.broadcast(b, P - 1, "t.bcast").tolist()
-    rows = torch.cat([torch.full((j + 1, 2), float(100 * r + j)) for j in range(P)])
+    rows = torch.cat([torch.arange(2 * (j + 1), dtype=torch.float32).view(-1, 2) + 1000 * r + 10 * j
+                      for j in range(P)])                   # j + 1 rows for rank j
     out, rsplits = t.alltoall(rows, [j + 1 for j in range(P)], "t.a2a")
     res["a2a"], res["a2a_splits"] = out.tolist(), rsplits
     h1 = t.allreduce_async(x, "t.async1")                  # several in flight, waited in reverse
