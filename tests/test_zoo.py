@@ -555,6 +555,9 @@ def test_np2_identical_loss_falls_bytes_match_formula(np2, kind):
         assert r["loss1"] < 0.95 * r["loss0"], (kind, r["loss0"], r["loss1"])
         shapes, compressed = r["shapes"], r["compressed"]
         assert compressed == ["conv1.weight", "conv2.weight", "proj.weight", "fc.weight"]
+        agg = r["aggregate"]                # the averaged gradient of step 0 against raw ones
+        if kind in ("signsgd", "efsignsgd", "threshold"):
+            assert agg["ref_scale"] > 0 and agg["max_abs_diff"] <= 1e-6 * max(1.0, agg["ref_scale"]), agg
         for s, step in enumerate(r["steps"]):
             assert step["identical"], f"{kind}: parameters differ across ranks after step {s}"
             wire = step["wire"]

@@ -49,13 +49,18 @@ def train(kind, steps, counter, batch=32):
     loss0 = eval_loss(model, ex, ey)
     counter.take()
     per_step = []
+    params = dict(model.named_parameters())
+    agg = None
     for s in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]).backward()
+        local = {n: params[n].grad.detach().clone() for n in comp.compressed_names} if s == 0 else None
         opt.step()
         wire = counter.take()
         st = comp.stats()
         same = identical(model)
+        if local is not None:               # the aggregate the optimizer stepped with
+            agg = aggregate_error(name, options, local, {n: params[n].grad for n in local})
         counter.take()
         per_step.append({"wire": {n: b for n, (k, b) in wire.items()},
                          "kinds": {n: k for n, (k, b) in wire.items()},
@@ -67,7 +72,30 @@ def train(kind, steps, counter, batch=32):
            "compressed": comp.compressed_names}
     if name == "powersgd":
         out["powersgd"] = comp.stats()["powersgd"]
+    out["aggregate"] = agg
     return out
+
+
+def aggregate_error(name, options, local, got):
+    """Step 0 (every residual zero): the averaged gradient each compressed tensor received,
+    against a plain reference from every rank's raw gradient (allgathered here): signSGD the
+    majority sign (sign(0) voting +1, a tie 0), EF-signSGD the mean of mean|g| * sign(g),
+    threshold the mean of g where |g| > tau. None for the others (random or multi-round)."""
+    if name not in ("signsgd", "efsignsgd", "threshold"):
+        return None
+    worst, scale = 0.0, 0.0
+    for n, g in local.items():
+        G = hvd.allgather(g.unsqueeze(0), name=f"test.raw.{n}")             # (P, ...)
+        sgn = torch.where(G < 0, -1.0, 1.0)
+        if name == "signsgd":
+            ref = torch.sign(sgn.sum(0))
+        elif name == "efsignsgd":
+            ref = (G.abs().flatten(1).sum(1).div(G[0].numel()).view(-1, *[1] * g.dim()) * sgn).mean(0)
+        else:
+            ref = (G * (G.abs() > options["threshold"])).mean(0)
+        worst = max(worst, float((got[n] - ref).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+    return {"max_abs_diff": worst, "ref_scale": scale}
 
 
 def main():
