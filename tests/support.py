@@ -172,8 +172,8 @@ def sbatch_across_two_nodes(c, script: str, env: dict, tmp, timeout: float = 240
 
 class ThreadTransport(Transport):
     """``size`` ranks as threads of one process (a shared ``board`` and a
-    ``threading.Barrier(size)``): allreduce sums, allgather concatenates in rank order, alltoall
-    hands rank j the rows every rank addressed to it. Collectives complete at submission (every
+    ``threading.Barrier(size)``): allreduce sums, allgather concatenates in rank order, broadcast
+    hands every rank the root's tensor, alltoall hands rank j the rows every rank addressed to it. Collectives complete at submission (every
     thread passes the barrier twice), so a test drives pure code over several "ranks" without
     launching processes."""
 
@@ -194,6 +194,9 @@ class ThreadTransport(Transport):
 
     def _allgather(self, t, name, key):
         return Handle(torch.cat(self._post(name, t.clone())))
+
+    def _broadcast(self, t, root, name):
+        return Handle(self._post(name, t.clone())[root])
 
     def _alltoall(self, t, splits, name, key):
         parts = self._post(name, (t.clone(), list(splits)))

@@ -173,3 +173,64 @@ def test_a_refused_state_leaves_lgc_as_it_was():
         assert after["layers"][name]["step"] == rec["step"], name
         for k, v in rec["memory"].items():
             assert torch.equal(after["layers"][name]["memory"][k], v), (name, k)
+
+
+def test_two_ranks_stage1_and_rar_against_a_reference():
+    """``LGC.run`` over two thread ranks, against a computation from the ranks' raw
+    accumulators. Stage 1 (step 0, leader rank 0): the common indices are rank 0's top-k of
+    |v| per layer; the result is the ranks' mean there (through the common rms scale), zero
+    elsewhere; each rank's accumulator is zeroed at those indices, untouched elsewhere. Stage
+    3, RAR (step 1, leader rank 1): the decoder's reconstruction of the ranks' mean code of
+    x / scale, times the scale, at rank 1's indices."""
+    import math
+
+    from hvd_rsgc.algorithms.base import make_layer
+    from hvd_rsgc.algorithms.lgc import LGC
+    from support import run_threads
+    shapes, density = [(64, 40), (48, 30)], 0.05
+    g = torch.Generator().manual_seed(3)
+    grads = [[[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]   # [step][rank][layer]
+             for _ in range(2)]
+
+    def rank_main(r, t):
+        m = LGC("rar", density, warmup_steps=1, ae_steps=0, innovation_density=None, leader=0,
+                code_channels=4, ae_lr=1e-3, sim_weight=0.1, ae_updates=1, replay=4, seed=0)
+        lays = [make_layer(m, s, density, name=f"w{i}", index=i) for i, s in enumerate(shapes)]
+        m.setup([math.prod(s) for s in shapes])
+        out = []
+        for step in range(2):
+            before = []
+            for lay, gr in zip(lays, grads[step][r]):
+                m.accumulate(lay, gr)
+                before.append(lay.memory["v"].clone())
+            stage = m.stage()
+            o = m.run(lays, t, True, step)
+            out.append((before, o, [lay.memory["v"].clone() for lay in lays], stage))
+        return out, m
+
+    res = run_threads(2, rank_main)
+    assert set(res) == {0, 1}
+    m = res[0][1]
+    for step, leader in ((0, 0), (1, 1)):
+        assert res[0][0][step][3] == (1 if step == 0 else 3)           # the stage that ran
+        vs = [res[r][0][step][0] for r in range(2)]                    # accumulators, per rank
+        idx = [torch.topk(v.abs(), k).indices.sort().values for v, k in zip(vs[leader], m.ks)]
+        xs = [torch.cat([v[i] for v, i in zip(vs[r], idx)]) for r in range(2)]
+        scale = sum(float(x.norm()) / math.sqrt(m.K) for x in xs) / 2
+        if step == 0:
+            agg = (xs[0] / scale + xs[1] / scale) / 2 * scale
+        else:
+            ae = res[0][1].ae
+            with torch.no_grad():
+                z = (ae.encoder((xs[0] / scale).unsqueeze(0)) + ae.encoder((xs[1] / scale).unsqueeze(0))) / 2
+                agg = ae.reconstruct_rar(z, m.K)[0] * scale
+        for r in range(2):
+            _, outs, after, _ = res[r][0][step]
+            for li, (o, i, a) in enumerate(zip(outs, idx, torch.split(agg, m.ks))):
+                want = torch.zeros(vs[r][li].numel())
+                want[i] = a
+                assert torch.allclose(o.reshape(-1), want, atol=1e-5), (step, r, li)
+                kept = vs[r][li].clone()
+                kept[i] = 0.0
+                assert torch.equal(after[li], kept), (step, r, li)   # zeroed there, untouched elsewhere
+    assert torch.equal(res[0][0][1][1][0], res[1][0][1][1][0])         # the ranks agree
