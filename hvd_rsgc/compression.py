@@ -38,7 +38,7 @@ from .compressor import Compressor
 from .algorithms.density import DGC_WARMUP
 from .algorithms.dgc import DGC
 from .algorithms.efsignsgd import EFSignSGD
-from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory
+from .algorithms.memory import ErrorFeedback, MomentumCorrection, NoMemory, check_momentum
 from .algorithms.natural import Natural
 from .algorithms.powersgd import PowerSGD
 from .algorithms.qsgd import QSGD
@@ -66,10 +66,8 @@ def _value_dtype(fp16_values: bool, int8_values: bool = False):
 
 
 def _momentum_memory(momentum, nesterov, momentum_masking, error_feedback):
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-            or not 0 <= momentum < 1:                    # NaN and negatives too: a negative
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")   # one switched the
-    if momentum > 0:                                     # correction off without a word
+    check_momentum(momentum)        # before the branch: a negative one switched it off silently
+    if momentum > 0:
         if not error_feedback:
             raise ValueError("error_feedback=False needs momentum=0 (momentum correction keeps "
                              "its residual by construction)")

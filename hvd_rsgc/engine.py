@@ -198,17 +198,17 @@ class DensitySchedule:
                              "pass steps_per_epoch=0 to rely on set_epoch() alone)")
         if steps_per_epoch is not None:
             check_int("steps_per_epoch", steps_per_epoch, 0)
-        if warmup_epochs > len(tuple(warmup_densities)):   # the warm-up silently ended early
+        warmup_densities = tuple(warmup_densities)
+        if warmup_epochs > len(warmup_densities):   # the warm-up silently ended early
             raise ValueError(f"warmup_epochs={warmup_epochs} needs one density per warm-up epoch, "
-                             f"warmup_densities has {len(tuple(warmup_densities))}: "
-                             f"{tuple(warmup_densities)}")
-        for d in list(warmup_densities)[:warmup_epochs]:
+                             f"warmup_densities has {len(warmup_densities)}: {warmup_densities}")
+        for d in warmup_densities[:warmup_epochs]:
             check_density("warmup_densities[...]", d)
         self.density = float(density)
         self.dynamic = bool(dynamic)
         self.update_every = update_every
         self.floor = float(floor)
-        self.warmup = tuple(warmup_densities)[:warmup_epochs]
+        self.warmup = warmup_densities[:warmup_epochs]
         self.steps_per_epoch = steps_per_epoch
         self.ramp_steps = warmup_ramp_steps
         self.epoch: int | None = None

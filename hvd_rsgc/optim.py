@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from .algorithms.memory import check_momentum
+
 
 class DGCSGD(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  nesterov: bool = False):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        check_momentum(momentum)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if nesterov and momentum <= 0:

@@ -274,3 +274,12 @@ def assert_one_world(run, ranks: int):
     assert main["world_size"] == ranks, main["world_size"]
     for r in range(ranks):
         assert torch.load(ck + f".rank{r:03d}.pt", weights_only=True)["rank"] == r
+
+
+def tool(name: str) -> str:
+    """The path of a lint tool the test command installs (the venv's first), or a failure that
+    says so."""
+    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.fail(f"{name} not installed: scripts/test.sh installs it (pip install {name})")
+    return exe

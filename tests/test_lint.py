@@ -1,29 +1,18 @@
 """Static checks, run by the README's test command: ruff (pyflakes + bugbear + pyupgrade, see
 pyproject.toml) over the package and the tests, mypy over the pure layer."""
 import os
-import shutil
 import subprocess
-import sys
 
-import pytest
-
-from support import ROOT
-
-
-def _tool(name):
-    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.fail(f"{name} not installed: scripts/test.sh installs it (pip install {name})")
-    return exe
+from support import ROOT, tool
 
 
 def test_ruff_clean():
-    p = subprocess.run([_tool("ruff"), "check", "hvd_rsgc", "tests"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([tool("ruff"), "check", "hvd_rsgc", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
 
 
 def test_mypy_clean_on_the_pure_layer():
-    p = subprocess.run([_tool("mypy"), "hvd_rsgc/algorithms"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([tool("mypy"), "hvd_rsgc/algorithms"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
 
 

@@ -2,9 +2,7 @@
 registration): built by name, refused options named, trained through the stock optimizer."""
 import os
 import re
-import shutil
 import subprocess
-import sys
 import types
 
 import pytest
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 
 import hvd_rsgc
 from hvd_rsgc.registry import REGISTRY, make_compression, names, register
-from support import ROOT
+from support import ROOT, tool
 
 
 def readme_example() -> tuple[str, str]:
@@ -43,11 +41,8 @@ ScaledSign, ScaledSignCompression = load_example()          # registers "scaleds
 
 def test_readme_example_is_lint_clean():
     """What the README tells a user to paste passes the lint the test command runs over it."""
-    exe = shutil.which("ruff", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.fail("ruff not installed: scripts/test.sh installs it (pip install ruff)")
     algo, _ = readme_example()
-    p = subprocess.run([exe, "check", "--stdin-filename", "hvd_rsgc/algorithms/scaledsign.py", "-"],
+    p = subprocess.run([tool("ruff"), "check", "--stdin-filename", "hvd_rsgc/algorithms/scaledsign.py", "-"],
                        input=algo, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]
 

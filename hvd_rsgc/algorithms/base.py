@@ -137,11 +137,23 @@ def pack_sparse(values: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dty
     return torch.cat([values, idx], dim=1)
 
 
+def row_range(rows: torch.Tensor, num_units: int) -> tuple[int, int]:
+    """(smallest, largest) of a message's rows, read with one host sync; a row outside
+    ``[0, num_units)`` is a ValueError. Empty: (0, -1)."""
+    if not rows.numel():
+        return 0, -1
+    lo, hi = torch.stack(torch.aminmax(rows)).tolist()
+    if lo < 0 or hi >= num_units:
+        raise ValueError(f"sparse message index out of range [0, {num_units})")
+    return lo, hi
+
+
 def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, num_units: int,
                   check_rows: bool = True):
     """message (K, S [+ 2] + c) -> (values (K, S), rows int64 (K,)); rejects malformed
     messages. int8 messages come back decoded (fp32); fp16 / fp32 as they are.
-    ``check_rows=False``: the caller checks the rows' range itself (with what else it reads)."""
+    ``check_rows=False``: the caller checks the rows with :func:`row_range` itself (and uses
+    what it reads)."""
     width = message_columns(unit_size, msg.dtype, index_dtype)
     c = index_columns(msg.dtype, index_dtype)
     if msg.dim() != 2 or msg.shape[1] != width:
@@ -151,8 +163,8 @@ def unpack_sparse(msg: torch.Tensor, unit_size: int, index_dtype: torch.dtype, n
     # copy into fresh storage: a 1-row slice counts as "contiguous" but sits at an odd offset
     idx = torch.empty((msg.shape[0], c), dtype=msg.dtype, device=msg.device).copy_(msg[:, w:])
     rows = idx.view(index_dtype).view(-1).long()
-    if check_rows and rows.numel() and bool(((rows < 0) | (rows >= num_units)).any()):  # a sync
-        raise ValueError(f"sparse message index out of range [0, {num_units})")
+    if check_rows:
+        row_range(rows, num_units)
     return values, rows
 
 

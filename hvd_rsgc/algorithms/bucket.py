@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .base import add_in_order, message_columns, pack_sparse, to_wire, unpack_sparse
+from .base import add_in_order, message_columns, pack_sparse, row_range, to_wire, unpack_sparse
 from .memory import all_finite_each
 
 
@@ -163,13 +163,9 @@ class BucketCodec:
     def _received(self, g: Group, msg: torch.Tensor):
         """A gathered group message -> (values, rows) of its units, flag rows taken out and
         their layers added to :attr:`flagged`."""
-        n = g.units + len(g.layers)
-        vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, n, check_rows=False)
-        if not rows.numel():
-            return vals, rows
-        lo, hi = torch.stack(torch.aminmax(rows)).tolist()        # one host sync: range + flags
-        if lo < 0 or hi >= n:
-            raise ValueError(f"sparse message index out of range [0, {n})")
+        vals, rows = unpack_sparse(msg, g.S, self.method.index_dtype, g.units + len(g.layers),
+                                   check_rows=False)
+        _, hi = row_range(rows, g.units + len(g.layers))         # one host sync: range + flags
         if hi >= g.units:                                          # some rank flagged a layer
             flag = rows >= g.units
             self.flagged.update(g.layers[i].name for i in (rows[flag] - g.units).tolist())

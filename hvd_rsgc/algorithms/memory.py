@@ -139,12 +139,19 @@ def _take_sent(buf: torch.Tensor, rows: torch.Tensor, sent: torch.Tensor | None,
         buf.index_add_(0, rows, sent.reshape(-1, buf.shape[1]), alpha=-1.0)
 
 
+def check_momentum(momentum) -> None:
+    """A momentum factor in [0, 1), or a ValueError naming it (NaN, negatives, bools and
+    strings too): the compressors, their memory and DGCSGD share this one rule."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+
+
 class MomentumCorrection(NoMemory):
     error_feedback = True
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False, masking: bool = True):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.momentum = momentum
         self.nesterov = nesterov
         self.masking = masking

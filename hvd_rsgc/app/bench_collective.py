@@ -26,7 +26,7 @@ import sys
 import time
 
 from .emucluster import EmuCluster, unavailable
-from .launch import ROOT, horovodrun_env, read_rank, write_rank
+from .launch import ROOT, horovodrun_env, read_rank, spread, write_rank
 
 METHODS = {  # label: (registry name, options)
     "dense fp32 allreduce": ("none", {}),
@@ -197,10 +197,9 @@ def main(argv=None):
              "x dense | efficiency |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        xd = r["x_dense"]
-        rel = f"{statistics.median(xd):.2f} [{min(xd):.2f}-{max(xd):.2f}]" if xd else "n/a"
         lines.append(f"| {r['P']} | {r['method']} | {r['recv_bytes'] / 2**20:.3f} | "
-                     f"{r['formula_bytes'] / 2**20:.3f} | {1000 * r['time_s']:.1f} | {rel} | "
+                     f"{r['formula_bytes'] / 2**20:.3f} | {1000 * r['time_s']:.1f} | "
+                     f"{spread(r['x_dense'])} | "
                      f"{100 * r['efficiency']:.0f}% |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "collective.json"), "w") as f:

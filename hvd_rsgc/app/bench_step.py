@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from .launch import horovodrun_env, read_rank, write_rank
+from .launch import horovodrun_env, read_rank, spread, write_rank
 
 METHODS = {  # label: (registry name, options); plain sparse labels: the default (buckets,
     # kernels="auto": native on a CPU with a C compiler); "per tensor, eager": the reference path
@@ -139,9 +139,8 @@ def main(argv=None):
         rows.append({"method": label, "ms": 1000 * statistics.median(ts),
                      "x_dense": statistics.median(ratio) if ratio else None,
                      "bytes": r0["bytes"][label], "words": r0["words"][label]})
-        rr = f"{statistics.median(ratio):.2f} [{min(ratio):.2f}-{max(ratio):.2f}]" if ratio else "-"
-        lines.append(f"| {label} | {1000 * statistics.median(ts):.1f} | {rr} | {r0['bytes'][label]:,} | "
-                     f"{r0['words'][label]:.2f} |")
+        lines.append(f"| {label} | {1000 * statistics.median(ts):.1f} | {spread(ratio, '-')} | "
+                     f"{r0['bytes'][label]:,} | {r0['words'][label]:.2f} |")
     with open(os.path.join(out, "step.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "step.json"), "w") as f:

@@ -99,12 +99,15 @@ def main_path(run_dir: str, epoch: int) -> str:
 
 def save_main(run_dir: str, epoch: int, payload: dict, keep: int) -> str:
     path = atomic_save(payload, main_path(run_dir, epoch))
-    mains = checkpoints(run_dir)
-    for old in mains[:-keep]:
-        stem = os.path.basename(old)[: -len(".pt")]
-        for f in [old] + [os.path.join(os.path.dirname(old), n) for n in os.listdir(os.path.dirname(old))
-                          if re.fullmatch(re.escape(stem) + r"\.rank\d{3,}\.pt", n)]:
-            os.remove(f)
+    old = checkpoints(run_dir)[:-keep]
+    gone = {int(_MAIN_FILE.fullmatch(os.path.basename(p)).group(1)) for p in old}
+    for p in old:                                 # main files first: a checkpoint is complete
+        os.remove(p)                              # only while its main file is there
+    folder = os.path.dirname(path)
+    for n in os.listdir(folder):                  # then their shards, in one listing
+        m = _EPOCH_FILE.fullmatch(n)
+        if m and m.group(2) and int(m.group(1)) in gone:
+            os.remove(os.path.join(folder, n))
     return path
 
 

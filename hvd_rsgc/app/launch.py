@@ -1,9 +1,11 @@
 """What the app's multi-process benchmarks (``bench step``, ``bench collective``) share: the
-environment ``horovodrun`` needs here, and the one JSON file each rank writes for the driver."""
+environment ``horovodrun`` needs here, the one JSON file each rank writes for the driver, and
+how a list of per-round ratios is printed."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,3 +29,10 @@ def write_rank(out_dir: str, rank: int, result: dict) -> None:
 def read_rank(out_dir: str, rank: int) -> dict:
     with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
         return json.load(f)
+
+
+def spread(ratios, none: str = "n/a") -> str:
+    """Per-round ratios as ``median [min-max]`` (``none`` for no ratios)."""
+    if not ratios:
+        return none
+    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
