@@ -362,6 +362,10 @@ class Engine:
         self.step_nonfinite = False         # a non-finite gradient was seen this step ("skip")
         self.local_nonfinite = False        # this rank's own gradients checked this step held one
         self.skipped_steps = 0
+        # nonfinite="skip": what this rank sent this step, to hand back to the residuals if
+        # the step is skipped (``hold`` / ``settle``)
+        self._held: list = []
+        self._seen_step = 0                 # the step whose first tensor ran ``begin``
 
     # -- which tensors --------------------------------------------------------------------
     def eligible(self, name: str, p: torch.Tensor) -> bool:
@@ -401,6 +405,9 @@ class Engine:
         if e.sparse:
             self.schedule.update(st, self.table, self.method)
         st.step += 1
+        if st.step > self._seen_step:       # the step's first tensor: before any update
+            self._seen_step = st.step
+            self.settle(new_step=True)
         if st.step > self.meter.cur_step:
             self.step_nonfinite = self.local_nonfinite = False
         finite = all_finite(tensor) if check else True
@@ -409,6 +416,26 @@ class Engine:
         g = clip_local(tensor, self.clip_norm, world) if finite and e.sparse and self.clip_norm \
             else tensor
         return finite, g
+
+    # -- a skipped step gives back what it sent --------------------------------------------
+    def hold(self, give_back) -> None:
+        """``give_back()`` puts what this rank sent of a tensor this step back into its residual;
+        it runs if the step turns out to be skipped (``nonfinite="skip"``: some rank's gradient
+        of some tensor was not finite), so the units sent in a step that no rank applies are
+        not lost. Kept only with ``nonfinite="skip"`` (``"raise"`` ends the job)."""
+        if self.nonfinite == "skip":
+            self._held.append(give_back)
+
+    def settle(self, new_step: bool = False) -> None:
+        """If the last step was skipped, hand its sent units back to the residuals (once).
+        Runs at the next step's first tensor and before :meth:`state_dict`, so a checkpoint
+        taken after a skipped step holds them."""
+        if self.step_nonfinite:
+            held, self._held = self._held, []
+            for give_back in held:
+                give_back()
+        elif new_step:
+            self._held = []
 
     def record(self, e: Entry, nbytes: int, tensor: torch.Tensor, sent_units=None) -> None:
         self.meter.tensor(e.name, e.layer.step, nbytes, tensor.numel() * 4, sent_units)
@@ -472,6 +499,7 @@ class Engine:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, owner: str) -> dict:
+        self.settle()
         layers = {e.name: {"step": e.layer.step, "density": e.layer.density, "k": e.layer.k,
                            "memory": {k: v.detach().clone() for k, v in e.layer.memory.items()}}
                   for e in self.table}
@@ -553,3 +581,5 @@ class Engine:
         self.meter.load_state_dict(state.get("totals", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.meter.cur_step = max((e.layer.step for e in self.table), default=0)
+        self._seen_step = self.meter.cur_step
+        self._held = []

@@ -188,17 +188,23 @@ def test_np2_nonfinite_gradient_raises_on_every_rank_residual_clean(np2):
 
 def test_np2_skip_policy_skips_the_step_on_every_rank_and_training_goes_on(tmp_path):
     """Reliability: after a non-finite gradient the job can go on (nonfinite="skip")."""
-    for r in results(2, tmp_path, "--scenarios", "skip,fp16big"):
+    rs = results(2, tmp_path, "--scenarios", "skip,fp16big")
+    for r in rs:
         for kind, x in r["skip"].items():
             assert x["skipped"] == [2], (kind, x)
             assert x["nan_grad"] and x["identical"] and x["params_finite"] and x["memory_finite"], (kind, x)
             assert x["stats_skipped"] == 1, (kind, x)
             if kind.startswith("lgc"):      # one of six steps' rounds did not run; none lost
                 assert x["kept"] is True and x["rounds"] == 5, (kind, x)
+            elif kind != "fp16":            # what each rank sent in the skipped step came back
+                assert isinstance(x["given_back"], int), (kind, x)
         # defect 1: a finite fp16 gradient whose fp16 sum overflows is no "non-finite gradient"
         assert r["fp16big"] == {"error": None, "params_finite": True}, r["fp16big"]
         # Random-k's fp16 values, each in range, summed past it: saturated at 65504 / P per rank
         assert r["fp16big_randomk"] == {"error": None, "params_finite": True}, r["fp16big_randomk"]
+    for kind in ("rsdgc", "topk", "randomk", "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc"):
+        # tensors checked: rank 0's four, and rank 1's finite ones where one tensor held NaN
+        assert [r["skip"][kind]["given_back"] for r in rs] == ([4, 0] if "@" not in kind else [4, 3]), kind
 
 
 def test_np2_sparse_gradient_is_refused_clearly_on_every_rank(tmp_path):

@@ -253,6 +253,14 @@ class Method:
     def decode(self, layer: LayerState, gathered: torch.Tensor, nranks: int, ctx: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def give_back(self, layer: LayerState, msg: torch.Tensor, ctx: dict) -> None:
+        """A skipped step (``nonfinite="skip"``): what this rank sent of ``layer`` -- ``msg``,
+        its own message -- goes back into the residual, as if it had not been sent. Default:
+        the message decoded as one rank's sum, added to the residual whole."""
+        if not self.memory.error_feedback or not layer.memory:
+            return
+        self.memory.keep_dense(layer.memory, self.decode(layer, msg, 1, ctx))
+
 
 class SparseMethod(Method):
     """Select units of the accumulated gradient, send (values, unit index) by allgather.
@@ -362,6 +370,16 @@ class SparseMethod(Method):
         values, rows = unpack_sparse(gathered, layer.layout.unit_size, self.index_dtype,
                                      layer.layout.num_units)
         return scatter_sum(layer.layout, values, rows, torch.float32)
+
+    def give_back(self, layer, msg, ctx):
+        """The units of this rank's own message return to the residual at their rows (the
+        values the receivers decode: a lossy codec's rounding error is already there)."""
+        if not layer.memory:
+            return
+        values, rows = unpack_sparse(msg, layer.layout.unit_size, self.index_dtype,
+                                     layer.layout.num_units)
+        if rows.numel():
+            self.memory.keep(layer.memory, rows, values.float(), layer.layout)
 
 
 def _native_supports(memory, layer, g) -> bool:

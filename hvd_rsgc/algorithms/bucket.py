@@ -133,6 +133,27 @@ class BucketCodec:
             msgs.append(msg)
         return msgs
 
+    def give_back(self, msgs: list[torch.Tensor]) -> None:
+        """A skipped step (``Method.give_back``): the units of this rank's own group messages
+        go back into their layers' residuals (flag rows carry nothing)."""
+        m = self.method
+        for g, msg in zip(self.groups, msgs):
+            vals, rows = unpack_sparse(msg, g.S, m.index_dtype, g.units + len(g.layers),
+                                       check_rows=False)
+            if not rows.numel():
+                continue
+            rows, order = torch.sort(rows)
+            vals = vals.float()[order]
+            # each layer's rows are the run [unit_off, next unit_off) of the sorted group rows
+            # (flag rows, past the group's units, are left out)
+            cuts = torch.searchsorted(rows, torch.tensor(g.unit_off[1:], dtype=rows.dtype,
+                                                         device=rows.device)).tolist()
+            lo = 0
+            for st, hi, off in zip(g.layers, cuts, g.unit_off):
+                if hi > lo and st.memory:
+                    m.memory.keep(st.memory, rows[lo:hi] - off, vals[lo:hi], st.layout)
+                lo = hi
+
     def _encode_layers(self, g: Group, grads: dict, ctxs: dict) -> torch.Tensor:
         """One group's message, layer by layer (``method.pick``): where ``encode_group`` cannot."""
         m = self.method

@@ -86,7 +86,11 @@ class NoMemory:
 
     def keep(self, st: dict, rows: torch.Tensor, values: torch.Tensor, layout) -> None:
         """Add ``values`` (k, S) to the residual at unit ``rows``: what a reduce-scatter owner
-        rounded away when it re-encoded a sum in fp16 / int8. Nothing kept without a residual."""
+        rounded away when it re-encoded a sum in fp16 / int8, or the units a skipped step
+        sent (``Method.give_back``). Nothing kept without a residual."""
+
+    def keep_dense(self, st: dict, values: torch.Tensor) -> None:
+        """Add ``values`` (the tensor's shape; an unpadded layout) to the whole residual."""
 
 
 def _region(buf: torch.Tensor, g: torch.Tensor, target) -> torch.Tensor:
@@ -119,6 +123,9 @@ class ErrorFeedback(NoMemory):
 
     def keep(self, st, rows, values, layout):
         layout.sub_units_(st["e"], rows, -values)
+
+    def keep_dense(self, st, values):
+        st["e"].view(-1).add_(values.reshape(-1))
 
 
 def _fill(buf: torch.Tensor, rows: torch.Tensor, layout) -> None:
@@ -181,6 +188,9 @@ class MomentumCorrection(NoMemory):
 
     def keep(self, st, rows, values, layout):
         layout.sub_units_(st["v"], rows, -values)
+
+    def keep_dense(self, st, values):
+        st["v"].view(-1).add_(values.reshape(-1))
 
 
 class DenseMomentum:

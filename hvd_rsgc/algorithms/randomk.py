@@ -45,6 +45,11 @@ class RandomK(Method):
         ctx["sent_units"] = int(rows.numel())
         return wire
 
+    def give_back(self, layer, msg, ctx):
+        """``msg``: a copy of the values this rank sent (the allreduce sums in place)."""
+        if layer.memory:
+            self.memory.keep(layer.memory, ctx["rows"], msg.float(), layer.layout)
+
     def decode(self, layer, reduced, nranks, ctx):
         """``reduced``: the allreduced values (Horovod has already averaged/summed them)."""
         return scatter_sum(layer.layout, reduced.view(-1, 1), ctx["rows"], torch.float32)

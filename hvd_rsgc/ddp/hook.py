@@ -111,6 +111,9 @@ class DDPBinding:
                 continue
             if finite:
                 msg = m.encode(e.layer, gc, ctx)
+                # a skipped step hands it back; an allreduce sums in place: a copy
+                own = msg.clone() if m.communicator == "allreduce" and eng.nonfinite == "skip" else msg
+                eng.hold(lambda layer=e.layer, own=own, ctx=ctx: m.give_back(layer, own, ctx))
             else:
                 msg = m.empty_message(e.layer, g.device)
                 ctx["sent_units"] = 0
@@ -128,6 +131,7 @@ class DDPBinding:
         if fz_idx:             # one message per unit-size group for the whole DDP bucket
             codec = self._codec(bucket.index(), [entries[i] for i in fz_idx])
             msgs = codec.encode(fz_grads, fz_ctxs)
+            eng.hold(lambda codec=codec, msgs=msgs: codec.give_back(msgs))
             # recorded before the allgathers count their bytes: the first record of a step
             # opens the meter's step (a bucket without dense tensors had its bytes wiped)
             for i in fz_idx:

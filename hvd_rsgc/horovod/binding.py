@@ -136,6 +136,9 @@ class HorovodBinding:
         if finite:
             ctx["size"] = self.transport.size      # an allreduced fp16 message fits its sum
             msg = m.encode(e.layer, g, ctx)
+            # a skipped step hands it back; an allreduced message is summed in place: a copy
+            own = msg.clone() if m.communicator == "allreduce" and eng.nonfinite == "skip" else msg
+            eng.hold(lambda: m.give_back(e.layer, own, ctx))
         else:
             msg = m.empty_message(e.layer, tensor.device)
             ctx["sent_units"] = 0
@@ -258,7 +261,9 @@ class HorovodBinding:
         b["tensors"][e.name] = (e, tensor)
         flag = self._flag_tensor(True, tensor)
         if len(b["ctxs"]) == len(b["members"]):
-            msgs = b["codec"].encode(b["grads"], b["ctxs"])
+            codec = b["codec"]
+            msgs = codec.encode(b["grads"], b["ctxs"])
+            self.engine.hold(lambda: codec.give_back(msgs))
             key = b["wire"]
             for name in b["members"]:
                 m_e, t = b["tensors"][name]

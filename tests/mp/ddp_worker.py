@@ -224,7 +224,7 @@ def nonfinite(kind, steps=6):
     params = dict(model.named_parameters())
     multi = getattr(comp.method, "rounds", "single") == "multi"
     x, y = make_data(800 + dist.get_rank(), steps * 16)
-    skipped, nan_grad, same, kept, wire = [], True, [], None, []
+    skipped, nan_grad, same, kept, wire, back = [], True, [], None, [], None
     for s in range(steps):
         opt.zero_grad()
         hooks = []
@@ -233,6 +233,10 @@ def nonfinite(kind, steps=6):
         if multi and s == 2:         # after the NaN hook: the gradient the comm hook is given
             acc, caught, more = accumulators.watch(comp, params)
             hooks += more
+        if s == 2 and not multi:     # the state and raw gradients around the skipped step
+            before, raw = comp.state_dict(), {}
+            hooks += [p.register_hook(lambda g, n=n, raw=raw: raw.__setitem__(n, g.detach().clone()))
+                      for n, p in params.items()]
         COUNTER.bytes, COUNTER.on = 0, True
         try:
             F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
@@ -247,6 +251,8 @@ def nonfinite(kind, steps=6):
             kept = accumulators.kept(comp, acc, caught)
         if comp.step_nonfinite:
             skipped.append(s)
+            if not multi:
+                back = accumulators.given_back(comp, before, comp.state_dict(), raw)
             # the contract: every rank gets NaN for that tensor, whatever its own gradient was
             nan_grad = nan_grad and bool(torch.isnan(params[where or "conv2.weight"].grad).all())
             continue
@@ -257,6 +263,7 @@ def nonfinite(kind, steps=6):
             "params_finite": bool(torch.isfinite(flat(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
             "stats_skipped": comp.stats()["skipped_steps"], "raised": None, "kept": kept, "wire": wire,
+            "given_back": back,
             "rounds": comp.method.step if multi else None}
 
 

@@ -62,6 +62,8 @@ def compressor(kind, model, density=DENSITY, **kw):
     kind, _, suffix = kind.partition("+")
     if suffix == "fused":
         kw.setdefault("fused", True)
+    elif suffix == "perlayer":                  # the per-tensor reference path
+        kw.setdefault("fused", False)
     common = dict(min_numel=MIN_NUMEL)
     if kind == "none":
         return hvd_rsgc.NoneCompression(model, **kw)
@@ -309,7 +311,7 @@ def nonfinite_skip(kind):
     comp = compressor(kind, model, nonfinite="skip")
     opt = optimizer_for(kind, model, comp)
     x, y = make_data(450 + hvd.rank(), 6 * 16)
-    skipped, nan_grad, kept = [], True, None
+    skipped, nan_grad, kept, back = [], True, None, None
     multi = getattr(comp.method, "rounds", "single") == "multi"
     bad = [getattr(model, only).weight] if only else list(model.parameters())
     for s in range(6):
@@ -324,6 +326,10 @@ def nonfinite_skip(kind):
         if multi and s == 2:         # after the NaN hook: the gradient compress() is given
             acc, caught, more = accumulators.watch(comp, dict(model.named_parameters()))
             hooks += more
+        if s == 2 and not multi:     # the state and raw gradients around the skipped step
+            before, raw = comp.state_dict(), {}
+            hooks += [p.register_hook(lambda g, n=n, raw=raw: raw.__setitem__(n, g.detach().clone()))
+                      for n, p in model.named_parameters()]
         loss.backward()
         for h in hooks:
             h.remove()
@@ -332,6 +338,8 @@ def nonfinite_skip(kind):
             kept = accumulators.kept(comp, acc, caught)
         if comp.step_nonfinite:
             skipped.append(s)
+            if not multi:
+                back = accumulators.given_back(comp, before, comp.state_dict(), raw)
             # the contract: every rank gets NaN for the tensor(s) of that step, whatever its
             # own gradient was (rank 0's was finite)
             nan_grad = nan_grad and all(bool(torch.isnan(p.grad).all()) for p in bad)
@@ -343,7 +351,7 @@ def nonfinite_skip(kind):
     return {"skipped": skipped, "nan_grad": nan_grad, "identical": identical_across_ranks(model),
             "params_finite": bool(torch.isfinite(flat_params(model)).all()),
             "memory_finite": all(bool(torch.isfinite(v).all()) for v in mem),
-            "stats_skipped": comp.stats()["skipped_steps"], "kept": kept,
+            "stats_skipped": comp.stats()["skipped_steps"], "kept": kept, "given_back": back,
             "rounds": comp.method.step if multi else None}
 
 
@@ -471,7 +479,8 @@ def main():
         res["momentum"] = momentum_error()
     if "skip" in scen:
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
-                                                      "rsdgc@conv2", "dgc@fc", "lgc@conv2", "lgc@bn1")}
+                                                      "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc",
+                                                      "lgc@conv2", "lgc@bn1")}
     if "sparse_as_dense" in scen:
         res["sparse_as_dense"] = sparse_as_dense()
     if "fp16big" in scen:
