@@ -113,6 +113,16 @@ class Compressor:
         (every rank agrees); skip the optimizer step."""
         return self.engine.step_nonfinite
 
+    def set_grad_scaler(self, scaler) -> None:
+        """Mixed precision with a loss scaler (``torch.amp.GradScaler``): the residuals and
+        momentum buffers follow its scale, so what they carry from earlier steps keeps its
+        weight when the scale changes (without this an overflow, which halves the scale, would
+        double the weight of everything accumulated before it). Needs ``nonfinite="skip"``: an
+        overflow step gives every rank NaN for the tensors concerned, the scaler skips the
+        step and backs off, and what this rank sent in that step returns to its residuals.
+        ``None`` detaches (the buffers go back to unscaled units at the next step)."""
+        self.engine.set_grad_scaler(scaler)
+
     def set_epoch(self, epoch: int) -> None:
         """Drive the warm-up schedule by epoch (overrides ``steps_per_epoch`` counting)."""
         self.engine.set_epoch(epoch)

@@ -366,6 +366,8 @@ class Engine:
         # the step is skipped (``hold`` / ``settle``)
         self._held: list = []
         self._seen_step = 0                 # the step whose first tensor ran ``begin``
+        self.grad_scaler = None             # a loss scaler (set_grad_scaler)
+        self.loss_scale = 1.0               # the loss scale the state's buffers are in
 
     # -- which tensors --------------------------------------------------------------------
     def eligible(self, name: str, p: torch.Tensor) -> bool:
@@ -408,6 +410,7 @@ class Engine:
         if st.step > self._seen_step:       # the step's first tensor: before any update
             self._seen_step = st.step
             self.settle(new_step=True)
+            self.rescale()
         if st.step > self.meter.cur_step:
             self.step_nonfinite = self.local_nonfinite = False
         finite = all_finite(tensor) if check else True
@@ -417,7 +420,7 @@ class Engine:
             else tensor
         return finite, g
 
-    # -- a skipped step gives back what it sent --------------------------------------------
+    # -- a skipped step gives back what it sent; a loss scale change rescales the state ----
     def hold(self, give_back) -> None:
         """``give_back()`` puts what this rank sent of a tensor this step back into its residual;
         it runs if the step turns out to be skipped (``nonfinite="skip"``: some rank's gradient
@@ -436,6 +439,45 @@ class Engine:
                 give_back()
         elif new_step:
             self._held = []
+
+    def set_grad_scaler(self, scaler) -> None:
+        """Keep the state's buffers (residuals, momentum) in the units of ``scaler``'s current
+        loss scale. The gradients a loss scaler produces are multiplied by its scale, and so is
+        everything a residual accumulates of them; when the scale changes (an overflow halves
+        it, ``growth_interval`` good steps double it) every buffer is multiplied by new / old
+        at the next step's first tensor -- exact for the powers of two that ``GradScaler``
+        uses. ``None`` detaches."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"scaler must have get_scale() (torch.amp.GradScaler), got "
+                            f"{type(scaler).__name__}")
+        if scaler is not None and self.nonfinite != "skip":
+            raise ValueError("set_grad_scaler: a loss scaler's overflow steps give inf / NaN "
+                             "gradients, which nonfinite='raise' turns into an error; build the "
+                             "compressor with nonfinite='skip'")
+        self.grad_scaler = scaler
+
+    def _scale_now(self) -> float:
+        sc = self.grad_scaler
+        if sc is None:
+            return 1.0
+        enabled = getattr(sc, "is_enabled", None)
+        s = float(sc.get_scale()) if enabled is None or enabled() else 1.0
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"the loss scaler's scale must be a finite number > 0, got {s}")
+        return s
+
+    def rescale(self) -> None:
+        """If the loss scale changed since the state was last updated, multiply every buffer
+        of every tensor's state by new / old (see :meth:`set_grad_scaler`). Without a scaler
+        the scale is 1: a state saved under a scaler and loaded without one is divided back."""
+        s = self._scale_now()
+        if s == self.loss_scale:
+            return
+        factor, self.loss_scale = s / self.loss_scale, s
+        for e in self.table:
+            for buf in e.layer.memory.values():
+                if isinstance(buf, torch.Tensor) and buf.is_floating_point():
+                    buf.mul_(factor)
 
     def record(self, e: Entry, nbytes: int, tensor: torch.Tensor, sent_units=None) -> None:
         self.meter.tensor(e.name, e.layer.step, nbytes, tensor.numel() * 4, sent_units)
@@ -507,7 +549,7 @@ class Engine:
         return {"format": STATE_FORMAT, "method": owner, "epoch": s.epoch,
                 "density_key": list(s.key) if s.key else None,
                 "totals": self.meter.state_dict(), "layers": layers,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.skipped_steps, "loss_scale": self.loss_scale,
                 "rng": self.method.rng_state() if self.method is not None else {}}
 
     def _check_buffers(self, e: Entry, saved: dict) -> None:
@@ -583,3 +625,4 @@ class Engine:
         self.meter.cur_step = max((e.layer.step for e in self.table), default=0)
         self._seen_step = self.meter.cur_step
         self._held = []
+        self.loss_scale = float(state.get("loss_scale", 1.0))

@@ -478,6 +478,40 @@ def test_bad_input_names_parameter():
         TopK(NoMemory(), index_dtype=torch.int16)
 
 
+def test_grad_scaler_is_checked_and_its_scale_travels_with_the_state():
+    """set_grad_scaler refuses what is no scaler and nonfinite='raise' (an overflow would end
+    the job), both by name; the state records the scale its buffers are in, and a state saved
+    under a scale and loaded without a scaler is divided back at the next step."""
+    import hvd_rsgc
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    comp = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=1)
+    with pytest.raises(ValueError, match="nonfinite='skip'"):
+        comp.set_grad_scaler(torch.amp.GradScaler("cpu"))
+    comp = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=1, nonfinite="skip")
+    with pytest.raises(TypeError, match="scaler must have get_scale"):
+        comp.set_grad_scaler(object())
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    comp.set_grad_scaler(scaler)
+    eng = comp.engine
+    e = eng.table.compressed[0]
+    eng.method.init_memory(e.layer, torch.device("cpu"))
+    v = torch.randn(e.layer.memory["v"].shape, generator=torch.Generator().manual_seed(0))
+    e.layer.memory["v"].copy_(v)
+    eng.rescale()                                   # 1 -> 8: the buffers follow
+    assert eng.loss_scale == 8.0 and torch.equal(e.layer.memory["v"], v * 8)
+    scaler.scale(torch.ones(()))                    # the scaler's first use creates its scale
+    scaler.update(new_scale=2.0)
+    eng.rescale()                                   # 8 -> 2
+    assert torch.equal(e.layer.memory["v"], v * 2)
+    state = comp.state_dict()
+    assert state["loss_scale"] == 2.0
+    plain = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=1, nonfinite="skip")
+    plain.load_state_dict(state)
+    assert plain.engine.loss_scale == 2.0
+    plain.engine.rescale()                          # no scaler: scale 1
+    assert torch.equal(plain.engine.table.compressed[0].layer.memory["v"], v)
+
+
 def test_local_clipping_reference_and_half_precision():
     """DGC's local clipping: ``g * min(1, (clip_norm / sqrt(P)) / (|g| + 1e-6))`` per tensor. An
     fp16 gradient whose norm passes fp16's 65504 is clipped like its fp32 copy, not zeroed

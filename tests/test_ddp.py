@@ -79,6 +79,17 @@ def test_ddp_double_momentum_is_refused(np2):
         assert r["momentum"] and "double momentum" in r["momentum"]
 
 
+def test_ddp_loss_scaler_training_equals_the_unscaled_run(tmp_path):
+    """Mixed precision under DDP: a GradScaler's scale doubles and halves (rank 1's overflow
+    step, skipped by every rank); with set_grad_scaler the run equals the unscaled one bit for
+    bit (buckets and per tensor)."""
+    for r in run(2, tmp_path, "--scenarios", "amp", "--kinds", "none"):
+        for kind, x in r["amp"].items():
+            assert x["skipped"] == x["skipped_plain"] == [3], (kind, x)
+            assert x["scales"] == [1024.0, 1024.0, 2048.0, 2048.0, 1024.0, 1024.0, 2048.0, 2048.0], (kind, x)
+            assert x["equal"], (kind, x)
+
+
 def test_ddp_nonfinite_gradient_skip_and_raise(tmp_path):
     """One layer's gradient is NaN on rank 1 at step 2 (buckets: the flag row of the message;
     per tensor and dense: the flag in the bucket's allreduce). skip: every rank skips exactly

@@ -207,6 +207,21 @@ def test_np2_skip_policy_skips_the_step_on_every_rank_and_training_goes_on(tmp_p
         assert [r["skip"][kind]["given_back"] for r in rs] == ([4, 0] if "@" not in kind else [4, 3]), kind
 
 
+def test_np2_loss_scaler_training_equals_the_unscaled_run(tmp_path):
+    """Mixed precision: a GradScaler's scale moves (doubling after good steps, halving at an
+    overflow step that every rank skips); the residuals and momentum follow it
+    (``set_grad_scaler``), so the run equals the unscaled one bit for bit. Without that, what
+    the residuals carry from before a change would be weighted 2x or 0.5x."""
+    for r in results(2, tmp_path, "--scenarios", "amp"):
+        for kind, x in r["amp"].items():
+            assert x["skipped"] == x["skipped_plain"] == [3], (kind, x)
+            assert x["scales"] == [1024.0, 1024.0, 2048.0, 2048.0, 1024.0, 1024.0, 2048.0, 2048.0], (kind, x)
+            # the buffers are in the last step's scale (the scaler's doubling after it is
+            # applied at the next step's first tensor, also after a resume)
+            assert x["saved_scale"] == 2048.0, (kind, x)
+            assert x["equal"], (kind, x)
+
+
 def test_np2_sparse_gradient_is_refused_clearly_on_every_rank(tmp_path):
     """Reliability defect 4: nn.Embedding(sparse=True) at -np 2 gave every rank
     TypeError: 'NoneType' object is not subscriptable."""

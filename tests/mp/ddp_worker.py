@@ -267,6 +267,39 @@ def nonfinite(kind, steps=6):
             "rounds": comp.method.step if multi else None}
 
 
+def loss_scaled(kind, steps=8):
+    """DDP twin of worker.py's ``loss_scaled``: a GradScaler whose scale doubles after two good
+    steps and halves at rank 1's NaN step 3, against the same run unscaled; with
+    ``set_grad_scaler`` the parameters must be equal bit for bit."""
+    def run(scaled):
+        model, ddp, comp, opt = build(kind, comp_opts={"nonfinite": "skip"})
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) \
+            if scaled else None
+        if scaled:
+            comp.set_grad_scaler(scaler)
+        x, y = make_data(870 + dist.get_rank(), steps * 16)
+        scales, skipped = [], []
+        for s in range(steps):
+            opt.zero_grad()
+            loss = F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
+            if s == 3 and dist.get_rank() == 1:
+                loss = loss * float("nan")
+            (scaler.scale(loss) if scaled else loss).backward()
+            if comp.step_nonfinite:
+                skipped.append(s)
+            if scaled:
+                scales.append(scaler.get_scale())
+                scaler.step(opt)
+                scaler.update()
+            elif not comp.step_nonfinite:
+                opt.step()
+        return flat(model), scales, skipped
+    plain, _, skipped_plain = run(False)
+    scaled, scales, skipped = run(True)
+    return {"equal": torch.equal(plain, scaled), "scales": scales, "skipped": skipped,
+            "skipped_plain": skipped_plain}
+
+
 def double_momentum():
     model, ddp, comp, _ = build("dgc")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -346,6 +379,8 @@ def main():
         res["momentum"] = double_momentum()
     if "groups" in scen:
         res["groups"] = {k: subgroups(k) for k in a.kinds.split(",")}
+    if "amp" in scen:
+        res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "topk")}
     if "nonfinite" in scen:
         res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!",
                                                       "lgc-rar", "lgc-rar@conv2.bias")}

@@ -355,6 +355,51 @@ def nonfinite_skip(kind):
             "rounds": comp.method.step if multi else None}
 
 
+def loss_scaled(kind, steps=8):
+    """Mixed precision's loss scaling (``torch.amp.GradScaler``, here on fp32 CPU tensors: the
+    scaling, its overflow skips and its growth are the same) against the same run unscaled.
+    Rank 1's loss is NaN at step 3 in both runs: the scaler skips that step and halves its
+    scale, the plain run skips it through ``step_nonfinite``; the scale doubles after every
+    two good steps. Loss scaling by powers of two is exact, so with the compressor's buffers
+    following the scale (``set_grad_scaler``) the parameters must equal the unscaled run's
+    bit for bit; ``scales``: the scale at each step (it must have moved both ways)."""
+    def run(scaled):
+        torch.manual_seed(0)
+        model = Net()
+        comp = compressor(kind, model, nonfinite="skip")
+        opt = optimizer_for(kind, model, comp)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) \
+            if scaled else None
+        if scaled:
+            comp.set_grad_scaler(scaler)
+        x, y = make_data(470 + hvd.rank(), steps * 16)
+        scales, skipped = [], []
+        for s in range(steps):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16])
+            if s == 3 and hvd.rank() == 1:
+                loss = loss * float("nan")
+            (scaler.scale(loss) if scaled else loss).backward()
+            comp.synchronize(opt)
+            if comp.step_nonfinite:
+                skipped.append(s)
+            if scaled:
+                scales.append(scaler.get_scale())
+                with opt.skip_synchronize():
+                    scaler.step(opt)         # skips the step itself when a gradient is not finite
+                scaler.update()
+            elif comp.step_nonfinite:
+                opt.zero_grad()
+            else:
+                with opt.skip_synchronize():
+                    opt.step()
+        return flat_params(model), scales, skipped, comp.state_dict()
+    plain, _, skipped_plain, _ = run(False)
+    scaled, scales, skipped, state = run(True)
+    return {"equal": torch.equal(plain, scaled), "scales": scales, "skipped": skipped,
+            "skipped_plain": skipped_plain, "saved_scale": state["loss_scale"]}
+
+
 def fp16_large_gradients(kind="fp16"):
     """Finite fp16 gradients whose fp16 sum overflows (4.0 x 100,000 elements): no alarm.
     ``randomk``: fp16 values scaled by n/k = 1000 without error feedback, 40000 per rank, which
@@ -481,6 +526,8 @@ def main():
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
                                                       "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc",
                                                       "lgc@conv2", "lgc@bn1")}
+    if "amp" in scen:
+        res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "dgc", "topk+perlayer", "randomk")}
     if "sparse_as_dense" in scen:
         res["sparse_as_dense"] = sparse_as_dense()
     if "fp16big" in scen:
