@@ -102,6 +102,9 @@ def assert_same_checkpoint(run_a, run_b, epoch: int, ranks: int):
     shards, kept = [], False
     for r in range(ranks):
         sa, sb = load(run_a, f".rank{r:03d}"), load(run_b, f".rank{r:03d}")
+        # the loss scaler (--amp fp16) and the scale the residuals are in
+        assert sa.get("scaler") == sb.get("scaler"), (r, sa.get("scaler"), sb.get("scaler"))
+        assert sa["compression"].get("loss_scale") == sb["compression"].get("loss_scale"), r
         la, lb = sa["compression"]["layers"], sb["compression"]["layers"]
         assert la.keys() == lb.keys(), (r, sorted(la.keys() ^ lb.keys())[:4])
         for name, lay in la.items():

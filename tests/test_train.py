@@ -14,7 +14,7 @@ import torch
 from hvd_rsgc.app.metrics import confusion_matrix, summarize
 from hvd_rsgc.app.models import build_model
 
-from support import ROOT, assert_same_checkpoint, mpirun_python, run_module  # noqa: E402
+from support import ROOT, assert_same_checkpoint, mpirun_python, run_module, torchrun  # noqa: E402
 SYNTH = os.path.join(ROOT, "examples", "configs", "synthetic.yaml")
 
 
@@ -66,6 +66,38 @@ def test_resume_is_bit_exact(tmp_path):
     names = sorted(os.listdir(tmp_path / "full" / "checkpoints"))
     assert names == ["epoch0002.pt", "epoch0002.rank000.pt", "epoch0002.rank001.pt",
                      "epoch0003.pt", "epoch0003.rank000.pt", "epoch0003.rank001.pt"]
+
+
+@pytest.mark.multiproc
+def test_mixed_precision_trains_skips_overflows_and_resumes_bit_exactly(tmp_path):
+    """--amp fp16 (autocast + GradScaler, whose first scale 65536 overflows): the overflow
+    steps are skipped on every rank and counted, the scale backs off, the run learns, and a
+    resume from the epoch-1 checkpoint (the scaler's state in each rank's shard, the
+    compressor's residuals in that scale's units) continues bit for bit."""
+    common = ["hvd_rsgc.train", "--config", SYNTH, "--out_dir", str(tmp_path), "--epochs", "2",
+              "--max_steps_per_epoch", "5", "--progress", "false", "--amp", "fp16",
+              "--nonfinite", "skip"]
+    horovodrun(2, common + ["--run_name", "full"], tmp_path)
+    horovodrun(2, common + ["--run_name", "split", "--stop_after", "1"], tmp_path)
+    horovodrun(2, ["hvd_rsgc.train", "--resume", str(tmp_path / "split")], tmp_path)
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "split", 1, ranks=2)
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_steps"] >= 1 and all(r["train_loss"] == r["train_loss"] for r in rows)
+    shard = torch.load(tmp_path / "full" / "checkpoints" / "epoch0001.rank001.pt", weights_only=False)
+    assert shard["scaler"]["scale"] < 65536.0
+    assert shard["compression"]["loss_scale"] < 65536.0
+    # bf16: autocast without a scaler (nothing skipped), through DDP's comm hook as well
+    for backend in ("horovod", "ddp"):
+        args = ["hvd_rsgc.train", "--config", SYNTH, "--out_dir", str(tmp_path), "--epochs", "1",
+                "--max_steps_per_epoch", "3", "--progress", "false", "--amp", "bf16",
+                "--run_name", f"bf16-{backend}"]
+        if backend == "ddp":
+            p, _ = torchrun(2, "-m", *args, "--backend", "ddp", cwd=str(tmp_path))
+            assert p.returncode == 0, p.stderr[-3000:]
+        else:
+            horovodrun(2, args, tmp_path)
+        row = json.loads((tmp_path / f"bf16-{backend}" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["skipped_steps"] == 0 and row["train_loss"] < 10, (backend, row)
 
 
 @pytest.mark.multiproc
@@ -494,6 +526,12 @@ def test_config_errors(tmp_path):
         lc(None, ["--std", "50,0,50"])
     with pytest.raises(ValueError, match="seed must be <= "):     # not "Overflow when unpacking"
         lc(None, ["--seed", str(2 ** 64)])
+    with pytest.raises(ValueError, match="amp fp16 needs nonfinite skip"):   # overflows would stop it
+        lc(None, ["--amp", "fp16"])
+    with pytest.raises(ValueError, match="amp fp16 .* goes with algorithm horovod"):
+        lc(None, ["--amp", "fp16", "--nonfinite", "skip", "--algorithm", "rdpsgd"])
+    with pytest.raises(ValueError, match="amp must be one of"):
+        lc(None, ["--amp", "fp8"])
     for name in ("demo", "ucm_vgg19_rsdgc", "ucm_resnet56_rsdgc", "nwpu_resnet110_rsdgc"):
         lc(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"), [])
 

@@ -85,6 +85,9 @@ class OptimConfig:
     gamma: float = opt(0.1, "multistep factor", minimum=0.0)
     lr_warmup_epochs: float = opt(0, "linear warm-up from lr/P to lr (DGC)", minimum=0.0)
     max_steps_per_epoch: int | None = opt(None, "cap the steps of an epoch (smoke runs)", minimum=1)
+    amp: str = opt("off", "mixed precision: forward and loss under autocast in bf16, or in fp16 "
+                   "with a loss scaler (GradScaler; needs nonfinite skip: an overflow step is "
+                   "skipped and the scale backs off)", choices=("off", "bf16", "fp16"))
 
 
 @dataclass
@@ -342,6 +345,12 @@ class Config:
             raise ValueError(f"train_ratio must be in (0, 1), got {self.data.train_ratio!r} (in {where})")
         if not o.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {o.momentum!r} (in {where})")
+        if o.amp == "fp16" and self.decentral.algorithm != "horovod":
+            raise ValueError(f"amp fp16 (a loss scaler) goes with algorithm horovod (allreduce), "
+                             f"not {self.decentral.algorithm!r}; bf16 needs no scaler (in {where})")
+        if o.amp == "fp16" and c.nonfinite != "skip":
+            raise ValueError("amp fp16 needs nonfinite skip: the loss scaler's overflow steps give "
+                             f"inf / NaN gradients, which nonfinite raise stops the job at (in {where})")
         if self.decentral.backend == "ddp" and self.decentral.algorithm != "horovod":
             raise ValueError(f"backend ddp goes with algorithm horovod (allreduce), not "
                              f"{self.decentral.algorithm!r} (in {where})")

@@ -62,6 +62,16 @@ def build_compression(cfg, model):
                                      **{**compression_options(cfg), **explicit})
 
 
+def _loss_scaler(cfg, model, comp):
+    """``amp fp16``: a GradScaler on the model's device, which the compressor's residuals
+    follow (``set_grad_scaler``); None otherwise (bf16 needs no scaler)."""
+    if cfg.optim.amp != "fp16":
+        return None
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type)
+    comp.set_grad_scaler(scaler)
+    return scaler
+
+
 class AllreduceStrategy:
     name = "horovod"
 
@@ -80,6 +90,7 @@ class AllreduceStrategy:
         self.opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                             compression=self.comp, groups=groups)
         self.skip = cfg.compression.nonfinite == "skip"
+        self.scaler = _loss_scaler(cfg, model, self.comp)
         self._bytes0 = self._dense0 = 0
 
     # -- the loop's steps -------------------------------------------------------------------
@@ -88,6 +99,9 @@ class AllreduceStrategy:
         st = self.comp.stats()
         self._bytes0, self._dense0 = st["total_bytes"], st["total_dense_bytes"]
         self._skipped0 = st["skipped_steps"]
+
+    def backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def after_backward(self) -> None:
         pass
@@ -100,6 +114,11 @@ class AllreduceStrategy:
             self.opt.step()
             return
         self.comp.synchronize(self.opt)
+        if self.scaler is not None:           # skips the step itself on inf / NaN, backs off
+            with self.opt.skip_synchronize():
+                self.scaler.step(self.opt)
+            self.scaler.update()
+            return
         if self.comp.step_nonfinite:          # every rank agrees; no NaN reached any state
             self.opt.zero_grad()
             return
@@ -136,12 +155,17 @@ class AllreduceStrategy:
         self.hvd.broadcast_optimizer_state(self.opt, root_rank=0)
 
     def shard_state(self) -> dict:
-        return {"compression": self.comp.state_dict()}
+        out = {"compression": self.comp.state_dict()}
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
 
     def load(self, main: dict, shard: dict) -> None:
         self.model.load_state_dict(main["model"])
         self.opt.load_state_dict(main["optimizer"])
         self.comp.load_state_dict(shard["compression"])
+        if self.scaler is not None and "scaler" in shard:
+            self.scaler.load_state_dict(shard["scaler"])
 
 
 class DDPStrategy(AllreduceStrategy):
@@ -160,11 +184,16 @@ class DDPStrategy(AllreduceStrategy):
         self.opt = hvd_rsgc.make_optimizer(self.comp, model.parameters(), lr=o.lr, momentum=o.momentum,
                                            weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.skip = c.nonfinite == "skip"
+        self.scaler = _loss_scaler(cfg, model, self.comp)
 
     def forward(self, x):
         return self.ddp(x)
 
     def step(self) -> None:
+        if self.scaler is not None:           # skips the step itself on inf / NaN, backs off
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            return
         if self.skip and self.comp.step_nonfinite:      # the hook already ran in backward
             self.opt.zero_grad()
             return
@@ -203,6 +232,9 @@ class GossipStrategy:
 
     def forward(self, x):
         return self.model(x)
+
+    def backward(self, loss) -> None:
+        loss.backward()
 
     def after_backward(self) -> None:
         self.rd.mix()          # x <- W x on a random subset; the gradient was taken before

@@ -286,6 +286,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         report.truncate(start_epoch)
 
     end_epoch = o.epochs if not r.stop_after else min(o.epochs, start_epoch + r.stop_after)
+    # mixed precision (--amp): forward and loss in bf16 / fp16; fp16's loss scaler is the strategy's
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if o.amp == "bf16" else torch.float16,
+                              enabled=o.amp != "off")
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         sampler.set_epoch(epoch)
@@ -302,12 +305,13 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             xf = augment(x.float(), gen, crop=crop) if d.augment else x.float()
             strategy.opt.zero_grad()
-            out = strategy.forward(xf if prenormalized else normalize(xf, d.mean, d.std))
-            loss = F.cross_entropy(out, y)
-            extra = getattr(model, "extra_loss", None)      # e.g. CCR-Net's reconstruction loss
-            if extra is not None:
-                loss = loss + extra
-            loss.backward()
+            with autocast:
+                out = strategy.forward(xf if prenormalized else normalize(xf, d.mean, d.std))
+                loss = F.cross_entropy(out, y)
+                extra = getattr(model, "extra_loss", None)  # e.g. CCR-Net's reconstruction loss
+                if extra is not None:
+                    loss = loss + extra
+            strategy.backward(loss)
             strategy.after_backward()
             strategy.step()
             lv = loss.item()
