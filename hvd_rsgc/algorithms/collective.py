@@ -154,6 +154,18 @@ class Marks:
         if self.kept is not None and self.kept[0].numel():
             mem.keep(st.memory, self.kept[0], self.kept[1], st.layout)
 
+    def give_back(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Undo :meth:`apply` after a skipped step (``Engine.hold``): the units removed from the
+        residual come back -- ``rows`` / ``values``: everything this rank picked (ascending
+        rows), of which the removed ones are a subset -- and an owner's rounding error, which
+        belonged to sums that no rank applied, goes out again."""
+        mem, st = self.method.memory, self.layer
+        if self.rows.numel():
+            back = values[torch.searchsorted(rows, self.rows)] if self.sent is None else self.sent
+            mem.keep(st.memory, self.rows, back.float(), st.layout)
+        if self.kept is not None and self.kept[0].numel():
+            mem.keep(st.memory, self.kept[0], -self.kept[1], st.layout)
+
 
 class _Group:
     """One unit size's tensors through the four rounds (pure bookkeeping between them)."""

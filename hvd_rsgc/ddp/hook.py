@@ -174,7 +174,7 @@ class DDPBinding:
             sums, marks = self.comp.collective.exchange(
                 m, [it[1:] for it in rs_items], self.transport,
                 f"hvd_rsgc.ddp.bucket{bucket.index()}.rs")
-            rs_out = {it[0]: (sm, mk) for it, sm, mk in zip(rs_items, sums, marks)}
+            rs_out = {it[0]: (sm, mk, it[2], it[3]) for it, sm, mk in zip(rs_items, sums, marks)}
         ctxs = {i: c for i, _, c in works}
         d_off = 0
         for i, (e, g) in enumerate(zip(entries, grads)):
@@ -193,11 +193,12 @@ class DDPBinding:
                     views[i].copy_(fz_out[e.name])
                 continue
             if i in rs_out:
-                dense, mk = rs_out[i]
+                dense, mk, *picked = rs_out[i]
                 if bad[i]:
                     views[i].copy_(eng.nonfinite_result(e, g))
                     continue
                 mk.apply()
+                eng.hold(lambda mk=mk, picked=picked: mk.give_back(*picked))
                 if self.comp.average and n > 1:
                     dense.div_(n)
                 views[i].copy_(dense.to(g.dtype))

@@ -185,6 +185,7 @@ class HorovodBinding:
             if float(tensor.reshape(-1)[0]) != FLAG_OK:
                 return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
             marks.apply()
+            eng.hold(lambda: marks.give_back(*ctx["pieces"]))
             if self.comp.average and self.transport.size > 1:
                 dense.div_(self.transport.size)
             return dense.to(ctx["dtype"])

@@ -28,7 +28,8 @@ OPTS = {"topk": {"density": 0.05}, "randomk": {"density": 0.05}, "dgc": {"densit
 VARIANTS = {"rsdgc-int8": ("rsdgc", {"int8_values": True}),    # kind -> (registry name, options)
             # the per-tensor reference path of the bucketed defaults
             "topk-pt": ("topk", {"fused": False}), "dgc-pt": ("dgc", {"fused": False}),
-            "rsdgc-pt": ("rsdgc", {"fused": False}), "rsdgc-nobias": ("rsdgc", {})}
+            "rsdgc-pt": ("rsdgc", {"fused": False}), "rsdgc-nobias": ("rsdgc", {}),
+            "rsdgc-rs": ("rsdgc", {"communicator": "reduce_scatter"})}
 LR = {"signsgd": 0.002}           # signSGD's step is +-lr per element
 
 
@@ -382,7 +383,7 @@ def main():
     if "amp" in scen:
         res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "topk")}
     if "nonfinite" in scen:
-        res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "fp16", "rsdgc!",
+        res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "rsdgc-rs", "dgc", "fp16", "rsdgc!",
                                                       "lgc-rar", "lgc-rar@conv2.bias")}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{dist.get_rank()}.json"), "w") as f:

@@ -64,6 +64,8 @@ def compressor(kind, model, density=DENSITY, **kw):
         kw.setdefault("fused", True)
     elif suffix == "perlayer":                  # the per-tensor reference path
         kw.setdefault("fused", False)
+    elif suffix == "rs":                        # the sparse reduce-scatter
+        kw.setdefault("communicator", "reduce_scatter")
     common = dict(min_numel=MIN_NUMEL)
     if kind == "none":
         return hvd_rsgc.NoneCompression(model, **kw)
@@ -525,7 +527,7 @@ def main():
     if "skip" in scen:
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
                                                       "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc",
-                                                      "lgc@conv2", "lgc@bn1")}
+                                                      "rsdgc+rs@conv2", "lgc@conv2", "lgc@bn1")}
     if "amp" in scen:
         res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "dgc", "topk+perlayer", "randomk")}
     if "sparse_as_dense" in scen:
