@@ -366,6 +366,7 @@ class Engine:
         # the step is skipped (``hold`` / ``settle``)
         self._held: list = []
         self._seen_step = 0                 # the step whose first tensor ran ``begin``
+        self._began: set = set()            # the tensors that began this step
         self.grad_scaler = None             # a loss scaler (set_grad_scaler)
         self.loss_scale = 1.0               # the loss scale the state's buffers are in
 
@@ -407,17 +408,22 @@ class Engine:
         if e.sparse:
             self.schedule.update(st, self.table, self.method)
         st.step += 1
-        if st.step > self._seen_step:       # the step's first tensor: before any update
-            self._seen_step = st.step
+        # the step's first tensor (a tensor seen again, or a step counter past the last one):
+        # before any tensor of the step is updated
+        if e.name in self._began or st.step > self._seen_step:
+            self._began = set()
+            self._seen_step = max(self._seen_step, st.step)
             self.settle(new_step=True)
             self.rescale()
+        self._began.add(e.name)
         if st.step > self.meter.cur_step:
             self.step_nonfinite = self.local_nonfinite = False
         finite = all_finite(tensor) if check else True
         if not finite:
             self.local_nonfinite = True
-        g = clip_local(tensor, self.clip_norm, world) if finite and e.sparse and self.clip_norm \
-            else tensor
+        # the clipping threshold in the loss scale's units, as the gradient is
+        g = clip_local(tensor, self.clip_norm * self.loss_scale, world) \
+            if finite and e.sparse and self.clip_norm else tensor
         return finite, g
 
     # -- a skipped step gives back what it sent; a loss scale change rescales the state ----
@@ -450,6 +456,11 @@ class Engine:
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"scaler must have get_scale() (torch.amp.GradScaler), got "
                             f"{type(scaler).__name__}")
+        if scaler is not None and not getattr(self.method, "scale_equivariant", True):
+            raise ValueError(f"set_grad_scaler: {self.owner}'s output does not scale with the "
+                             "gradient (a sign vote, an absolute threshold), so a loss scaler "
+                             "would divide every update by its scale; train it without one "
+                             "(e.g. bf16 autocast)")
         if scaler is not None and self.nonfinite != "skip":
             raise ValueError("set_grad_scaler: a loss scaler's overflow steps give inf / NaN "
                              "gradients, which nonfinite='raise' turns into an error; build the "
@@ -624,5 +635,5 @@ class Engine:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.meter.cur_step = max((e.layer.step for e in self.table), default=0)
         self._seen_step = self.meter.cur_step
-        self._held = []
+        self._held, self._began = [], set()
         self.loss_scale = float(state.get("loss_scale", 1.0))

@@ -510,6 +510,59 @@ def test_grad_scaler_is_checked_and_its_scale_travels_with_the_state():
     assert plain.engine.loss_scale == 2.0
     plain.engine.rescale()                          # no scaler: scale 1
     assert torch.equal(plain.engine.table.compressed[0].layer.memory["v"], v)
+    # methods whose output does not follow the gradient's scale are refused by name
+    for make in (hvd_rsgc.SignSGDCompression, hvd_rsgc.ThresholdCompression):
+        with pytest.raises(ValueError, match="does not scale with the gradient"):
+            make(model, nonfinite="skip").set_grad_scaler(scaler)
+    # DGC's local clipping threshold is in the scale's units too: a scaled gradient is clipped
+    # to the same (scaled) vector as the unscaled one
+    clip = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=1, nonfinite="skip", clip_norm=0.5)
+    clip.set_grad_scaler(scaler)                    # scale 2
+    g = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    _, got = clip.engine.begin(clip.engine.table.compressed[0], g * 2.0, 1)
+    want = hvd_rsgc.algorithms.memory.clip_local(g, 0.5, 1)
+    assert float(g.norm()) > 1 and torch.allclose(got / 2.0, want, rtol=1e-6)
+
+
+def test_a_skipped_steps_give_backs_run_once_before_the_next_steps_first_update():
+    """Engine.hold / settle: what a rank sent in a step goes back (the held give-backs run)
+    only if the step was skipped, once, at the next step's first tensor -- before that step's
+    flags are reset, before any of its tensors is updated -- or at state_dict(), not again
+    after it; a finite step's are dropped."""
+    import hvd_rsgc
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    comp = hvd_rsgc.TopKCompression(model, density=0.1, min_numel=1, nonfinite="skip")
+    eng = comp.engine
+    a, b = eng.table.compressed[:2]
+    ran = []
+
+    def step(skip: bool, held: str, order=(a, b)):
+        for e in order:                             # every tensor of a step begins once
+            eng.begin(e, torch.ones(e.param.shape), 1, check=False)
+            ran.append(("begin", e.name))
+            eng.hold(lambda e=e: ran.append((held, e.name)))
+        if skip:
+            eng.nonfinite_result(a, torch.ones(a.param.shape))
+    step(False, "finite step")
+    step(True, "skipped step")                      # the finite step's give-backs: dropped
+    assert [r for r in ran if r[0] != "begin"] == [] and eng.step_nonfinite
+    ran.clear()
+    step(False, "after")                            # both come back, before the first begin ends
+    assert ran[:3] == [("skipped step", a.name), ("skipped step", b.name), ("begin", a.name)], ran
+    assert not eng.step_nonfinite and eng.skipped_steps == 1
+    step(True, "skipped again")
+    ran.clear()
+    comp.state_dict()                               # a checkpoint holds them ...
+    comp.state_dict()
+    step(False, "x")                                # ... and they do not come back twice
+    assert [r[0] for r in ran] == ["skipped again", "skipped again", "begin", "begin"], ran
+    # a tensor whose step counter lags (a layer unfrozen later, a state saved so) opening a
+    # step is still the step's first tensor
+    step(True, "lagging")
+    b.layer.step = 1
+    ran.clear()
+    step(False, "y", order=(b, a))
+    assert ran[:3] == [("lagging", a.name), ("lagging", b.name), ("begin", b.name)], ran
 
 
 def test_local_clipping_reference_and_half_precision():

@@ -207,6 +207,9 @@ class Method:
     name = "method"
     communicator = "allgather"          # "allgather" (per-rank messages) or "allreduce"
     momentum_correction = False         # puts momentum into what it sends (DGC family)
+    # its output scales with its input (a loss scaler's factor passes through): not so for a
+    # sign vote or an absolute threshold (``Engine.set_grad_scaler`` refuses those)
+    scale_equivariant = True
     wants_neighbourhood = False
     generator: torch.Generator | None = None     # seeded methods set their own
     VALUE_DTYPES: tuple = (torch.float32, torch.float16)   # sparse methods add int8

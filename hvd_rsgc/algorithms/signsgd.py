@@ -70,6 +70,7 @@ class SignSGD(Method):
 
     name = "signsgd"
     communicator = "allgather"
+    scale_equivariant = False           # +-1 per element, whatever the gradient's size
 
     def __init__(self):
         super().__init__(NoMemory())

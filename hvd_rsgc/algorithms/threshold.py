@@ -25,6 +25,7 @@ from .base import SparseMethod
 
 class Threshold(SparseMethod):
     name = "threshold"
+    scale_equivariant = False           # an absolute tau against a loss-scaled residual
 
     def __init__(self, memory, threshold: float = 0.01, **kw):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \

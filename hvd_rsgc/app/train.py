@@ -294,7 +294,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         sampler.set_epoch(epoch)
         strategy.begin_epoch(epoch)
         gen = _seed_gen(r.seed, rank, epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, loss_seen = 0.0, 0, 0, 0
         it = iter(loader)
         bar = report.bar(steps_per_epoch, f"epoch {epoch + 1}/{o.epochs}")
         for step in range(steps_per_epoch):
@@ -315,7 +315,9 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             strategy.after_backward()
             strategy.step()
             lv = loss.item()
-            loss_sum += lv * y.numel()
+            if math.isfinite(lv):           # an fp16 (--amp) overflow: not in the mean
+                loss_sum += lv * y.numel()
+                loss_seen += y.numel()
             correct += int((out.argmax(1) == y).sum())
             seen += y.numel()
             if bar:
@@ -325,7 +327,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
             bar.close()
         del it
         average_buffers(model, hvd)
-        tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64),
+        tr = hvd.allreduce(torch.tensor([loss_sum, correct, seen, loss_seen], dtype=torch.float64),
                            op=hvd.Sum, name="hvd_rsgc.train.stats")
         with strategy.evaluation_model(functools.partial(
                 train_inputs, train_ds, list(sampler), o.batch_size, cfg, device)) as consensus:
@@ -334,7 +336,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         ep_bytes, ep_dense, skipped = strategy.epoch_bytes()
         all_bytes = hvd.allgather_object(ep_bytes, name="hvd_rsgc.bytes")
         cum_bytes += ep_bytes
-        rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tr[0].item() / tr[2].item(),
+        rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tr[0].item() / tr[3].item() if tr[3].item() else float("nan"),
                "train_acc": tr[1].item() / tr[2].item(), "val_loss": val_loss,
                "top1": m["oa"], "oa": m["oa"], "aa": m["aa"], "kappa": m["kappa"],
                "per_class": m["per_class"],
