@@ -203,7 +203,7 @@ def test_np2_skip_policy_skips_the_step_on_every_rank_and_training_goes_on(tmp_p
         # Random-k's fp16 values, each in range, summed past it: saturated at 65504 / P per rank
         assert r["fp16big_randomk"] == {"error": None, "params_finite": True}, r["fp16big_randomk"]
     for kind in ("rsdgc", "topk", "randomk", "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc",
-                 "rsdgc+rs@conv2"):
+                 "rsdgc+rs@conv2", "qsgd_ef@fc", "efsignsgd@fc"):
         # tensors checked: rank 0's four, and rank 1's finite ones where one tensor held NaN
         assert [r["skip"][kind]["given_back"] for r in rs] == ([4, 0] if "@" not in kind else [4, 3]), kind
 

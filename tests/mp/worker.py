@@ -79,6 +79,10 @@ def compressor(kind, model, density=DENSITY, **kw):
         return hvd_rsgc.DGCCompression(model, density=density, **common, **kw)
     if kind == "qsgd":
         return hvd_rsgc.QSGDCompression(model, **common, **kw)
+    if kind == "qsgd_ef":                       # with error feedback: a dense residual
+        return hvd_rsgc.QSGDCompression(model, error_feedback=True, **common, **kw)
+    if kind == "efsignsgd":
+        return hvd_rsgc.EFSignSGDCompression(model, **common, **kw)
     if kind == "rsdgc":
         return hvd_rsgc.RSDGCCompression(model, density=density, update_every=5, **common, **kw)
     if kind == "rsdgc_fp16":
@@ -527,7 +531,8 @@ def main():
     if "skip" in scen:
         res["skip"] = {k: nonfinite_skip(k) for k in ("rsdgc", "topk", "randomk", "fp16",
                                                       "rsdgc@conv2", "dgc@fc", "topk+perlayer@fc",
-                                                      "rsdgc+rs@conv2", "lgc@conv2", "lgc@bn1")}
+                                                      "rsdgc+rs@conv2", "qsgd_ef@fc", "efsignsgd@fc",
+                                                      "lgc@conv2", "lgc@bn1")}
     if "amp" in scen:
         res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "dgc", "topk+perlayer", "randomk")}
     if "sparse_as_dense" in scen:
