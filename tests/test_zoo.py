@@ -578,6 +578,8 @@ def test_np2_identical_loss_falls_bytes_match_formula(np2, kind):
                 assert step["layers"][name]["bytes"] == 4 + msg
                 if kind == "threshold":
                     assert 0 < msg < 8 * n
+                    if s == 0:              # residual zero: counted from the raw gradient
+                        assert msg == 8 * r["aggregate"]["above"][name], (name, msg)
             if kind == "powersgd":
                 mats = [(shape[0], math.prod(shape) // shape[0]) for nm, shape in shapes.items()
                         if nm in compressed]

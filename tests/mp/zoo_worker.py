@@ -83,8 +83,10 @@ def aggregate_error(name, options, local, got):
     threshold the mean of g where |g| > tau. None for the others (random or multi-round)."""
     if name not in ("signsgd", "efsignsgd", "threshold"):
         return None
-    worst, scale = 0.0, 0.0
+    worst, scale, above = 0.0, 0.0, {}
     for n, g in local.items():
+        if name == "threshold":             # this rank's elements past tau: 8 bytes each on the wire
+            above[n] = int((g.abs() > options["threshold"]).sum())
         G = hvd.allgather(g.unsqueeze(0), name=f"test.raw.{n}")             # (P, ...)
         sgn = torch.where(G < 0, -1.0, 1.0)
         if name == "signsgd":
@@ -95,7 +97,7 @@ def aggregate_error(name, options, local, got):
             ref = (G * (G.abs() > options["threshold"])).mean(0)
         worst = max(worst, float((got[n] - ref).abs().max()))
         scale = max(scale, float(ref.abs().max()))
-    return {"max_abs_diff": worst, "ref_scale": scale}
+    return {"max_abs_diff": worst, "ref_scale": scale, "above": above}
 
 
 def main():
