@@ -140,3 +140,50 @@ def test_adapter_trains_on_cuda_at_size_one():
     assert loss.item() < 0.7 * first
     assert all(v.is_cuda for lay in comp.state_dict()["layers"].values() for v in lay["memory"].values())
 
+
+
+def test_loss_scaled_training_on_cuda_equals_the_unscaled_run_and_fp16_autocast_trains():
+    """GradScaler("cuda") with set_grad_scaler at size 1 (the local pass): an fp32 model whose
+    scale doubles every two steps trains bit for bit as the unscaled run (linear layers only:
+    deterministic kernels, exact power-of-two scaling); under fp16 autocast it trains and the
+    state stays on the GPU in the scale's units."""
+    hvd = pytest.importorskip("horovod.torch")
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from hvd_rsgc import DGCSGD, RSDGCCompression
+    hvd.init()
+    x = torch.randn(64, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    y = (x[:, :8].sum(1) > 0).long() + 2 * (x[:, 8:16].sum(1) > 0).long()
+
+    def run(scaled, autocast=False, steps=12):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 4)).cuda()
+        comp = RSDGCCompression(model, density=0.05, min_numel=0, nonfinite="skip")
+        opt = hvd.DistributedOptimizer(DGCSGD(model.parameters(), lr=0.05),
+                                       named_parameters=model.named_parameters(), compression=comp)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10, growth_interval=2) if scaled else None
+        if scaled:
+            comp.set_grad_scaler(scaler)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            (scaler.scale(loss) if scaled else loss).backward()
+            comp.synchronize(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt) if scaled else opt.step()
+            if scaled:
+                scaler.update()
+            losses.append(loss.item())
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return flat, losses, comp, scaler
+    plain, _, _, _ = run(False)
+    scaled, _, comp, scaler = run(True)
+    assert scaler.get_scale() > 2.0 ** 10 and torch.equal(plain, scaled)
+    _, losses, comp, scaler = run(True, autocast=True, steps=40)
+    assert losses[-1] < 0.7 * losses[0]
+    state = comp.state_dict()
+    assert state["loss_scale"] >= 2.0 ** 10
+    assert all(v.is_cuda for lay in state["layers"].values() for v in lay["memory"].values())
