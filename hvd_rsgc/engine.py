@@ -365,8 +365,8 @@ class Engine:
         # nonfinite="skip": what this rank sent this step, to hand back to the residuals if
         # the step is skipped (``hold`` / ``settle``)
         self._held: list = []
-        self._seen_step = 0                 # the step whose first tensor ran ``begin``
         self._began: set = set()            # the tensors that began this step
+        self._in_step, self._open = False, 0    # a step is open; its tensors without a result
         self.grad_scaler = None             # a loss scaler (set_grad_scaler)
         self.loss_scale = 1.0               # the loss scale the state's buffers are in
 
@@ -408,16 +408,16 @@ class Engine:
         if e.sparse:
             self.schedule.update(st, self.table, self.method)
         st.step += 1
-        # the step's first tensor (a tensor seen again, or a step counter past the last one):
-        # before any tensor of the step is updated
-        if e.name in self._began or st.step > self._seen_step:
-            self._began = set()
-            self._seen_step = max(self._seen_step, st.step)
+        # the step's first tensor -- the last step ended (``finish`` / ``end_step``), or, if
+        # a binding could not tell, a tensor begins again -- comes before any tensor of the
+        # step is updated: the last step's give-backs, a new loss scale, fresh flags
+        if not self._in_step or e.name in self._began:
+            self._began, self._open, self._in_step = set(), 0, True
             self.settle(new_step=True)
             self.rescale()
-        self._began.add(e.name)
-        if st.step > self.meter.cur_step:
             self.step_nonfinite = self.local_nonfinite = False
+        self._began.add(e.name)
+        self._open += 1
         finite = all_finite(tensor) if check else True
         if not finite:
             self.local_nonfinite = True
@@ -425,6 +425,19 @@ class Engine:
         g = clip_local(tensor, self.clip_norm * self.loss_scale, world) \
             if finite and e.sparse and self.clip_norm else tensor
         return finite, g
+
+    # -- step boundaries --------------------------------------------------------------------
+    def finish(self, e: Entry) -> None:
+        """``e``'s result of this step was handed out (Horovod: its ``decompress``); once every
+        tensor that began the step has one, the step has ended."""
+        self._open -= 1
+        if self._open <= 0:
+            self.end_step()
+
+    def end_step(self) -> None:
+        """Every result of this step was handed out (DDP: the step's last bucket); the next
+        ``begin`` opens a new step, whichever tensor it is."""
+        self._in_step, self._open = False, 0
 
     # -- a skipped step gives back what it sent; a loss scale change rescales the state ----
     def hold(self, give_back) -> None:
@@ -634,6 +647,5 @@ class Engine:
         self.meter.load_state_dict(state.get("totals", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.meter.cur_step = max((e.layer.step for e in self.table), default=0)
-        self._seen_step = self.meter.cur_step
-        self._held, self._began = [], set()
+        self._held, self._began, self._in_step, self._open = [], set(), False, 0
         self.loss_scale = float(state.get("loss_scale", 1.0))

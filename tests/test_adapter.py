@@ -519,3 +519,25 @@ def test_a_refused_state_leaves_the_compressor_as_it_was():
         assert got["memory"].keys() == rec["memory"].keys(), name
         for k, v in rec["memory"].items():
             assert torch.equal(got["memory"][k], v), (name, k)
+
+
+def test_np1_gradients_changed_after_synchronize_are_not_compressed_again():
+    """At -np 1 ``comp.synchronize(opt)`` runs the local pass; a gradient changed in place
+    after it (clip_grad_norm_, GradScaler's unscale_) and then ``with opt.skip_synchronize():
+    opt.step()`` must not run the pass a second time -- that compressed the decoded gradients
+    again as one more step (the counters, the residuals, the give-backs and the loss scale
+    all moved twice)."""
+    torch.manual_seed(0)
+    model = Net()
+    comp = TopKCompression(model, density=0.1, min_numel=10)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    for x, y in batches(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        comp.synchronize(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)      # in place: a new version
+        with opt.skip_synchronize():
+            opt.step()
+    assert comp.stats()["steps"] == 3
+    assert {lay["step"] for lay in comp.state_dict()["layers"].values()} == {3}

@@ -556,13 +556,26 @@ def test_a_skipped_steps_give_backs_run_once_before_the_next_steps_first_update(
     comp.state_dict()
     step(False, "x")                                # ... and they do not come back twice
     assert [r[0] for r in ran] == ["skipped again", "skipped again", "begin", "begin"], ran
-    # a tensor whose step counter lags (a layer unfrozen later, a state saved so) opening a
-    # step is still the step's first tensor
+    # a tensor whose step counter lags (a state saved so) opening a step is its first tensor,
+    # and the step has one start only: both of its give-backs are kept, and run once
     step(True, "lagging")
     b.layer.step = 1
     ran.clear()
-    step(False, "y", order=(b, a))
-    assert ran[:3] == [("lagging", a.name), ("lagging", b.name), ("begin", b.name)], ran
+    step(True, "y", order=(b, a))
+    assert ran == [("lagging", a.name), ("lagging", b.name), ("begin", b.name), ("begin", a.name)], ran
+    ran.clear()
+    step(False, "z")
+    assert [r for r in ran if r[0] != "begin"] == [("y", b.name), ("y", a.name)], ran
+    # a binding that says when a step ended (Horovod: every decompress; DDP: the last bucket):
+    # a tensor absent from the last step, beginning first, opens the new one
+    eng.end_step()
+    eng.begin(a, torch.ones(a.param.shape), 1, check=False)
+    eng.hold(lambda: ran.append(("only a", a.name)))
+    eng.nonfinite_result(a, torch.ones(a.param.shape))
+    eng.finish(a)                                   # the step (a alone) has ended
+    ran.clear()
+    eng.begin(b, torch.ones(b.param.shape), 1, check=False)
+    assert ran == [("only a", a.name)] and not eng.step_nonfinite, ran
 
 
 def test_local_clipping_reference_and_half_precision():

@@ -214,10 +214,13 @@ class DDPBinding:
         fut = torch.futures.Future()
         if not multi:
             fut.set_result(out)
+            if bucket.is_last():
+                eng.end_step()
             return fut
         self._pending.append((fut, out, views, entries, bad))
         if bucket.is_last():
             self._finish_multi()
+            eng.end_step()
         return fut
 
     def _codec(self, index: int, entries):

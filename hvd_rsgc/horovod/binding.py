@@ -165,6 +165,11 @@ class HorovodBinding:
 
     # -- decompress -----------------------------------------------------------------------
     def decompress(self, tensor: torch.Tensor, ctx):
+        out = self._decompress(tensor, ctx)
+        self.engine.finish(ctx["entry"])       # the step ends with its last result
+        return out
+
+    def _decompress(self, tensor: torch.Tensor, ctx):
         if ctx is None:        # Horovod's torch.sparse path skipped compress() and sends no ctx
             raise TypeError(
                 f"a torch.sparse gradient (parameters {self.engine.sparse_grad_params[:4] or '?'}) "
@@ -377,8 +382,10 @@ class HorovodBinding:
             opt.synchronize()
 
     def pre_step(self, opt) -> None:
+        # not inside ``with opt.skip_synchronize()``: the caller synchronized already (and may
+        # have changed the gradients in place since, e.g. clipped them)
         if not getattr(opt, "_requires_update", None) and self._hooks_absent() \
-                and not _in_state_broadcast():
+                and getattr(opt, "_should_synchronize", True) and not _in_state_broadcast():
             self._run_local(getattr(opt, "sparse_as_dense", False), _updated(opt))
 
     @staticmethod
