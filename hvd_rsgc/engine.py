@@ -474,6 +474,12 @@ class Engine:
                              "gradient (a sign vote, an absolute threshold), so a loss scaler "
                              "would divide every update by its scale; train it without one "
                              "(e.g. bf16 autocast)")
+        m = self.method
+        if scaler is not None and getattr(m, "value_dtype", None) == torch.float16 \
+                and not getattr(getattr(m, "memory", None), "error_feedback", False):
+            raise ValueError(f"set_grad_scaler: {self.owner} sends fp16 values without a residual: "
+                             "loss-scaled values past 65504 would be cut off and lost; use fp32 "
+                             "values or error feedback")
         if scaler is not None and self.nonfinite != "skip":
             raise ValueError("set_grad_scaler: a loss scaler's overflow steps give inf / NaN "
                              "gradients, which nonfinite='raise' turns into an error; build the "

@@ -514,6 +514,9 @@ def test_grad_scaler_is_checked_and_its_scale_travels_with_the_state():
     for make in (hvd_rsgc.SignSGDCompression, hvd_rsgc.ThresholdCompression):
         with pytest.raises(ValueError, match="does not scale with the gradient"):
             make(model, nonfinite="skip").set_grad_scaler(scaler)
+    with pytest.raises(ValueError, match="fp16 values without a residual"):     # cut off, lost
+        hvd_rsgc.RandomKCompression(model, density=0.1, error_feedback=False, fp16_values=True,
+                                    nonfinite="skip").set_grad_scaler(scaler)
     # DGC's local clipping threshold is in the scale's units too: a scaled gradient is clipped
     # to the same (scaled) vector as the unscaled one
     clip = hvd_rsgc.DGCCompression(model, density=0.1, min_numel=1, nonfinite="skip", clip_norm=0.5)

@@ -83,6 +83,7 @@ def test_mixed_precision_trains_skips_overflows_and_resumes_bit_exactly(tmp_path
     assert_same_checkpoint(tmp_path / "full", tmp_path / "split", 1, ranks=2)
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["skipped_steps"] >= 1 and all(r["train_loss"] == r["train_loss"] for r in rows)
+    assert all(r["nonfinite_loss_samples"] == 0 for r in rows)  # fp32 losses; the overflows were in backward
     shard = torch.load(tmp_path / "full" / "checkpoints" / "epoch0001.rank001.pt", weights_only=False)
     assert shard["scaler"]["scale"] < 65536.0
     assert shard["compression"]["loss_scale"] < 65536.0

@@ -337,6 +337,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         all_bytes = hvd.allgather_object(ep_bytes, name="hvd_rsgc.bytes")
         cum_bytes += ep_bytes
         rec = {"epoch": epoch + 1, "lr": lr, "train_loss": tr[0].item() / tr[3].item() if tr[3].item() else float("nan"),
+               "nonfinite_loss_samples": int(tr[2].item() - tr[3].item()),
                "train_acc": tr[1].item() / tr[2].item(), "val_loss": val_loss,
                "top1": m["oa"], "oa": m["oa"], "aa": m["aa"], "kappa": m["kappa"],
                "per_class": m["per_class"],
