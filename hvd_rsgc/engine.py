@@ -448,6 +448,16 @@ class Engine:
         if self.nonfinite == "skip":
             self._held.append(give_back)
 
+    def hold_sent(self, layer: LayerState, msg: torch.Tensor, ctx: dict) -> None:
+        """:meth:`hold` for a message the method encoded for one tensor (both bindings'
+        per-tensor path): ``method.give_back`` of it. An allreduced message is summed in place
+        by the collective, so a copy is held."""
+        if self.nonfinite != "skip":
+            return
+        m = self.method
+        own = msg.clone() if m.communicator == "allreduce" else msg
+        self._held.append(lambda: m.give_back(layer, own, ctx))
+
     def settle(self, new_step: bool = False) -> None:
         """If the last step was skipped, hand its sent units back to the residuals (once).
         Runs at the next step's first tensor and before :meth:`state_dict`, so a checkpoint
@@ -466,21 +476,24 @@ class Engine:
         it, ``growth_interval`` good steps double it) every buffer is multiplied by new / old
         at the next step's first tensor -- exact for the powers of two that ``GradScaler``
         uses. ``None`` detaches."""
-        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+        if scaler is None:
+            self.grad_scaler = None
+            return
+        if not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"scaler must have get_scale() (torch.amp.GradScaler), got "
                             f"{type(scaler).__name__}")
-        if scaler is not None and not getattr(self.method, "scale_equivariant", True):
+        m = self.method
+        if not getattr(m, "scale_equivariant", True):
             raise ValueError(f"set_grad_scaler: {self.owner}'s output does not scale with the "
                              "gradient (a sign vote, an absolute threshold), so a loss scaler "
                              "would divide every update by its scale; train it without one "
                              "(e.g. bf16 autocast)")
-        m = self.method
-        if scaler is not None and getattr(m, "value_dtype", None) == torch.float16 \
+        if getattr(m, "value_dtype", None) == torch.float16 \
                 and not getattr(getattr(m, "memory", None), "error_feedback", False):
             raise ValueError(f"set_grad_scaler: {self.owner} sends fp16 values without a residual: "
                              "loss-scaled values past 65504 would be cut off and lost; use fp32 "
                              "values or error feedback")
-        if scaler is not None and self.nonfinite != "skip":
+        if self.nonfinite != "skip":
             raise ValueError("set_grad_scaler: a loss scaler's overflow steps give inf / NaN "
                              "gradients, which nonfinite='raise' turns into an error; build the "
                              "compressor with nonfinite='skip'")

@@ -111,9 +111,7 @@ class DDPBinding:
                 continue
             if finite:
                 msg = m.encode(e.layer, gc, ctx)
-                # a skipped step hands it back; an allreduce sums in place: a copy
-                own = msg.clone() if m.communicator == "allreduce" and eng.nonfinite == "skip" else msg
-                eng.hold(lambda layer=e.layer, own=own, ctx=ctx: m.give_back(layer, own, ctx))
+                eng.hold_sent(e.layer, msg, ctx)   # a skipped step hands it back
             else:
                 msg = m.empty_message(e.layer, g.device)
                 ctx["sent_units"] = 0

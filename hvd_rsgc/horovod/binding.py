@@ -136,9 +136,7 @@ class HorovodBinding:
         if finite:
             ctx["size"] = self.transport.size      # an allreduced fp16 message fits its sum
             msg = m.encode(e.layer, g, ctx)
-            # a skipped step hands it back; an allreduced message is summed in place: a copy
-            own = msg.clone() if m.communicator == "allreduce" and eng.nonfinite == "skip" else msg
-            eng.hold(lambda: m.give_back(e.layer, own, ctx))
+            eng.hold_sent(e.layer, msg, ctx)       # a skipped step hands it back
         else:
             msg = m.empty_message(e.layer, tensor.device)
             ctx["sent_units"] = 0
