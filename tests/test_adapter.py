@@ -42,6 +42,18 @@ def run(model, opt, data):
         opt.step()
 
 
+def run_synchronized(model, opt, comp, data, between=lambda: None):
+    """The README's loop: ``comp.synchronize(opt)``, ``between()``, then the step inside
+    ``opt.skip_synchronize()``."""
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        comp.synchronize(opt)
+        between()
+        with opt.skip_synchronize():
+            opt.step()
+
+
 def test_np1_runs_the_compressor_locally_momentum_correction_equals_sgd_momentum():
     """At size 1 Horovod registers no hooks; without the local run DGCSGD would train with
     no momentum at all. Density 1 + no masking: DGC momentum correction == SGD momentum."""
@@ -148,12 +160,7 @@ def test_elastic_size_1_compresses_each_gradient_once(monkeypatch):
     comp = RSDGCCompression(a, density=0.1, min_numel=0)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(a.parameters(), lr=0.1),
                                    named_parameters=a.named_parameters(), compression=comp)
-    for x, y in batches(2):
-        opt.zero_grad()
-        F.cross_entropy(a(x), y).backward()
-        comp.synchronize(opt)
-        with opt.skip_synchronize():
-            opt.step()
+    run_synchronized(a, opt, comp, batches(2))
     assert {e.name: e.layer.step for e in comp.engine.table} == \
         {n: 2 for n, _ in a.named_parameters()}
 
@@ -532,12 +539,8 @@ def test_np1_gradients_changed_after_synchronize_are_not_compressed_again():
     comp = TopKCompression(model, density=0.1, min_numel=10)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
                                    named_parameters=model.named_parameters(), compression=comp)
-    for x, y in batches(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        comp.synchronize(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)      # in place: a new version
-        with opt.skip_synchronize():
-            opt.step()
+    # clipped in place between the two: a new version of every gradient
+    run_synchronized(model, opt, comp, batches(3),
+                     between=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3))
     assert comp.stats()["steps"] == 3
     assert {lay["step"] for lay in comp.state_dict()["layers"].values()} == {3}
