@@ -7,17 +7,25 @@
 # is the full check, Horovod + NCCL build and a training run included).
 #   bash scripts/gpu_grouped.sh [OUT_DIR]          (DEVICE=cpu REPEATS=3: a dry run here)
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-/tmp/gpu_grouped}}"; mkdir -p "$OUT"
+RC=0
 DEVICE="${DEVICE:-cuda}"; REPEATS="${REPEATS:-20}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_grouped: DEVICE=cuda but torch sees no GPU (DEVICE=cpu for a dry run)" >&2
+    exit 1
+fi
 ROWS=rsdgc-eager,rsdgc-fused-eager,rsdgc-fused-grouped,topk-eager,topk-fused-eager,topk-fused-grouped,dgc-eager,dgc-fused-eager,dgc-fused-grouped
 if [ "$DEVICE" = cuda ]; then
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -5
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_grouped: tests/test_cuda.py failed" >&2; RC=1; }
 fi
 "$PY" -m hvd_rsgc.bench compress --device "$DEVICE" --repeats "$REPEATS" --methods "$ROWS" 2>&1 | tee "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_grouped: bench compress failed" >&2; RC=1; }
 ROWS="$ROWS" DEVICE="$DEVICE" "$PY" - <<'EOF' 2>&1 | grep -v '^USDT\|^STAGE' | tee "$OUT/launches.txt"
 # per route: CUDA kernels and copies on the device, host syncs (cudaStreamSynchronize / cudaMemcpy D2H) and
 # wall time of one step over the ResNet-50 set at density 0.001, after two warm-up steps
@@ -48,4 +56,6 @@ for name in os.environ["ROWS"].split(","):
                 or e.name.startswith("cudaMemcpy") and "Async" not in e.name)
     print(f"{name:24s} {kernels:8d} {syncs:6d} {ms:8.2f}")
 EOF
-echo "results in $OUT"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_grouped: the launch profile failed" >&2; RC=1; }
+echo "results in $OUT (exit $RC)"
+exit "$RC"

@@ -115,6 +115,48 @@ def test_grouped_equals_per_layer_route(spy, mem, dtypes):
     assert spy and all(spy)                     # the whole-group route ran every time
 
 
+@pytest.mark.parametrize("cls,mem", [(RSDGC, "momentum"), (RSDGC, "nesterov"), (RSDGC, "ef"),
+                                     (TopK, "ef"), (DGC, "momentum")])
+def test_grouped_multi_tensor_calls_take_only_dense_tensors(spy, monkeypatch, cls, mem):
+    """Every ``torch._foreach_*`` call of the route gets dense tensors, each with its partner's
+    strides: on a GPU one strided tensor (a padded tile's view of the flat buffer) sends the
+    whole call, every layer of the group, to per-tensor kernels (ATen's
+    ``can_use_fast_route``). The padded tiles of SHAPES are updated apart, and still give the
+    per-layer route's bits (``test_grouped_equals_per_layer_route``)."""
+    seen = []
+
+    def check(name, real):
+        def wrapped(*args, **kw):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a
+                     and all(isinstance(t, torch.Tensor) for t in a)]
+            for lst in lists:
+                for j, t in enumerate(lst):
+                    assert t.is_contiguous(), (name, j, tuple(t.shape), t.stride())
+                    assert t.stride() == lists[0][j].stride(), (name, j)
+            seen.append(name)
+            return real(*args, **kw)
+        return wrapped
+    for name in ("_foreach_add_", "_foreach_add", "_foreach_mul_", "_foreach_copy_",
+                 "_foreach_sub_", "_foreach_norm"):
+        monkeypatch.setattr(torch, name, check(name, getattr(torch, name)))
+    shapes = SHAPES if cls is RSDGC else [(64, 64, 3, 3), (40, 31), (1000, 10), (7, 3, 5, 5)]
+    _run("grouped", mem, shapes=shapes, cls=cls)
+    assert spy and all(spy) and "_foreach_norm" in seen
+    if cls is RSDGC:            # the padded tiles (40, 31), (1000, 10) go apart, the rest together
+        lays = [make_layer(cls(MEMORIES[mem]()), s, 0.01, name=f"t{i}", index=i)
+                for i, s in enumerate(SHAPES[:4])]
+        keys = {"momentum": ["u", "v"], "nesterov": ["u", "v"], "ef": ["e"]}[mem]
+        flat = torch.zeros(sum(st.layout.storage_shape[0] * st.layout.storage_shape[1]
+                               for st in lays))
+        views, off = [], 0
+        for st in lays:
+            n = st.layout.storage_shape[0] * st.layout.storage_shape[1]
+            views.append(st.layout.target_view(flat[off:off + n]))
+            off += n
+        srcs = [st.layout.source_view(torch.zeros(st.shape), None) for st in lays]
+        assert grouped.fast_split({k: views for k in keys}, srcs, [0, 1, 2, 3]) == ([0, 1, 3], [2])
+
+
 @pytest.mark.parametrize("density", [0.001, 0.25])
 @pytest.mark.parametrize("dtypes", ["fp32", "fp16", "int8-int64"])
 def test_grouped_topk_equals_per_layer_route(spy, density, dtypes):

@@ -1,8 +1,8 @@
 """RS-DGC's, Top-k's and DGC's bucket group in whole-group tensor operations
 (``kernels="grouped"``): the route meant for GPUs, where the per-layer route's dozens of small
-operations per tensor (RS-DGC: 2,077 per ResNet-50 step with buckets, each a kernel launch or
-more) cost far more than the arithmetic does. This route issues 720 (Top-k: 210 against 590;
-DGC: 564 against 1,184, of which ~100 are the sample offsets' draws on the CPU generator;
+operations per tensor (RS-DGC: 2,052 per ResNet-50 step with buckets, each a kernel launch or
+more) cost far more than the arithmetic does. This route issues 744 (Top-k: 170 against 570;
+DGC: 568 against 1,164, of which ~100 are the sample offsets' draws on the CPU generator;
 ``docs/results/compress/2026-12-07-grouped-ops.py``).
 
 The residuals of a group's layers live side by side in one flat buffer per kind (u, v; or e),
@@ -10,7 +10,8 @@ each layer's buffer a view of it (taken over on first use, and again whenever a 
 replaced, e.g. by ``load_state_dict``). For one group, whatever the number of its layers:
 
 1. every present layer's residual update as multi-tensor ``torch._foreach_*`` operations: the
-   per-layer route's arithmetic, op for op, so the same bits;
+   per-layer route's arithmetic, op for op, so the same bits (a padded tile's strided view
+   apart, per tensor, so that it does not cost the others the GPU's fast route: ``fast_split``);
 2. the NSI of every unit of the group at once. A unit is an s x s block of its layer's storage
    (a 3x3 kernel is 3 rows of 3 contiguous values; a tile is 3 rows of 3 values in a padded
    matrix), so its sums are those of s *row pieces* of s contiguous values: s strided adds over
@@ -176,9 +177,9 @@ def _unit_sums(plan, flat, pieces, scratch, idx, what) -> torch.Tensor:
         torch.add(src[0::s], src[1::s], out=out)       # a reduction over s = 3 values is
         for r in range(2, s):                         # ~6x slower on a CPU (nsi._adds)
             out += src[r::s]
-    out = pieces[idx[0]]
+    out = pieces.index_select(0, idx[0])       # int32 tables as they are (no int64 copy)
     for r in range(1, s):
-        out += pieces[idx[r]]
+        out += pieces.index_select(0, idx[r])
     return out
 
 
@@ -229,14 +230,51 @@ def _targets(plan, flats: dict) -> dict:
     return views
 
 
+def fast_split(targets: dict, srcs: list, present: list) -> tuple[list, list]:
+    """The positions in ``present`` whose update can run in multi-tensor kernels, and the rest.
+
+    A ``torch._foreach_*`` call takes its fast route on a GPU (one kernel per chunk of many
+    tensors) only if *every* tensor of every list is dense and each target has its source's
+    strides; one tensor that is not sends the whole call to a loop of per-tensor kernels
+    (ATen's ``can_use_fast_route``). A padded tile's part of the flat buffer (a 1x1 convolution
+    or a linear layer whose width is not a multiple of s) is a strided view, so one such layer
+    in a group used to cost every layer of it its own kernels. Those go on their own."""
+    fast: list[int] = []
+    rest: list[int] = []
+    for j, i in enumerate(present):
+        src = srcs[j]
+        ok = src.is_contiguous() and all(
+            targets[k][i].is_contiguous() and targets[k][i].shape == src.shape for k in targets)
+        (fast if ok else rest).append(j)
+    return fast, rest
+
+
 def _update(memory, lays, gs, targets: dict, present: list) -> None:
     """Every present layer's residual update, the per-layer route's operations as multi-tensor
-    ones. ``targets``: ``_targets``' views, every layer of the group."""
+    ones (the layers ``fast_split`` keeps apart: the same operations per tensor). ``targets``:
+    ``_targets``' views, every layer of the group."""
     srcs = [lay.source_view(g, None) for lay, g in zip(lays, gs)]
-    if isinstance(memory, MomentumCorrection):
-        us = [targets["u"][i] for i in present]
-        vs = [targets["v"][i] for i in present]
-        m = memory.momentum
+    fast, rest = fast_split(targets, srcs, present)
+    mc = isinstance(memory, MomentumCorrection)
+    m = float(memory.momentum) if mc else 0.0
+    for j in rest:                             # per tensor: the per-layer route's own calls
+        g, i = srcs[j], present[j]
+        if not mc:
+            targets["e"][i].add_(g)
+            continue
+        u, v = targets["u"][i], targets["v"][i]
+        if memory.nesterov:
+            u.add_(g).mul_(m)
+            v.add_(u).add_(g)
+        else:
+            torch.add(g, u, alpha=m, out=u)
+            v.add_(u)
+    if not fast:
+        return
+    srcs = [srcs[j] for j in fast]
+    if mc:
+        us = [targets["u"][present[j]] for j in fast]
+        vs = [targets["v"][present[j]] for j in fast]
         if memory.nesterov:                    # u.add_(g).mul_(m); v.add_(u).add_(g)
             torch._foreach_add_(us, srcs)
             torch._foreach_mul_(us, m)
@@ -246,7 +284,7 @@ def _update(memory, lays, gs, targets: dict, present: list) -> None:
             torch._foreach_copy_(us, torch._foreach_add(srcs, us, alpha=m))
             torch._foreach_add_(vs, us)
     else:                                      # error feedback: e.add_(g)
-        torch._foreach_add_([targets["e"][i] for i in present], srcs)
+        torch._foreach_add_([targets["e"][present[j]] for j in fast], srcs)
 
 
 def _exact_rows(plan, present, st_of, sc, acc, beta, dev):
@@ -336,7 +374,7 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     Returns (group rows ascending, units per present layer)."""
     L = len(group.layers)
     sizes = [plan.ustart[i + 1] - plan.ustart[i] for i in range(L)]
-    thr = torch.full((L,), math.inf, dtype=torch.float32)   # host; absent layers: nothing passes
+    thr = torch.full((L,), math.inf, dtype=torch.float32, device="cpu")   # host; absent layers: nothing passes
     ns = [0] * L
     loops, sampled = [], []                 # sampled: (layer, first unit, stride, count, top k)
     for i in present:
@@ -351,13 +389,14 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
             continue
         start = 0
         if p.stride != 1:
-            start = int(torch.randint(0, p.stride, (1,), generator=method.generator).item())
+            start = int(torch.randint(0, p.stride, (1,), generator=method.generator,
+                                          device=method.generator.device).item())
         cnt = -(-(p.n - start) // p.stride)
         sampled.append((i, plan.ustart[i] + start, p.stride, cnt, p.top_k_samples))
         if p.n > p.num_samples:
             loops.append(i)
     if sampled:
-        tab = torch.tensor([list(x) for x in sampled], dtype=torch.int64)
+        tab = torch.tensor([list(x) for x in sampled], dtype=torch.int64, device="cpu")
         cnt = tab[:, 3]
         cstart = torch.cumsum(cnt, 0) - cnt
         T = int(cnt.sum())
@@ -406,7 +445,8 @@ def _sampled_rows(method, group, plan, present, fill, value_of, dev):
     # (a mask's result has a data-dependent size, one more host sync each on a GPU)
     ocounts = [c * o for c, o in zip(counts, over)]
     ns_over = [n * o for n, o in zip(ns, over)]
-    tab = _h2d(torch.tensor([cuts[:-1], keep_n, ocounts, ns_over], dtype=torch.int64), dev)
+    tab = _h2d(torch.tensor([cuts[:-1], keep_n, ocounts, ns_over], dtype=torch.int64,
+                            device="cpu"), dev)
     rows = cand[_segment_heads(tab[0], tab[1], sum(keep_n))]    # each layer's first keep_n
     if overflow:
         Co = sum(ocounts)
@@ -480,9 +520,12 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None,
                  + plan.cell_col)
     vals = acc[cells]
     wire, sent = to_wire(vals, method.value_dtype)
-    acc[cells] = 0.0 if sent is None else vals - sent        # the residual keeps the rounding
+    if sent is None:                  # index_fill_: the 0 is a kernel argument, not a tensor
+        acc.index_fill_(0, cells.view(-1), 0.0)
+    else:                                                    # the residual keeps the rounding
+        acc[cells] = vals - sent
     if "u" in keys and method.memory.masking:
-        flats["u"][cells] = 0.0
+        flats["u"].index_fill_(0, cells.view(-1), 0.0)
     for st, k in zip(st_of, ks):
         ctxs[st.name]["sent_units"] = k
     return pack_sparse(wire, rows, method.index_dtype)
