@@ -196,6 +196,8 @@ class Compressor:
             self._checked_optimizers.add(opt)
         if owned:
             self.horovod.pre_step(opt)
+        if self._ddp is not None:
+            self._ddp.pre_step()
 
     def check_optimizer(self, opt) -> None:
         """Refuse configurations that silently train wrong. Called automatically at the first

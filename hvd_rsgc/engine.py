@@ -364,7 +364,11 @@ class Engine:
         self.skipped_steps = 0
         # nonfinite="skip": what this rank sent this step, to hand back to the residuals if
         # the step is skipped (``hold`` / ``settle``)
+        # [names covered (None: not by name), give_back, also for a skipped step]
         self._held: list = []
+        # the DDP binding sets it: DDP drops the result of a parameter no rank used this step,
+        # so what was sent of it comes back at the optimizer's step (give_back_unused)
+        self.keep_for_unused = False
         self._began: set = set()            # the tensors that began this step
         self._in_step, self._open = False, 0    # a step is open; its tensors without a result
         self.grad_scaler = None             # a loss scaler (set_grad_scaler)
@@ -440,23 +444,40 @@ class Engine:
         self._in_step, self._open = False, 0
 
     # -- a skipped step gives back what it sent; a loss scale change rescales the state ----
-    def hold(self, give_back) -> None:
-        """``give_back()`` puts what this rank sent of a tensor this step back into its residual;
-        it runs if the step turns out to be skipped (``nonfinite="skip"``: some rank's gradient
-        of some tensor was not finite), so the units sent in a step that no rank applies are
-        not lost. Kept only with ``nonfinite="skip"`` (``"raise"`` ends the job)."""
-        if self.nonfinite == "skip":
-            self._held.append(give_back)
+    def _keeping(self) -> bool:
+        return self.nonfinite == "skip" or self.keep_for_unused
+
+    def hold(self, give_back, names=None) -> None:
+        """``give_back(only)`` puts what this rank sent this step of the tensors ``names`` (of
+        those in ``only``; None: all) back into their residuals. It runs if the step turns out
+        to be skipped (``nonfinite="skip"``: some rank's gradient of some tensor was not
+        finite), so the units sent in a step that no rank applies are not lost, and under DDP
+        for a parameter no rank used (:meth:`give_back_unused`). Kept only then
+        (``"raise"`` ends the job)."""
+        if self._keeping():
+            self._held.append([set(names) if names is not None else None, give_back, True])
 
     def hold_sent(self, layer: LayerState, msg: torch.Tensor, ctx: dict) -> None:
         """:meth:`hold` for a message the method encoded for one tensor (both bindings'
         per-tensor path): ``method.give_back`` of it. An allreduced message is summed in place
         by the collective, so a copy is held."""
-        if self.nonfinite != "skip":
+        if not self._keeping() or not layer.memory:          # no residual: nothing to give back
             return
         m = self.method
         own = msg.clone() if m.communicator == "allreduce" else msg
-        self._held.append(lambda: m.give_back(layer, own, ctx))
+        self._held.append([{layer.name}, lambda only=None: m.give_back(layer, own, ctx), True])
+
+    def give_back_unused(self, names: set) -> None:
+        """What this rank sent this step of the tensors ``names`` goes back into their
+        residuals now (DDP: parameters that no rank used this step, whose results DDP drops,
+        leaving ``.grad`` None); the rest of the step's give-backs stay held."""
+        for item in self._held:
+            covered, give_back, _ = item
+            mine = covered & names if covered is not None else set()
+            if mine:
+                give_back(mine)
+                item[0] = covered - mine
+        self._held = [it for it in self._held if it[0] is None or it[0]]
 
     def settle(self, new_step: bool = False) -> None:
         """If the last step was skipped, hand its sent units back to the residuals (once).
@@ -464,8 +485,9 @@ class Engine:
         taken after a skipped step holds them."""
         if self.step_nonfinite:
             held, self._held = self._held, []
-            for give_back in held:
-                give_back()
+            for names, give_back, on_skip in held:
+                if on_skip:
+                    give_back(names)
         elif new_step:
             self._held = []
 
@@ -544,7 +566,14 @@ class Engine:
             return self.nonfinite_result(e, reduced.to(dtype))
         out = reduced
         if self.dense_momentum is not None:
-            out = self.dense_momentum.apply(e.layer.memory, out.float())
+            st = e.layer.memory
+            if self.keep_for_unused and st.get("u") is not None:
+                # DDP drops the result of a tensor no rank used: its momentum stays as it was,
+                # as plain DDP's optimizer leaves it (a skipped step keeps the new one, which
+                # holds that step's gradient, as the residuals do)
+                old = st["u"].clone()
+                self._held.append([{e.name}, lambda only=None: st["u"].copy_(old), False])
+            out = self.dense_momentum.apply(st, out.float())
         return out.to(dtype) if out.dtype != dtype else out
 
     def wire_dense(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -527,6 +527,35 @@ def test_grad_scaler_is_checked_and_its_scale_travels_with_the_state():
     assert float(g.norm()) > 1 and torch.allclose(got / 2.0, want, rtol=1e-6)
 
 
+def test_give_back_unused_runs_only_for_the_named_tensors_and_not_again():
+    """Engine.give_back_unused (DDP: parameters no rank used): a held give-back covering
+    several tensors runs for the named ones only, once; if the step is then skipped, settle
+    gives back the rest, not those again; held items not in the names stay held."""
+    import hvd_rsgc
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    comp = hvd_rsgc.TopKCompression(model, density=0.1, min_numel=1, nonfinite="skip")
+    eng = comp.engine
+    a, b = eng.table.compressed[:2]
+    calls = []
+    for e in (a, b):
+        eng.begin(e, torch.ones(e.param.shape), 1, check=False)
+    eng.hold(lambda only=None: calls.append(("bucket", sorted(only))), [a.name, b.name])
+    eng.hold(lambda only=None: calls.append(("b alone", sorted(only))), [b.name])
+    eng.give_back_unused({a.name})
+    eng.give_back_unused({a.name})                  # nothing of a is left to give
+    assert calls == [("bucket", [a.name])], calls
+    eng.nonfinite_result(a, torch.ones(a.param.shape))        # the step is skipped
+    eng.settle()
+    assert calls == [("bucket", [a.name]), ("bucket", [b.name]), ("b alone", [b.name])], calls
+    # without nonfinite="skip" nothing is held, unless a DDP binding keeps it for unused tensors
+    raising = hvd_rsgc.TopKCompression(model, density=0.1, min_numel=1)
+    raising.engine.hold(lambda only=None: None, [a.name])
+    assert raising.engine._held == []
+    raising.engine.keep_for_unused = True
+    raising.engine.hold(lambda only=None: None, [a.name])
+    assert len(raising.engine._held) == 1
+
+
 def test_a_skipped_steps_give_backs_run_once_before_the_next_steps_first_update():
     """Engine.hold / settle: what a rank sent in a step goes back (the held give-backs run)
     only if the step was skipped, once, at the next step's first tensor -- before that step's
@@ -543,7 +572,7 @@ def test_a_skipped_steps_give_backs_run_once_before_the_next_steps_first_update(
         for e in order:                             # every tensor of a step begins once
             eng.begin(e, torch.ones(e.param.shape), 1, check=False)
             ran.append(("begin", e.name))
-            eng.hold(lambda e=e: ran.append((held, e.name)))
+            eng.hold(lambda only=None, e=e: ran.append((held, e.name)), [e.name])
         if skip:
             eng.nonfinite_result(a, torch.ones(a.param.shape))
     step(False, "finite step")
@@ -573,7 +602,7 @@ def test_a_skipped_steps_give_backs_run_once_before_the_next_steps_first_update(
     # a tensor absent from the last step, beginning first, opens the new one
     eng.end_step()
     eng.begin(a, torch.ones(a.param.shape), 1, check=False)
-    eng.hold(lambda: ran.append(("only a", a.name)))
+    eng.hold(lambda only=None: ran.append(("only a", a.name)), [a.name])
     eng.nonfinite_result(a, torch.ones(a.param.shape))
     eng.finish(a)                                   # the step (a alone) has ended
     ran.clear()

@@ -133,9 +133,10 @@ class BucketCodec:
             msgs.append(msg)
         return msgs
 
-    def give_back(self, msgs: list[torch.Tensor]) -> None:
+    def give_back(self, msgs: list[torch.Tensor], only=None) -> None:
         """A skipped step (``Method.give_back``): the units of this rank's own group messages
-        go back into their layers' residuals (flag rows carry nothing)."""
+        go back into their layers' residuals (flag rows carry nothing); ``only``: the names of
+        the layers to give back to (None: all)."""
         m = self.method
         for g, msg in zip(self.groups, msgs):
             vals, rows = unpack_sparse(msg, g.S, m.index_dtype, g.units + len(g.layers),
@@ -150,7 +151,7 @@ class BucketCodec:
                                                          device=rows.device)).tolist()
             lo = 0
             for st, hi, off in zip(g.layers, cuts, g.unit_off):
-                if hi > lo and st.memory:
+                if hi > lo and st.memory and (only is None or st.name in only):
                     m.memory.keep(st.memory, rows[lo:hi] - off, vals[lo:hi], st.layout)
                 lo = hi
 

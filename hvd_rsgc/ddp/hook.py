@@ -56,6 +56,7 @@ class DDPBinding:
         self.transport = TorchDistTransport(self.engine.meter, group)
         self._pending: list = []                 # multi-round: buckets waiting for the last one
         self._codecs: dict = {}                  # fused=True: one BucketCodec per DDP bucket
+        self.engine.keep_for_unused = True
 
     def bucket(self, bucket) -> "torch.futures.Future[torch.Tensor]":
         eng, m = self.engine, self.method
@@ -129,7 +130,8 @@ class DDPBinding:
         if fz_idx:             # one message per unit-size group for the whole DDP bucket
             codec = self._codec(bucket.index(), [entries[i] for i in fz_idx])
             msgs = codec.encode(fz_grads, fz_ctxs)
-            eng.hold(lambda codec=codec, msgs=msgs: codec.give_back(msgs))
+            eng.hold(lambda only=None, codec=codec, msgs=msgs: codec.give_back(msgs, only),
+                     [entries[i].name for i in fz_idx])
             # recorded before the allgathers count their bytes: the first record of a step
             # opens the meter's step (a bucket without dense tensors had its bytes wiped)
             for i in fz_idx:
@@ -196,7 +198,7 @@ class DDPBinding:
                     views[i].copy_(eng.nonfinite_result(e, g))
                     continue
                 mk.apply()
-                eng.hold(lambda mk=mk, picked=picked: mk.give_back(*picked))
+                eng.hold(lambda only=None, mk=mk, picked=picked: mk.give_back(*picked), [e.name])
                 if self.comp.average and n > 1:
                     dense.div_(n)
                 views[i].copy_(dense.to(g.dtype))
@@ -220,6 +222,18 @@ class DDPBinding:
             self._finish_multi()
             eng.end_step()
         return fut
+
+    def pre_step(self) -> None:
+        """The optimizer's step (``Compressor._pre_step``): a compressed parameter that went
+        through this step's hook but has no gradient was used by no rank (DDP's
+        ``find_unused_parameters`` / static graphs leave such a ``.grad`` untouched, dropping
+        the hook's result), so what this rank sent of it goes back into its residual, and a
+        dense tensor's local momentum (DGC, RS-DGC) is restored: nothing sent is lost. (With ``zero_grad(set_to_none=False)`` such a gradient is a zero tensor,
+        indistinguishable from a used one.)"""
+        eng = self.engine
+        unused = {e.name for e in eng.table if e.name in eng._began and e.param.grad is None}
+        if unused:
+            eng.give_back_unused(unused)
 
     def _codec(self, index: int, entries):
         from ..algorithms.bucket import BucketCodec

@@ -188,7 +188,7 @@ class HorovodBinding:
             if float(tensor.reshape(-1)[0]) != FLAG_OK:
                 return eng.nonfinite_result(e, tensor.to(ctx["dtype"]))
             marks.apply()
-            eng.hold(lambda: marks.give_back(*ctx["pieces"]))
+            eng.hold(lambda only=None: marks.give_back(*ctx["pieces"]))
             if self.comp.average and self.transport.size > 1:
                 dense.div_(self.transport.size)
             return dense.to(ctx["dtype"])
@@ -267,7 +267,7 @@ class HorovodBinding:
         if len(b["ctxs"]) == len(b["members"]):
             codec = b["codec"]
             msgs = codec.encode(b["grads"], b["ctxs"])
-            self.engine.hold(lambda: codec.give_back(msgs))
+            self.engine.hold(lambda only=None: codec.give_back(msgs))
             key = b["wire"]
             for name in b["members"]:
                 m_e, t = b["tensors"][name]

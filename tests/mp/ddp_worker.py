@@ -268,6 +268,60 @@ def nonfinite(kind, steps=6):
             "rounds": comp.method.step if multi else None}
 
 
+class BranchNet(Net):
+    """Net with a second head, fc3, used instead of fc2 while ``alt`` is set."""
+    def __init__(self):
+        super().__init__()
+        self.fc3 = nn.Linear(64, 10)
+        self.alt = True
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.relu(self.fc1(F.relu(self.conv2(x)).flatten(1)))
+        return self.fc3(h) if self.alt else self.fc2(h)
+
+
+def unused(kind, steps=5):
+    """A head (fc3, compressed) that no rank uses at steps 1 and 3, under
+    DDP(find_unused_parameters=True): DDP leaves its .grad None and drops the hook's result, so
+    after opt.step() what each rank sent of it in those steps must be back in its residual --
+    the state of a step with a zero gradient of which nothing went out
+    (``accumulators.given_back`` with g = 0, checked for fc3.weight alone) -- and fc3 must not
+    move. Returns, per unused step, that check's result, whether fc3 stayed put, and whether
+    the ranks are bit-identical after every step."""
+    torch.manual_seed(0)
+    model = BranchNet()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01, find_unused_parameters=True)
+    name, more = VARIANTS.get(kind, (kind, {}))
+    comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL,
+                                     **{**OPTS.get(name, {}), **more, **EXTRA}, ignore_unknown=True)
+    ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
+    opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=0.05, momentum=0.9)
+    x, y = make_data(300 + dist.get_rank(), steps * 16)
+    back, still, same, moms = [], [], [], 0
+    for s in range(steps):
+        model.alt = s % 2 == 0
+        opt.zero_grad()
+        before = comp.state_dict()
+        w = model.fc3.weight.detach().clone()
+        F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
+        opt.step()
+        same.append(identical(model))
+        if model.alt:
+            continue
+        # g = 0 for fc3.weight; NaN leaves every other (used) layer out of the check
+        grads = {e.name: torch.zeros_like(e.param) if e.name == "fc3.weight"
+                 else torch.full_like(e.param, float("nan")) for e in comp.engine.table.compressed}
+        after = comp.state_dict()
+        back.append(accumulators.given_back(comp, before, after, grads))
+        mom = [torch.equal(before["layers"][n]["memory"]["u"], after["layers"][n]["memory"]["u"])
+               for n in ("fc3.bias",) if before["layers"].get(n, {}).get("memory", {}).get("u") is not None]
+        still.append(model.fc3.weight.grad is None and torch.equal(model.fc3.weight.detach(), w)
+                     and all(mom))      # a dense tensor's local momentum (DGC, RS-DGC) kept too
+        moms += len(mom)
+    return {"given_back": back, "still": still, "identical": same, "momentum_checked": moms}
+
+
 def loss_scaled(kind, steps=8):
     """DDP twin of worker.py's ``loss_scaled``: a GradScaler whose scale doubles after two good
     steps and halves at rank 1's NaN step 3, against the same run unscaled; with
@@ -382,6 +436,8 @@ def main():
         res["groups"] = {k: subgroups(k) for k in a.kinds.split(",")}
     if "amp" in scen:
         res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "topk")}
+    if "unused" in scen:
+        res["unused"] = {k: unused(k) for k in ("topk", "topk-pt", "rsdgc", "rsdgc-pt", "rsdgc-rs", "dgc")}
     if "nonfinite" in scen:
         res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "rsdgc-rs", "dgc", "fp16", "rsdgc!",
                                                       "lgc-rar", "lgc-rar@conv2.bias")}
