@@ -12,6 +12,8 @@ the compressor does not own, and the backend's own checks (Adasum, op, process s
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 import weakref
 
@@ -41,6 +43,26 @@ def _pre_step_all(opt, args, kwargs):
     return None
 
 
+def _check_bools(init):
+    """Wrap a compressor's ``__init__``: every argument its signature annotates ``bool`` must be
+    True or False, else a ValueError naming it ("no", 0, None are refused: a truthy string
+    used to switch an option on)."""
+    sig = inspect.signature(init)
+    flags = [n for n, p in sig.parameters.items() if p.annotation in (bool, "bool")]
+    if not flags:
+        return init
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        bound = sig.bind_partial(self, *args, **kwargs)
+        for name in flags:
+            if name in bound.arguments and not isinstance(bound.arguments[name], bool):
+                raise ValueError(f"{type(self).__name__}: {name} must be True or False, "
+                                 f"got {bound.arguments[name]!r}")
+        return init(self, *args, **kwargs)
+    return checked
+
+
 class Compressor:
     """Base class. Subclasses build an ``algorithms`` method and pass the engine options.
 
@@ -59,6 +81,11 @@ class Compressor:
             one message and one collective (``algorithms/bucket.py``); each tensor keeps its k.
         **engine_options: see :class:`hvd_rsgc.engine.Engine`.
     """
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "__init__" in cls.__dict__:          # every compressor's boolean options checked
+            cls.__init__ = _check_bools(cls.__dict__["__init__"])
 
     def __init__(self, model, *, method, average: bool = True, process_set=None,
                  communicator: str = "allgather", reselect: float | None = 1.0,

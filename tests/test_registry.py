@@ -93,3 +93,23 @@ def test_worked_example_trains_through_the_stock_optimizer():
     assert st["steps"] == 40 and st["layers"]["0.weight"]["compressed"]
     e = comp.state_dict()["layers"]["0.weight"]["memory"]["e"]
     assert e.abs().sum() > 0                     # the residual keeps what the sign did not send
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_boolean_option_refuses_what_is_not_a_bool(name):
+    """A truthy string used to switch an option on: RSDGCCompression(nesterov="no") trained
+    with Nesterov, error_feedback="no" kept error feedback. Every option a registered
+    compressor annotates ``bool`` (Compressor's own check, so a new compressor gets it too)
+    must refuse "no", 0 and None with a ValueError naming it (True / False: every other test)."""
+    import inspect
+    model = torch.nn.Linear(512, 512)          # big enough for LGC's code
+    cls = REGISTRY[name].cls
+    flags = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if p.annotation in (bool, "bool")]
+    # every built-in annotates at least ``average``; the README's unannotated example gets
+    # the base class's own check of it
+    assert "average" in flags or cls is ScaledSignCompression, flags
+    for flag in set(flags) | {"average"}:
+        for bad in ("no", 0, None):
+            with pytest.raises(ValueError, match=rf"\b{flag} must be True or False"):
+                make_compression(name, model, **{flag: bad})
