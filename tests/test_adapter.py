@@ -311,6 +311,30 @@ def test_compressed_parameters_the_optimizer_does_not_update_are_named():
         run(a, opt, batches(1))
 
 
+def test_parameters_frozen_after_the_compressor_was_built_stay_out_of_the_buckets():
+    """Fine-tuning: the compressor built on the whole model, then the backbone frozen and the
+    optimizer built over what still trains. The frozen conv used to sit in a bucket that
+    never completed (RuntimeError at the first step); it trains now as with a compressor built
+    after the freeze, bit for bit, and the frozen conv does not move."""
+    def train(freeze_first):
+        torch.manual_seed(0)
+        a = Net()
+        if freeze_first:
+            a.conv.weight.requires_grad_(False)
+        # dynamic=False: the layer-wise densities rank every compressed layer's weights, so
+        # the twin built after the freeze would set other k
+        comp = RSDGCCompression(a, density=0.1, min_numel=0, dynamic=False)
+        a.conv.weight.requires_grad_(False)
+        live = [(n, p) for n, p in a.named_parameters() if p.requires_grad]
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in live], lr=0.1),
+                                       named_parameters=live, compression=comp)
+        w = a.conv.weight.detach().clone()
+        run(a, opt, batches(3))
+        assert torch.equal(a.conv.weight, w)
+        return torch.cat([p.detach().reshape(-1) for p in a.parameters()])
+    assert torch.equal(train(False), train(True))
+
+
 def test_process_set_mismatch_is_refused_whichever_side_is_the_default():
     """A compressor on the global set (process_set=None) under an optimizer on a subset used to
     pass the check (it only compared two explicit sets) and gathered over ranks that never join."""

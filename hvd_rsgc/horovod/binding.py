@@ -237,7 +237,10 @@ class HorovodBinding:
             # parameters with torch.sparse gradients never reach compress() (Horovod sends them
             # around the compressor): kept out of buckets, they meet the per-tensor refusal
             skip = set(self.engine.sparse_grad_params)
-            sparse = [e for e in self.engine.table.backward_order() if e.sparse and e.name not in skip]
+            # nor do frozen parameters (requires_grad=False: frozen after the compressor was
+            # built, e.g. a backbone for fine-tuning); in a bucket they would never complete it
+            sparse = [e for e in self.engine.table.backward_order()
+                      if e.sparse and e.name not in skip and e.param.requires_grad]
             self._buckets = []
             for b, members in enumerate(make_buckets(sparse, self.comp.bucket_bytes)):
                 codec = BucketCodec(self.method, [e.layer for e in members])
