@@ -99,6 +99,20 @@ def test_wrong_values_in_a_file_name_the_key_and_the_file(tmp_path):
         load_config(str(f))
 
 
+def test_checks_across_keys_run_on_the_config_as_it_ends_up(tmp_path):
+    """A file's ``amp: fp16`` with ``--nonfinite skip`` on the command line is a valid config;
+    the file used to be checked alone, before the command line came in, and refused. A
+    combination that stays wrong is still refused, naming both sources."""
+    f = tmp_path / "c.yaml"
+    f.write_text("amp: fp16\n")
+    cfg = load_config(str(f), {"nonfinite": "skip"})
+    assert cfg.optim.amp == "fp16" and cfg.get("nonfinite") == "skip"
+    with pytest.raises(ValueError, match=r"amp fp16 needs nonfinite skip.*c\.yaml \+ command line"):
+        load_config(str(f), {"epochs": "2"})
+    with pytest.raises(ValueError, match="amp fp16 needs nonfinite skip"):
+        load_config(str(f))
+
+
 def test_flat_round_trip_and_help_lists_every_key():
     from hvd_rsgc.app.config import KEYS, help_text
     flat = Config().to_flat()

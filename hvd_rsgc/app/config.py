@@ -313,7 +313,10 @@ class Config:
         cfg.update(flat, where)
         return cfg
 
-    def update(self, flat: dict, where: str) -> "Config":
+    def update(self, flat: dict, where: str, validate: bool = True) -> "Config":
+        """Each key typed and range-checked, naming it and ``where``; then, with ``validate``,
+        the checks across keys (off while more sources are still to come: a file's ``amp:
+        fp16`` with ``--nonfinite skip`` on the command line is one valid config)."""
         unknown = sorted(set(flat) - set(KEYS))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown} in {where}; known: {sorted(KEYS)}")
@@ -322,7 +325,8 @@ class Config:
             _check(k, v, where)
             sec, _ = KEYS[k]
             setattr(getattr(self, sec), k, v)
-        self.validate(where)
+        if validate:
+            self.validate(where)
         return self
 
     def to_flat(self) -> dict:
@@ -361,7 +365,7 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
     import os
 
     import yaml
-    cfg = Config()
+    cfg, sources = Config(), []
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
@@ -369,9 +373,12 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a mapping of key: value")
-        cfg.update(data, f"config file {path}")
+        cfg.update(data, f"config file {path}", validate=False)
+        sources.append(f"config file {path}")
     if overrides:
-        cfg.update(overrides, "command line")
+        cfg.update(overrides, "command line", validate=False)
+        sources.append("command line")
+    cfg.validate(" + ".join(sources) or "defaults")       # once, on the config as it ends up
     return cfg
 
 

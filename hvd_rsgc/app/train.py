@@ -403,7 +403,9 @@ def _main(argv=None):
             if args.config:
                 raise ValueError("--config and --resume do not go together: a resumed run uses "
                                  "the config saved in its checkpoint (override keys with --key value)")
-            Config().update(overrides, "command line")       # validate before starting
+            # each key checked before starting; the checks across keys run on the run's
+            # own config with the overrides (_read_resume), not on the defaults
+            Config().update(overrides, "command line", validate=False)
             run(None, resume=args.resume, overrides=overrides)
         else:
             run(load_config(args.config, overrides))
