@@ -152,7 +152,12 @@ class AllreduceStrategy:
     # -- state ------------------------------------------------------------------------------
     def broadcast_initial(self, resumed: bool) -> None:
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(self.opt, root_rank=0)
+        # resumed: every rank loaded the same optimizer state from the main checkpoint. And
+        # Horovod initialises an empty state (momentum 0) with one step on zero gradients,
+        # which with weight decay moves every parameter: once at the start of a run, not again
+        # at each resume
+        if not resumed:
+            self.hvd.broadcast_optimizer_state(self.opt, root_rank=0)
 
     def shard_state(self) -> dict:
         out = {"compression": self.comp.state_dict()}
