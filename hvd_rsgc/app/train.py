@@ -57,6 +57,10 @@ def pick_device(name: str, hvd) -> torch.device:
         if name == "cuda":
             torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
             return torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device(name)              # cuda:N: the current device too, so that what
+        if dev.index is not None:             # reads "the" CUDA device (RNG state, NCCL) reads N
+            torch.cuda.set_device(dev)
+        return dev
     try:
         return torch.device(name)
     except RuntimeError:
@@ -258,7 +262,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         strategy.load(main, shard)
         torch.set_rng_state(shard["torch_rng"])
         if device.type == "cuda" and shard.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(shard["cuda_rng"])
+            torch.cuda.set_rng_state(shard["cuda_rng"], device)
         start_epoch, history = main["epoch"] + 1, main["history"]
         cum_bytes = history[-1]["cum_bytes_per_worker"] if history else 0
     else:
@@ -351,7 +355,7 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
         path = ckpt.main_path(run_dir, epoch)
         ckpt.atomic_save({"format": ckpt.SHARD_FORMAT, "rank": rank, "epoch": epoch,
                           "torch_rng": torch.get_rng_state(), **strategy.shard_state(),
-                          "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                          ckpt.shard_path(path, rank))
         hvd.barrier()
         if rank == 0:
