@@ -204,7 +204,8 @@ def test_read_only_directory_is_named(tmp_path):
 
 def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path, monkeypatch):
     """metrics.jsonl / .csv keep the epochs up to the checkpoint; TensorBoard's writer purges
-    the later ones (a stand-in module records what the real one would be asked)."""
+    the later ones (a stand-in module records what the real one would be asked). A row cut
+    off by a killed job is dropped (it used to stop --resume with a JSON parse error)."""
     import types
     writers = []
 
@@ -226,6 +227,10 @@ def test_resume_truncates_logged_rows_past_the_checkpoint(tmp_path, monkeypatch)
                    "top1": 0.5, "oa": 0.5, "aa": float("nan"), "kappa": 0.1, "bytes_per_worker": 1,
                    "dense_bytes_per_worker": 2, "compression_ratio": 2.0, "cum_bytes_per_worker": e,
                    "seconds": 1.0, "skipped_steps": 0, "consensus_distance": None}, 3)
+    with open(tmp_path / "metrics.jsonl", "a") as f:     # a row cut off by a killed job
+        f.write('{"epoch": 4, "lr": 0.1, "confusion": [[1, 2], [3')
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("4,0.1,1.0")
     rep.truncate(1)
     rep.epoch({"epoch": 2, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
                "top1": 0.5, "oa": 0.5, "aa": 0.5, "kappa": 0.1, "bytes_per_worker": 1,

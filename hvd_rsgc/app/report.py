@@ -28,6 +28,15 @@ def json_safe(x):
     return x
 
 
+def _row(line: str):
+    """One metrics.jsonl row, or None for a blank or cut-off line."""
+    try:
+        rec = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) else None
+
+
 class Reporter:
     """Rank 0's reporting for one run directory; on other ranks every call does nothing."""
 
@@ -48,21 +57,27 @@ class Reporter:
         if self.tb:
             self.tb.close()
         self.tb = _tensorboard(self.run_dir, purge_step=last_epoch + 1)
+        # a row cut off by a job killed while it was written (rows go out before the epoch's
+        # checkpoint, so it is one of the dropped epochs) is dropped, not a parse error; each
+        # file is rewritten through a temporary one, so a kill now leaves the old or the new
         jl = os.path.join(self.run_dir, "metrics.jsonl")
         if os.path.exists(jl):
             with open(jl) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
-            with open(jl, "w") as f:
+                keep = [ln for ln in f if (rec := _row(ln)) is not None and rec["epoch"] <= last_epoch]
+            with open(jl + ".tmp", "w") as f:
                 f.writelines(keep)
+            os.replace(jl + ".tmp", jl)
         path = os.path.join(self.run_dir, "metrics.csv")
         if os.path.exists(path):
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
             head, body = (rows[0], rows[1:]) if rows else (CSV_COLUMNS, [])
-            with open(path, "w", newline="") as f:
+            with open(path + ".tmp", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(head)
-                w.writerows(r for r in body if r and int(r[0]) <= last_epoch)
+                w.writerows(r for r in body if len(r) == len(head) and r[0].isdigit()
+                            and int(r[0]) <= last_epoch)
+            os.replace(path + ".tmp", path)
 
     def bar(self, total: int, desc: str):
         if not self.progress:
