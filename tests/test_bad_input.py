@@ -459,3 +459,13 @@ def test_checkpoints_past_epoch_9999_and_rank_999_are_found_ordered_and_pruned(t
     folder, moved = ckpt.set_aside(run, 9999, "superseded")
     assert sorted(moved) == ["epoch10000.pt", "epoch10000.rank1000.pt", "epoch10000.rank999.pt",
                              "epoch10001.pt"]
+
+
+def test_the_largest_accepted_seed_builds_the_synthetic_set():
+    """seed is accepted up to 2^63 - 1; the synthetic set's per-image seed overflowed
+    manual_seed above ~1.8e13 ("Overflow when unpacking long long", naming nothing)."""
+    from hvd_rsgc.app.config import Config
+    from hvd_rsgc.app.data.synthetic import SyntheticScenes
+    Config.from_flat({"seed": 2 ** 63 - 1})
+    img, _ = SyntheticScenes(4, 3, 8, seed=2 ** 63 - 1)[3]
+    assert img.shape == (3, 8, 8)
