@@ -469,3 +469,21 @@ def test_the_largest_accepted_seed_builds_the_synthetic_set():
     Config.from_flat({"seed": 2 ** 63 - 1})
     img, _ = SyntheticScenes(4, 3, 8, seed=2 ** 63 - 1)[3]
     assert img.shape == (3, 8, 8)
+
+
+def test_ranks_that_read_other_data_or_another_checkpoint_are_named():
+    """Each rank reads the data and the checkpoint folder itself: one that saw other sizes or
+    another epoch would run another number of steps (a hang). Every rank compares them and
+    raises the same error naming what differs and each rank's value."""
+    from types import SimpleNamespace
+
+    from hvd_rsgc.app.train import check_ranks_agree
+    mine = {"resumed_epoch": 3, "train_images": 600, "steps_per_epoch": 9}
+    same = SimpleNamespace(allgather_object=lambda obj, name=None: [dict(obj), dict(obj)])
+    check_ranks_agree(same, mine)
+    other = dict(mine, resumed_epoch=2, train_images=599)
+    differ = SimpleNamespace(allgather_object=lambda obj, name=None: [dict(obj), other])
+    with pytest.raises(ValueError, match=r"do not agree on resumed_epoch, train_images \(rank 0: "
+                                         r"resumed_epoch=3, train_images=600; rank 1: "
+                                         r"resumed_epoch=2, train_images=599\)"):
+        check_ranks_agree(differ, mine)

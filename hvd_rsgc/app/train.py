@@ -175,6 +175,24 @@ def deterministic_setup(cfg, hvd) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def check_ranks_agree(hvd, mine: dict) -> None:
+    """Every rank must train on the same split from the same point. Each reads the data set
+    and the checkpoint folder itself, so a file missing from one node's copy of the data, or a
+    stale directory listing on a shared file system after a requeue, would give one rank other
+    sizes or another epoch, hence another number of steps: a hang at the first collective it
+    misses, or ranks training on what the others validate on. ``mine``: this rank's values;
+    every rank compares all of them and raises the same error, naming what differs."""
+    every = hvd.allgather_object(mine, name="hvd_rsgc.agree")
+    bad = [k for k in mine if any(o.get(k) != mine[k] for o in every)]
+    if bad:
+        rows = "; ".join(f"rank {i}: " + ", ".join(f"{k}={o.get(k)!r}" for k in bad)
+                         for i, o in enumerate(every))
+        raise ValueError(f"the ranks do not agree on {', '.join(bad)} ({rows}): every rank must "
+                         "read the same data set and resume from the same checkpoint (a file "
+                         "missing or unreadable on one node's copy of the data, or a checkpoint "
+                         "folder listed differently on one node)")
+
+
 def _resume(read, world: int, rank: int):
     """``read``: what ``_read_resume`` returned; checked against this job, plus this rank's shard."""
     cfg, run_dir, main_file, main = read
@@ -255,6 +273,12 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training images are too few for batch_size "
                          f"{o.batch_size} x {world} ranks")
+    import hashlib
+    check_ranks_agree(hvd, {
+        "resumed_epoch": None if main is None else main["epoch"],
+        "train_images": len(train_ds), "val_images": len(val_ds),
+        "classes": hashlib.sha256("\n".join(map(str, classes)).encode()).hexdigest()[:12],
+        "steps_per_epoch": steps_per_epoch})
     strategy = strategy_for(cfg)(cfg, model, hvd)
 
     start_epoch, history, cum_bytes = 0, [], 0
