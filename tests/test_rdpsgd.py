@@ -27,6 +27,9 @@ def test_ring_weights_and_spectral_constant():
 @pytest.mark.parametrize("weights,msg", [
     ({0: {0: 0.5, 1: 0.5}, 1: {1: 0.7, 0: 0.3}}, "not symmetric"),
     ({0: {0: 0.6, 1: 0.2}, 1: {1: 0.6, 0: 0.2}}, "doubly stochastic"),
+    # a link one way only, within the symmetry tolerance: node 0 would wait on node 2
+    ({0: {0: 1 / 3, 1: 1 / 3, 3: 1 / 3, 2: 1e-12}, 1: {1: 1 / 3, 0: 1 / 3, 2: 1 / 3},
+      2: {2: 1 / 3, 1: 1 / 3, 3: 1 / 3}, 3: {3: 1 / 3, 2: 1 / 3, 0: 1 / 3}}, "node 0 and node 2 one way only"),
     ({0: {0: 1.5, 1: -0.5}, 1: {1: 1.5, 0: -0.5}}, "negative"),
     ({0: {0: 1.0}}, "at least 2"),
 ])

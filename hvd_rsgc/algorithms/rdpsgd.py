@@ -42,6 +42,15 @@ def validate_mixing(weights: dict[int, dict[int, float]], n: int, tol: float = 1
         raise ValueError("mixing matrix has negative weights")
     if not torch.allclose(W, W.T, atol=tol):
         raise ValueError("mixing matrix is not symmetric (W_ij != W_ji for some link)")
+    # each node exchanges with the j of its row with W_ij > 0: a link must exist both ways, or
+    # one end waits for a message the other never sends (W_02 = 1e-12 with no W_20 passed
+    # the tolerance above and stalled the first round until the timeout)
+    one_way = ((W > 0) != (W.T > 0)).nonzero().tolist()
+    if one_way:
+        i, j = one_way[0]
+        raise ValueError(f"mixing matrix links node {i} and node {j} one way only (W_{i}{j} = "
+                         f"{W[i, j].item():.3g}, W_{j}{i} = {W[j, i].item():.3g}): every link needs "
+                         "a positive weight at both ends")
     if not (torch.allclose(W.sum(0), torch.ones(n, dtype=W.dtype), atol=1e-6)
             and torch.allclose(W.sum(1), torch.ones(n, dtype=W.dtype), atol=1e-6)):
         raise ValueError(f"mixing matrix is not doubly stochastic (row sums {W.sum(1).tolist()})")

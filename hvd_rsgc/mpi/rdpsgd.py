@@ -17,6 +17,7 @@ and checks it against the local mask. A neighbour that stops answering ends the 
 """
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -44,6 +45,7 @@ class RDPSGD:
             raise ValueError(f"RD-PSGD needs at least 2 processes, got {self.size}")
         weights = ring(self.size) if topology == "ring" else topology
         validate_mixing(weights, self.size)
+        self._all_weights = weights
         self.weights = weights[self.rank]
         self.self_weight = self.weights.get(self.rank, 0.0)
         self.neighbours = sorted(j for j, w in self.weights.items() if j != self.rank and w > 0)
@@ -67,7 +69,11 @@ class RDPSGD:
         period (one allgather, once). A node that differs would mix values into the wrong
         places, silently where the masks happened to have the same length."""
         mine = {"seed": self.seed, "sparsity_ratio": self.p, "parameters": self.numel,
-                "sync_every": self.sync_every, "send_indices": self.send_indices}
+                "sync_every": self.sync_every, "send_indices": self.send_indices,
+                # the whole mixing matrix as this node was given it: a node on another
+                # topology would wait for neighbours that do not send to it
+                "topology (digest)": hashlib.sha256(repr(sorted(
+                    (i, sorted(row.items())) for i, row in self._all_weights.items())).encode()).hexdigest()[:12]}
         every = self.comm.allgather(mine)
         for key in mine:
             values = [d[key] for d in every]
