@@ -144,6 +144,24 @@ def _sampled_reference(x: list, plan, start: int) -> list:
     return idx[:ns]
 
 
+def test_rsdgc_sampled_selection_keeps_the_best_units_where_k_over_u_rounds_up():
+    """RS-DGC's sampling plan comes from k / U, and ceil(U * (k / U)) is k + 1 for 185 of the
+    (U < 400, k < 18) pairs (U = 25, k = 7 here). The plan kept k selects but ranked the
+    threshold (k+1)-th; with stride 1 (the whole layer sampled) k + 1 units passed and the
+    lowest k rows were kept: the best unit (24) was the one dropped."""
+    from hvd_rsgc.algorithms.rsdgc import RSDGC
+    m = RSDGC(MomentumCorrection(0.9), selection="sampled", kernels="eager")
+    lay = make_layer(m, (25, 1, 3, 3), 0.28, name="w", index=0)
+    assert lay.k == 7 and lay.plan.stride == 1
+    acc = torch.arange(25, dtype=torch.float32).repeat_interleave(9).view(25, 9)   # NSI ~ row
+    assert m.select(lay, acc).tolist() == list(range(18, 25))
+    for U in range(2, 400):                     # the plan never asks for more than k
+        for k in range(1, min(U, 18)):
+            lay.layout.num_units, lay.k = U, k
+            m.on_density(lay)
+            assert lay.plan.num_selects <= k and lay.plan.top_k_samples <= k, (U, k, lay.plan)
+
+
 @pytest.mark.parametrize("data", ["normal", "ties", "sample_high", "signed"])
 def test_sampled_threshold_against_a_plain_reference(data):
     """The selection's indices, exactly, against :func:`_sampled_reference`: plain normal

@@ -57,9 +57,13 @@ class RSDGC(SparseMethod):
         if self.selection == "sampled":
             dens_units = layer.k / layer.layout.num_units
             plan = SamplePlan.make(layer.layout.num_units, min(1.0, dens_units), self.sample_ratio)
-            # ceil(U * (k / U)) is k + 1 where the quotient rounds up (U=25, k=7: 8): at most k
+            # ceil(U * (k / U)) is k + 1 where the quotient rounds up (U=25, k=7: 8): at most k,
+            # and so the threshold's rank in the sample, which with stride 1 is every unit (a
+            # (k+1)-th best threshold let k + 1 through, and the lowest rows of them were kept:
+            # the best unit could be the one dropped)
             if plan.num_selects > layer.k:
-                plan = dataclasses.replace(plan, num_selects=layer.k)
+                plan = dataclasses.replace(plan, num_selects=layer.k,
+                                           top_k_samples=min(plan.top_k_samples, layer.k))
             layer.plan = plan
 
     def scores(self, layer, acc):
