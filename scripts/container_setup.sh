@@ -31,9 +31,9 @@ engine() {
     if [ "${#missing[@]}" -gt 0 ]; then
         [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ] || { log "ERROR: missing ${missing[*]} and HVD_RSGC_SKIP_APT=1"; return 1; }
         log "installing ${missing[*]} (Debian packages)"
-        as_root apt-get update -qq
+        as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
         # with Recommends (slirp4netns, uidmap, catatonit, ...): the set verified on Debian 12
-        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq podman buildah runc debootstrap >/dev/null
+        DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq podman buildah runc debootstrap >/dev/null
     fi
     # Without default ulimits every container fails here with "error setting rlimit type 7:
     # operation not permitted" (the engine tries to raise nofile/nproc beyond what is allowed).

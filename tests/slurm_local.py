@@ -43,6 +43,15 @@ class LocalSlurm:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 60):
+        """Start munged, slurmctld and slurmd; if any of it fails, the daemons already started
+        are stopped (they run in sessions of their own and would outlive the test run)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float):
         for d in ("etc", "state", "spool", "log", "munge"):
             os.makedirs(os.path.join(self.base, d), exist_ok=True)
         os.chmod(os.path.join(self.base, "munge"), 0o700)
