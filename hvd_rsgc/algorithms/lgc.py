@@ -238,7 +238,10 @@ class LGC:
         if ae is None:
             if self.mode == "ps" and nodes < 2:
                 raise ValueError("LGC-PS needs at least 2 ranks (a leader and side-information nodes)")
-            with torch.random.fork_rng(devices=[]):
+            # manual_seed seeds every CUDA generator too: fork them as well, so that building
+            # the autoencoder leaves the caller's CUDA random streams (dropout) where they were
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(self.seed)
                 ae = self.ae = LGCAutoencoder(nodes, self.mode, self.code_channels)
             self.ae_opt = torch.optim.Adam(ae.parameters(), lr=self.ae_lr)
