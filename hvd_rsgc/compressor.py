@@ -17,6 +17,7 @@ import inspect
 import warnings
 import weakref
 
+import numpy
 import torch.optim.optimizer as _optim_module
 
 from .algorithms.base import SparseMethod
@@ -56,7 +57,8 @@ def _check_bools(init):
     def checked(self, *args, **kwargs):
         bound = sig.bind_partial(self, *args, **kwargs)
         for name in flags:
-            if name in bound.arguments and not isinstance(bound.arguments[name], bool):
+            v = bound.arguments.get(name, True)
+            if not isinstance(v, (bool, numpy.bool_)):      # numpy's bool (from arrays) too
                 raise ValueError(f"{type(self).__name__}: {name} must be True or False, "
                                  f"got {bound.arguments[name]!r}")
         return init(self, *args, **kwargs)

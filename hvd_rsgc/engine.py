@@ -369,6 +369,7 @@ class Engine:
         # the DDP binding sets it: DDP drops the result of a parameter no rank used this step,
         # so what was sent of it comes back at the optimizer's step (give_back_unused)
         self.keep_for_unused = False
+        self.unused_checked = False         # this step's check done (DDPBinding.pre_step)
         self._began: set = set()            # the tensors that began this step
         self._in_step, self._open = False, 0    # a step is open; its tensors without a result
         self.grad_scaler = None             # a loss scaler (set_grad_scaler)
@@ -417,6 +418,7 @@ class Engine:
         # step is updated: the last step's give-backs, a new loss scale, fresh flags
         if not self._in_step or e.name in self._began:
             self._began, self._open, self._in_step = set(), 0, True
+            self.unused_checked = False
             self.settle(new_step=True)
             self.rescale()
             self.step_nonfinite = self.local_nonfinite = False
@@ -470,14 +472,16 @@ class Engine:
     def give_back_unused(self, names: set) -> None:
         """What this rank sent this step of the tensors ``names`` goes back into their
         residuals now (DDP: parameters that no rank used this step, whose results DDP drops,
-        leaving ``.grad`` None); the rest of the step's give-backs stay held."""
+        leaving ``.grad`` None). Once a step (the caller's check): the rest of the step's
+        give-backs stay held only for a step that turns out skipped (``nonfinite="skip"``)."""
         for item in self._held:
             covered, give_back, _ = item
             mine = covered & names if covered is not None else set()
             if mine:
                 give_back(mine)
                 item[0] = covered - mine
-        self._held = [it for it in self._held if it[0] is None or it[0]]
+        self._held = [it for it in self._held if (it[0] is None or it[0]) and it[2]
+                      and self.nonfinite == "skip"]
 
     def settle(self, new_step: bool = False) -> None:
         """If the last step was skipped, hand its sent units back to the residuals (once).
@@ -567,13 +571,14 @@ class Engine:
         out = reduced
         if self.dense_momentum is not None:
             st = e.layer.memory
-            if self.keep_for_unused and st.get("u") is not None:
-                # DDP drops the result of a tensor no rank used: its momentum stays as it was,
-                # as plain DDP's optimizer leaves it (a skipped step keeps the new one, which
-                # holds that step's gradient, as the residuals do)
-                old = st["u"].clone()
-                self._held.append([{e.name}, lambda only=None: st["u"].copy_(old), False])
-            out = self.dense_momentum.apply(st, out.float())
+            old = st.get("u") if self.keep_for_unused else None
+            # DDP drops the result of a tensor no rank used: its momentum is put back as it was
+            # (the update made a new tensor: no copy), as plain DDP's optimizer leaves it (a
+            # skipped step keeps the new one, which holds that step's gradient, as the
+            # residuals do)
+            out = self.dense_momentum.apply(st, out.float(), replace=old is not None)
+            if old is not None:
+                self._held.append([{e.name}, lambda only=None: st.__setitem__("u", old), False])
         return out.to(dtype) if out.dtype != dtype else out
 
     def wire_dense(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@
 # is the full check, Horovod + NCCL build and a training run included).
 #   bash scripts/gpu_grouped.sh [OUT_DIR]          (DEVICE=cpu REPEATS=3: a dry run here)
 set -uo pipefail
+OUT="${1:-${OUT:-/tmp/gpu_grouped}}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-/tmp/gpu_grouped}}"; mkdir -p "$OUT"
 RC=0
 DEVICE="${DEVICE:-cuda}"; REPEATS="${REPEATS:-20}"
 PY="${PYTHON:-python3}"

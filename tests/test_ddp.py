@@ -128,6 +128,8 @@ def test_ddp_parameter_no_rank_used_loses_nothing(tmp_path):
             # fc3.bias, sent dense: DGC's and RS-DGC's local momentum of it was checked too
             assert x["momentum_checked"] == (0 if kind.startswith("topk") else 2), (kind, x)
             assert all(x["identical"]) and len(x["identical"]) == 5, (kind, x)
+            # a second step() after zero_grad() (a second optimizer's) gives nothing back again
+            assert x["not_twice"] == [True] * 5, (kind, x)
 
 
 def test_ddp_four_processes(tmp_path):

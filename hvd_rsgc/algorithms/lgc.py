@@ -238,11 +238,11 @@ class LGC:
         if ae is None:
             if self.mode == "ps" and nodes < 2:
                 raise ValueError("LGC-PS needs at least 2 ranks (a leader and side-information nodes)")
-            # manual_seed seeds every CUDA generator too: fork them as well, so that building
-            # the autoencoder leaves the caller's CUDA random streams (dropout) where they were
-            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(self.seed)
+            # the CPU generator alone (it initialises the weights, built on the CPU):
+            # torch.manual_seed would reseed every CUDA generator too, restarting the caller's
+            # dropout streams, and forking those would initialise CUDA in a CPU run
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self.seed)
                 ae = self.ae = LGCAutoencoder(nodes, self.mode, self.code_channels)
             self.ae_opt = torch.optim.Adam(ae.parameters(), lr=self.ae_lr)
         if next(ae.parameters()).device != torch.device(device):

@@ -202,12 +202,20 @@ class DenseMomentum:
         self.momentum = momentum
         self.nesterov = nesterov
 
-    def apply(self, st: dict, g_avg: torch.Tensor) -> torch.Tensor:
+    def apply(self, st: dict, g_avg: torch.Tensor, replace: bool = False) -> torch.Tensor:
+        """``replace``: the new ``u`` is a new tensor and the old one is left as it was (a
+        caller that may put it back keeps it: no copy, the same operations and bits)."""
         u = st.get("u")
         if u is None:
             u = st["u"] = torch.zeros_like(g_avg)
         if self.nesterov:
-            u.add_(g_avg).mul_(self.momentum)
+            if replace:
+                u = st["u"] = torch.add(u, g_avg).mul_(self.momentum)
+            else:
+                u.add_(g_avg).mul_(self.momentum)
             return u + g_avg
-        u.mul_(self.momentum).add_(g_avg)
+        if replace:
+            u = st["u"] = torch.mul(u, self.momentum).add_(g_avg)
+        else:
+            u.mul_(self.momentum).add_(g_avg)
         return u.clone()

@@ -57,8 +57,14 @@ def pick_device(name: str, hvd) -> torch.device:
         if name == "cuda":
             torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
             return torch.device("cuda", torch.cuda.current_device())
-        dev = torch.device(name)              # cuda:N: the current device too, so that what
-        if dev.index is not None:             # reads "the" CUDA device (RNG state, NCCL) reads N
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        if dev.index is not None:             # cuda:N: the current device too, so that what
+            if dev.index >= torch.cuda.device_count():      # reads "the" CUDA device reads N
+                raise ValueError(f"device: {name!r} was asked for, but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(dev)
         return dev
     try:

@@ -231,9 +231,11 @@ class DDPBinding:
         dense tensor's local momentum (DGC, RS-DGC) is restored: nothing sent is lost. (With ``zero_grad(set_to_none=False)`` such a gradient is a zero tensor,
         indistinguishable from a used one.)"""
         eng = self.engine
-        unused = {e.name for e in eng.table if e.name in eng._began and e.param.grad is None}
-        if unused:
-            eng.give_back_unused(unused)
+        if eng.unused_checked:        # once a step: a second optimizer's step (or a second
+            return                    # step() after zero_grad()) would give back again
+        eng.unused_checked = True
+        eng.give_back_unused({e.name for e in eng.table
+                              if e.name in eng._began and e.param.grad is None})
 
     def _codec(self, index: int, entries):
         from ..algorithms.bucket import BucketCodec

@@ -281,7 +281,7 @@ class BranchNet(Net):
         return self.fc3(h) if self.alt else self.fc2(h)
 
 
-def unused(kind, steps=5):
+def unused(kind, steps=5, skip=False):
     """A head (fc3, compressed) that no rank uses at steps 1 and 3, under
     DDP(find_unused_parameters=True): DDP leaves its .grad None and drops the hook's result, so
     after opt.step() what each rank sent of it in those steps must be back in its residual --
@@ -294,11 +294,13 @@ def unused(kind, steps=5):
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01, find_unused_parameters=True)
     name, more = VARIANTS.get(kind, (kind, {}))
     comp = hvd_rsgc.make_compression(name, model, min_numel=MIN_NUMEL,
-                                     **{**OPTS.get(name, {}), **more, **EXTRA}, ignore_unknown=True)
+                                     **{**OPTS.get(name, {}), **more, **EXTRA,
+                                        **({"nonfinite": "skip"} if skip else {})},
+                                     ignore_unknown=True)
     ddp.register_comm_hook(state=comp, hook=hvd_rsgc.ddp_comm_hook)
     opt = hvd_rsgc.make_optimizer(comp, model.parameters(), lr=0.05, momentum=0.9)
     x, y = make_data(300 + dist.get_rank(), steps * 16)
-    back, still, same, moms = [], [], [], 0
+    back, still, same, moms, twice = [], [], [], 0, []
     for s in range(steps):
         model.alt = s % 2 == 0
         opt.zero_grad()
@@ -307,6 +309,13 @@ def unused(kind, steps=5):
         F.cross_entropy(ddp(x[s * 16:(s + 1) * 16]), y[s * 16:(s + 1) * 16]).backward()
         opt.step()
         same.append(identical(model))
+        # a second step() after zero_grad() (or a second optimizer's) gives nothing back again
+        done = comp.state_dict()
+        opt.zero_grad()
+        opt.step()
+        again = comp.state_dict()
+        twice.append(all(torch.equal(done["layers"][n]["memory"][k], v)
+                         for n, lay in again["layers"].items() for k, v in lay["memory"].items()))
         if model.alt:
             continue
         # g = 0 for fc3.weight; NaN leaves every other (used) layer out of the check
@@ -319,7 +328,8 @@ def unused(kind, steps=5):
         still.append(model.fc3.weight.grad is None and torch.equal(model.fc3.weight.detach(), w)
                      and all(mom))      # a dense tensor's local momentum (DGC, RS-DGC) kept too
         moms += len(mom)
-    return {"given_back": back, "still": still, "identical": same, "momentum_checked": moms}
+    return {"given_back": back, "still": still, "identical": same, "momentum_checked": moms,
+            "not_twice": twice}
 
 
 def loss_scaled(kind, steps=8):
@@ -438,6 +448,8 @@ def main():
         res["amp"] = {k: loss_scaled(k) for k in ("rsdgc", "rsdgc-pt", "dgc", "topk")}
     if "unused" in scen:
         res["unused"] = {k: unused(k) for k in ("topk", "topk-pt", "rsdgc", "rsdgc-pt", "rsdgc-rs", "dgc")}
+        # nonfinite="skip" keeps the step's give-backs after the optimizer's step as well
+        res["unused"].update({f"{k}+skip": unused(k, skip=True) for k in ("topk", "rsdgc-pt")})
     if "nonfinite" in scen:
         res["nonfinite"] = {k: nonfinite(k) for k in ("rsdgc", "rsdgc-pt", "rsdgc-rs", "dgc", "fp16", "rsdgc!",
                                                       "lgc-rar", "lgc-rar@conv2.bias")}

@@ -25,9 +25,9 @@ class SyntheticScenes(Dataset):
 
     def __getitem__(self, i):
         y = self.targets[i]
-        # mod 2^63: the same seeds as before wherever they fit, and any accepted seed works
-        # (config allows up to 2^63 - 1; seed * 1_000_003 overflowed manual_seed)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % (1 << 63))
+        # mod 2^64 (manual_seed takes up to 2^64 - 1): the same seeds as before wherever they
+        # fitted, and any accepted seed works (seed * 1_000_003 overflowed manual_seed)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % (1 << 64))
         theta = math.pi * y / self.num_classes
         freq = 2 * math.pi * (2 + y % 3) / self.image_size
         yy, xx = self._grid
