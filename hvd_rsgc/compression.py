@@ -57,9 +57,7 @@ __all__ = ["RSDGCCompression", "DGCCompression", "TopKCompression", "RandomKComp
 
 
 def _value_dtype(fp16_values: bool, int8_values: bool = False):
-    for name, v in (("fp16_values", fp16_values), ("int8_values", int8_values)):
-        if not isinstance(v, bool):
-            raise ValueError(f"{name} must be True or False, got {v!r}")
+    """(Both are checked to be bools by the compressor's ``__init__``: ``_check_bools``.)"""
     if fp16_values and int8_values:
         raise ValueError("fp16_values and int8_values are exclusive: choose one value format")
     return torch.int8 if int8_values else torch.float16 if fp16_values else torch.float32

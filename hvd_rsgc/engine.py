@@ -369,7 +369,7 @@ class Engine:
         # the DDP binding sets it: DDP drops the result of a parameter no rank used this step,
         # so what was sent of it comes back at the optimizer's step (give_back_unused)
         self.keep_for_unused = False
-        self.unused_checked = False         # this step's check done (DDPBinding.pre_step)
+        self._unused_checked = False        # this step's give_back_unused ran
         self._began: set = set()            # the tensors that began this step
         self._in_step, self._open = False, 0    # a step is open; its tensors without a result
         self.grad_scaler = None             # a loss scaler (set_grad_scaler)
@@ -418,7 +418,7 @@ class Engine:
         # step is updated: the last step's give-backs, a new loss scale, fresh flags
         if not self._in_step or e.name in self._began:
             self._began, self._open, self._in_step = set(), 0, True
-            self.unused_checked = False
+            self._unused_checked = False
             self.settle(new_step=True)
             self.rescale()
             self.step_nonfinite = self.local_nonfinite = False
@@ -469,19 +469,27 @@ class Engine:
         own = msg.clone() if m.communicator == "allreduce" else msg
         self._held.append([{layer.name}, lambda only=None: m.give_back(layer, own, ctx), True])
 
-    def give_back_unused(self, names: set) -> None:
-        """What this rank sent this step of the tensors ``names`` goes back into their
-        residuals now (DDP: parameters that no rank used this step, whose results DDP drops,
-        leaving ``.grad`` None). Once a step (the caller's check): the rest of the step's
-        give-backs stay held only for a step that turns out skipped (``nonfinite="skip"``)."""
+    def give_back_unused(self, dropped) -> None:
+        """What this rank sent this step of the tensors whose results were dropped
+        (``dropped(entry)``, for the entries that began this step; DDP: parameters no rank
+        used, left with ``.grad`` None) goes back into their residuals now, once a step: a
+        second call in the step (a second optimizer's step, or step() after zero_grad()) does
+        nothing. The rest of the step's give-backs stay held only for a step that turns out
+        skipped (``nonfinite="skip"``)."""
+        if self._unused_checked:
+            return
+        self._unused_checked = True
+        names = {e.name for e in self.table if e.name in self._began and dropped(e)}
         for item in self._held:
             covered, give_back, _ = item
             mine = covered & names if covered is not None else set()
             if mine:
                 give_back(mine)
                 item[0] = covered - mine
-        self._held = [it for it in self._held if (it[0] is None or it[0]) and it[2]
-                      and self.nonfinite == "skip"]
+        if self.nonfinite != "skip":
+            self._held = []
+        else:
+            self._held = [it for it in self._held if it[2] and (it[0] is None or it[0])]
 
     def settle(self, new_step: bool = False) -> None:
         """If the last step was skipped, hand its sent units back to the residuals (once).

@@ -19,6 +19,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[container_setup] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+# apt-get waiting up to 10 min for another dpkg run (a fresh VM's unattended upgrades)
+apt_get() { DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 SOCK="${HVD_RSGC_PODMAN_SOCK:-/run/hvd_rsgc/podman.sock}"
 PIDFILE="$(dirname "$SOCK")/podman-service.pid"
 CONF="${CONTAINERS_CONF:-/etc/containers/containers.conf}"   # podman reads CONTAINERS_CONF too
@@ -31,9 +33,9 @@ engine() {
     if [ "${#missing[@]}" -gt 0 ]; then
         [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ] || { log "ERROR: missing ${missing[*]} and HVD_RSGC_SKIP_APT=1"; return 1; }
         log "installing ${missing[*]} (Debian packages)"
-        as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
+        apt_get update -qq
         # with Recommends (slirp4netns, uidmap, catatonit, ...): the set verified on Debian 12
-        DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq podman buildah runc debootstrap >/dev/null
+        apt_get install -y -qq podman buildah runc debootstrap >/dev/null
     fi
     # Without default ulimits every container fails here with "error setting rlimit type 7:
     # operation not permitted" (the engine tries to raise nofile/nproc beyond what is allowed).

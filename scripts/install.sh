@@ -44,6 +44,8 @@ fi
 
 # ---------------------------------------------------------------- 1. Open MPI (system)
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# apt-get waiting up to 10 min for another dpkg run (a fresh VM's unattended upgrades)
+apt_get() { DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 if [ "${HVD_RSGC_MPI:-1}" = 0 ]; then
     log "HVD_RSGC_MPI=0: Gloo-only Horovod, no MPI"
 elif command -v mpicc >/dev/null 2>&1 && command -v mpirun >/dev/null 2>&1; then
@@ -53,8 +55,8 @@ elif [ "${HVD_RSGC_SKIP_APT:-0}" = 1 ]; then
 else
     log "installing Open MPI from system packages"
     export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
-    as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin g++ make cmake >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin g++ make cmake >/dev/null
 fi
 # Horovod needs CMake >= 3.13; the PyPI 'cmake' shim breaks inside build envs, so use the system one.
 CMAKE_BIN="${HOROVOD_CMAKE:-$(PATH=/usr/bin:/usr/local/bin:$PATH command -v cmake || true)}"
@@ -63,8 +65,8 @@ if [ -z "$CMAKE_BIN" ]; then
         log "ERROR: cmake (>= 3.13) not found; install it or set HOROVOD_CMAKE=/path/to/cmake"; exit 1
     fi
     log "installing cmake from system packages"
-    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq                 # a fresh image has no package lists
-    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends cmake >/dev/null
+    apt_get update -qq                 # a fresh image has no package lists
+    apt_get install -y -qq --no-install-recommends cmake >/dev/null
     CMAKE_BIN=/usr/bin/cmake
 fi
 
@@ -78,8 +80,8 @@ if ! "$PYTHON" -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.ex
         exit 1
     fi
     log "installing python$PYVER-venv and python$PYVER-dev"
-    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends \
         "python$PYVER-venv" "python$PYVER-dev" >/dev/null
 fi
 if [ ! -x "$VENV/bin/python" ]; then

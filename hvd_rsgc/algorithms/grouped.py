@@ -249,32 +249,22 @@ def fast_split(targets: dict, srcs: list, present: list) -> tuple[list, list]:
     return fast, rest
 
 
-def _update(memory, lays, gs, targets: dict, present: list) -> None:
-    """Every present layer's residual update, the per-layer route's operations as multi-tensor
-    ones (the layers ``fast_split`` keeps apart: the same operations per tensor). ``targets``:
-    ``_targets``' views, every layer of the group."""
-    srcs = [lay.source_view(g, None) for lay, g in zip(lays, gs)]
+def _update(memory, layers, gs, targets: dict, present: list) -> None:
+    """Every present layer's residual update (``layers``: their states), the per-layer route's
+    operations as multi-tensor ones; the layers ``fast_split`` keeps apart go through the
+    per-layer route's own ``memory.accumulate``. ``targets``: ``_targets``' views, every layer
+    of the group."""
+    srcs = [st.layout.source_view(g, None) for st, g in zip(layers, gs)]
     fast, rest = fast_split(targets, srcs, present)
-    mc = isinstance(memory, MomentumCorrection)
-    m = float(memory.momentum) if mc else 0.0
-    for j in rest:                             # per tensor: the per-layer route's own calls
-        g, i = srcs[j], present[j]
-        if not mc:
-            targets["e"][i].add_(g)
-            continue
-        u, v = targets["u"][i], targets["v"][i]
-        if memory.nesterov:
-            u.add_(g).mul_(m)
-            v.add_(u).add_(g)
-        else:
-            torch.add(g, u, alpha=m, out=u)
-            v.add_(u)
+    for j in rest:           # their buffers are views of the flat ones (``_flat``)
+        memory.accumulate(layers[j].memory, srcs[j], layers[j].layout.target_view)
     if not fast:
         return
     srcs = [srcs[j] for j in fast]
-    if mc:
+    if isinstance(memory, MomentumCorrection):
         us = [targets["u"][present[j]] for j in fast]
         vs = [targets["v"][present[j]] for j in fast]
+        m = memory.momentum
         if memory.nesterov:                    # u.add_(g).mul_(m); v.add_(u).add_(g)
             torch._foreach_add_(us, srcs)
             torch._foreach_mul_(us, m)
@@ -499,7 +489,7 @@ def encode_group(method, group, grads: dict, ctxs: dict, beta: float | None,
         weakref.finalize(group, method.workspace.drop, key)     # a codec rebuilt: no stale plans
     flats = _flat(group, plan, keys, dev)
     st_of = [group.layers[i] for i in present]
-    _update(method.memory, [st.layout for st in st_of], gs, _targets(plan, flats), present)
+    _update(method.memory, st_of, gs, _targets(plan, flats), present)
 
     acc = flats["v" if "v" in keys else "e"]
     if selection == "sampled" and beta is None:     # DGC: |v|, read where needed

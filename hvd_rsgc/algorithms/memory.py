@@ -209,13 +209,7 @@ class DenseMomentum:
         if u is None:
             u = st["u"] = torch.zeros_like(g_avg)
         if self.nesterov:
-            if replace:
-                u = st["u"] = torch.add(u, g_avg).mul_(self.momentum)
-            else:
-                u.add_(g_avg).mul_(self.momentum)
+            u = st["u"] = (torch.add(u, g_avg) if replace else u.add_(g_avg)).mul_(self.momentum)
             return u + g_avg
-        if replace:
-            u = st["u"] = torch.mul(u, self.momentum).add_(g_avg)
-        else:
-            u.mul_(self.momentum).add_(g_avg)
+        u = st["u"] = (torch.mul(u, self.momentum) if replace else u.mul_(self.momentum)).add_(g_avg)
         return u.clone()

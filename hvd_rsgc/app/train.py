@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import math
 import os
 import sys
@@ -57,20 +58,16 @@ def pick_device(name: str, hvd) -> torch.device:
         if name == "cuda":
             torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
             return torch.device("cuda", torch.cuda.current_device())
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-        if dev.index is not None:             # cuda:N: the current device too, so that what
-            if dev.index >= torch.cuda.device_count():      # reads "the" CUDA device reads N
-                raise ValueError(f"device: {name!r} was asked for, but this machine has "
-                                 f"{torch.cuda.device_count()} CUDA device(s)")
-            torch.cuda.set_device(dev)
-        return dev
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and dev.index is not None:    # cuda:N: the current device too, so
+        if dev.index >= torch.cuda.device_count():      # that what reads "the" CUDA device
+            raise ValueError(f"device: {name!r} was asked for, but this machine has "   # reads N
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def average_buffers(model, hvd):
@@ -279,7 +276,6 @@ def run(cfg: Config | None = None, resume: str | None = None, quiet: bool = Fals
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} training images are too few for batch_size "
                          f"{o.batch_size} x {world} ranks")
-    import hashlib
     check_ranks_agree(hvd, {
         "resumed_epoch": None if main is None else main["epoch"],
         "train_images": len(train_ds), "val_images": len(val_ds),

@@ -224,18 +224,14 @@ class DDPBinding:
         return fut
 
     def pre_step(self) -> None:
-        """The optimizer's step (``Compressor._pre_step``): a compressed parameter that went
-        through this step's hook but has no gradient was used by no rank (DDP's
-        ``find_unused_parameters`` / static graphs leave such a ``.grad`` untouched, dropping
-        the hook's result), so what this rank sent of it goes back into its residual, and a
-        dense tensor's local momentum (DGC, RS-DGC) is restored: nothing sent is lost. (With ``zero_grad(set_to_none=False)`` such a gradient is a zero tensor,
-        indistinguishable from a used one.)"""
-        eng = self.engine
-        if eng.unused_checked:        # once a step: a second optimizer's step (or a second
-            return                    # step() after zero_grad()) would give back again
-        eng.unused_checked = True
-        eng.give_back_unused({e.name for e in eng.table
-                              if e.name in eng._began and e.param.grad is None})
+        """The optimizer's step (``Compressor._pre_step``): a parameter that went through this
+        step's hook but has no gradient was used by no rank (DDP's ``find_unused_parameters``
+        / static graphs leave such a ``.grad`` untouched, dropping the hook's result), so what
+        this rank sent of it goes back into its residual, and a dense tensor's local momentum
+        (DGC, RS-DGC) is restored: nothing sent is lost. (With
+        ``zero_grad(set_to_none=False)`` such a gradient is a zero tensor, indistinguishable
+        from a used one.)"""
+        self.engine.give_back_unused(lambda e: e.param.grad is None)
 
     def _codec(self, index: int, entries):
         from ..algorithms.bucket import BucketCodec

@@ -45,7 +45,6 @@ class RDPSGD:
             raise ValueError(f"RD-PSGD needs at least 2 processes, got {self.size}")
         weights = ring(self.size) if topology == "ring" else topology
         validate_mixing(weights, self.size)
-        self._all_weights = weights
         self.weights = weights[self.rank]
         self.self_weight = self.weights.get(self.rank, 0.0)
         self.neighbours = sorted(j for j, w in self.weights.items() if j != self.rank and w > 0)
@@ -56,7 +55,7 @@ class RDPSGD:
         self.timeout = timeout
         self.params = [p for p in model.parameters()]
         self.numel = sum(p.numel() for p in self.params)
-        self._check_agreement()
+        self._check_agreement(weights)
         self.step_count = 0
         self.rounds = 0
         self.bytes_sent = 0
@@ -64,7 +63,7 @@ class RDPSGD:
         self.last_indices = None
         self.received_indices = {}
 
-    def _check_agreement(self) -> None:
+    def _check_agreement(self, weights: dict) -> None:
         """Every node must draw the same masks: the same seed, ratio, parameter count and
         period (one allgather, once). A node that differs would mix values into the wrong
         places, silently where the masks happened to have the same length."""
@@ -73,7 +72,7 @@ class RDPSGD:
                 # the whole mixing matrix as this node was given it: a node on another
                 # topology would wait for neighbours that do not send to it
                 "topology (digest)": hashlib.sha256(repr(sorted(
-                    (i, sorted(row.items())) for i, row in self._all_weights.items())).encode()).hexdigest()[:12]}
+                    (i, sorted(row.items())) for i, row in weights.items())).encode()).hexdigest()[:12]}
         every = self.comm.allgather(mine)
         for key in mine:
             values = [d[key] for d in every]
